@@ -1,0 +1,98 @@
+"""The ``http`` adapter: ``POST /ingest`` (and ``/ingest/<by-events suffix>``).
+
+The body is one envelope (upstream's webhook format), a JSON array of them, or NDJSON. The answer
+is 202 with the event ids once they are durably stored; 400 names what is wrong, 401 means no
+valid ``apikey`` header, 413 means the body is over ``ROUTER_INGEST_MAX_BYTES``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from router.errors import IntakeError
+from router.events import UnknownEventError, wire_from_suffix
+from router.intake import Intake
+
+INTAKE_KEY = web.AppKey("intake", Intake)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"status": status, "error": message}, status=status)
+
+
+def decode_body(body: bytes) -> list[Any]:
+    """A JSON object, a JSON array, or NDJSON -> a list of objects; IntakeError if none."""
+    if not body.strip():
+        raise IntakeError("empty body: expected a JSON object, a JSON array or NDJSON")
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        lines = [line for line in body.splitlines() if line.strip()]
+        if len(lines) < 2:
+            raise IntakeError(f"malformed JSON: {exc}") from None
+        items = []
+        for number, line in enumerate(body.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(orjson.loads(line))
+            except orjson.JSONDecodeError as line_exc:
+                raise IntakeError(f"malformed JSON on line {number}: {line_exc}") from None
+        return items
+    if isinstance(parsed, list):
+        if not parsed:
+            raise IntakeError("empty batch")
+        return parsed
+    return [parsed]
+
+
+def _key_matches(given: str, expected: str | None) -> bool:
+    return expected is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+async def ingest(request: web.Request) -> web.Response:
+    intake = request.app[INTAKE_KEY]
+    apikey = request.headers.get("apikey")
+    if not apikey:
+        return _error(401, "missing apikey header")
+    is_global = _key_matches(apikey, intake.settings.authentication_api_key)
+    if not is_global and not any(
+        _key_matches(apikey, config.token) for config in intake.routes.instances.values()
+    ):
+        return _error(401, "invalid apikey")
+
+    path_event = None
+    if suffix := request.match_info.get("suffix"):
+        try:
+            path_event = wire_from_suffix(suffix)
+        except UnknownEventError:
+            return _error(400, f"unknown event path /ingest/{suffix}")
+
+    limit = intake.settings.router_ingest_max_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return _error(413, f"body of {request.content_length} bytes is over the limit of {limit}")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, f"body is over the limit of {limit} bytes")
+
+    try:
+        events = intake.parse_many(decode_body(body), path_event)
+    except IntakeError as exc:
+        return _error(400, str(exc))
+    if not is_global:
+        for event in events:
+            if not _key_matches(apikey, intake.routes.token_of(event.instance)):
+                return _error(401, f"apikey is not valid for instance {event.instance!r}")
+    ids = await intake.accept(events)
+    return web.json_response({"status": 202, "accepted": len(ids), "ids": ids}, status=202)
+
+
+def add_routes(app: web.Application, intake: Intake) -> None:
+    app[INTAKE_KEY] = intake
+    app.router.add_post("/ingest", ingest)
+    app.router.add_post("/ingest/{suffix}", ingest)

@@ -1,0 +1,187 @@
+"""The daemon. It owns every task; starting and stopping follow a written order.
+
+Start: open the store, open the sinks, start the delivery workers, then intake (HTTP, jsonl),
+then emit ``application.startup``.
+
+Stop (SIGTERM/SIGINT): 1. stop intake: no new events, requests under way finish;
+2. stop leasing and give attempts under way ``ROUTER_SHUTDOWN_GRACE_S`` to finish (the rest stay
+stored and are retried at the next start); 3. write what the store has queued; 4. close the
+sinks, in reverse order of opening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+
+import orjson
+from aiohttp import web
+
+from router import __version__, logs
+from router.adapters import http
+from router.adapters.jsonl import JsonlAdapter
+from router.delivery import Dispatcher
+from router.events import Event, new_event_id, utc_timestamp
+from router.instances import InstanceConfig, load_instances
+from router.intake import Intake
+from router.routing import Routes, build_routes, startup_targets
+from router.settings import Settings
+from router.sinks import BaseSink, build_sinks
+from router.store import Store
+
+log = logs.get_logger("router.app")
+DEFAULT_API_KEYS = frozenset({"change-me", "429683C4C977415CAAFCCE10F7D57E11"})
+
+
+def database_path(settings: Settings) -> Path:
+    return settings.router_state_dir / "router.db"
+
+
+async def health(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+class App:
+    """``await App(settings).run()`` runs the daemon until ``stop()`` or SIGTERM."""
+
+    def __init__(self, settings: Settings, instances: dict[str, InstanceConfig] | None = None) -> None:
+        self.settings = settings
+        if instances is None:
+            loaded = load_instances(settings.router_instances_dir)
+            for problem in loaded.problems:
+                log.error("config.invalid", problem=problem)
+            instances = loaded.instances
+        self.instances = instances
+        self.routes: Routes = build_routes(settings, instances)
+        self.started = asyncio.Event()
+        self.port: int | None = None
+        self.intake: Intake | None = None
+        self.dispatcher: Dispatcher | None = None
+        self._stopping = asyncio.Event()
+        self._reload = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    async def run(self, install_signals: bool = False) -> None:
+        settings = self.settings
+        if install_signals:
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGTERM, self.stop)
+            loop.add_signal_handler(signal.SIGINT, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        if settings.authentication_api_key in DEFAULT_API_KEYS:
+            log.warning("config.default_api_key", hint="set AUTHENTICATION_API_KEY")
+
+        store = await Store.open(database_path(settings))
+        try:
+            async with contextlib.AsyncExitStack() as sinks_stack:
+                sinks = build_sinks(settings)
+                for sink in sinks.values():
+                    await sinks_stack.enter_async_context(sink)
+                await self._serve(store, sinks)
+        finally:
+            store.shutdown()
+        log.info("router.stopped")
+
+    async def _serve(self, store: Store, sinks: Mapping[str, BaseSink]) -> None:
+        settings = self.settings
+        dispatcher = Dispatcher(store, sinks, self.routes, settings)
+        intake = Intake(store, settings, self.routes)
+        intake.on_stored = dispatcher.notify
+        self.dispatcher, self.intake = dispatcher, intake
+
+        async with asyncio.TaskGroup() as tasks:
+            store_task = tasks.create_task(store.run(), name="store")
+            dispatch_task = tasks.create_task(
+                dispatcher.run(settings.router_shutdown_grace_s), name="dispatcher"
+            )
+            runner = await self._start_http(intake)
+            jsonl = None
+            if settings.router_jsonl_path:
+                jsonl = JsonlAdapter(intake, settings.router_jsonl_path)
+                tasks.create_task(jsonl.run(), name="jsonl")
+            reload_task = tasks.create_task(self._reload_on_request(), name="reload")
+
+            await self._emit_startup(intake)
+            log.info(
+                "router.started",
+                port=self.port,
+                targets=len(self.routes.targets),
+                instances=len(self.instances),
+                version=__version__,
+            )
+            self.started.set()
+            await self._stopping.wait()
+
+            log.info("router.stopping")
+            # 1. Stop intake; requests under way finish (the store still runs for them).
+            await runner.cleanup()
+            if jsonl is not None:
+                jsonl.stop()
+            reload_task.cancel()
+            # 2. Stop leasing; attempts under way get the grace period.
+            dispatcher.stop()
+            await dispatch_task
+            # 3. Write everything queued (acks, retries) and stop the store.
+            await store.close()
+            await store_task
+
+    async def _start_http(self, intake: Intake) -> web.AppRunner:
+        settings = self.settings
+        app = web.Application(client_max_size=settings.router_ingest_max_bytes)
+        http.add_routes(app, intake)
+        app.router.add_get("/health", health)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.router_shutdown_grace_s)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.server_host, settings.server_port, reuse_address=True)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else settings.server_port
+        return runner
+
+    async def _emit_startup(self, intake: Intake) -> None:
+        data = {
+            "status": "started",
+            "version": __version__,
+            "server_name": self.settings.server_name,
+        }
+        event = Event(
+            id=new_event_id(),
+            instance=self.settings.server_name,
+            event="application.startup",
+            data=orjson.dumps(data),
+            date_time=utc_timestamp(),
+            server_url=self.settings.server_url,
+        )
+        await intake.emit(event, startup_targets(self.routes))
+
+    async def _reload_on_request(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            await self.reload()
+
+    async def reload(self) -> None:
+        """Re-read the instance files; a file that does not validate keeps its previous config."""
+        loaded = load_instances(self.settings.router_instances_dir)
+        for problem in loaded.problems:
+            log.error("config.invalid", problem=problem, hint="previous configuration kept")
+        instances = dict(loaded.instances)
+        for name in loaded.failed_names:
+            if name in self.instances and name not in instances:
+                instances[name] = self.instances[name]
+        self.instances = instances
+        self.routes = build_routes(self.settings, instances)
+        if self.intake is not None:
+            self.intake.routes = self.routes
+        if self.dispatcher is not None:
+            await self.dispatcher.apply(self.routes)
+        log.info("config.reloaded", instances=len(instances), targets=len(self.routes.targets))

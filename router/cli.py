@@ -1,0 +1,154 @@
+"""The ``evolution-router`` command: run, check, send, events."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import orjson
+
+from router import __version__, logs
+from router.errors import ConfigError
+from router.events import WIRE_NAMES, by_events_suffix, config_name
+from router.instances import load_instances
+from router.routing import Routes, build_routes
+from router.settings import DEFAULT_CONFIG_FILE, DEFAULT_ENV_FILE, Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config, args.env_file)
+
+
+def _print_problems(problems: list[str]) -> None:
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from router.app import App  # noqa: PLC0415 - keeps `check`/`events` light
+
+    settings = _settings(args)
+    if args.jsonl:
+        settings = settings.model_copy(update={"router_jsonl_path": args.jsonl})
+    logs.configure(settings.log_level, settings.log_format, settings.log_color)
+    asyncio.run(App(settings).run(install_signals=True))
+    return 0
+
+
+def describe_routes(routes: Routes, settings: Settings) -> list[str]:
+    """Which sinks receive which events: one line per target."""
+    lines = []
+    for _, target in sorted(routes.targets.items()):
+        events = sorted(target.events)
+        shown = "all events" if len(events) == len(WIRE_NAMES) else ", ".join(events) or "no events"
+        suffix = " (+ /<event> suffix)" if target.by_events else ""
+        scope = target.instance or "global (every instance)"
+        lines.append(f"  {scope}: {target.sink} -> {target.url}{suffix}: {shown}")
+    return lines
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    problems: list[str] = []
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        return 1
+    loaded = load_instances(settings.router_instances_dir)
+    problems += loaded.problems
+    routes = build_routes(settings, loaded.instances)
+    print(f"settings: ok (port {settings.server_port}, state {settings.router_state_dir})")
+    print(f"instances: {len(loaded.instances)} valid in {settings.router_instances_dir}")
+    for name in sorted(loaded.instances):
+        print(f"  {name}: {loaded.files[name]}")
+    print("routes:")
+    print("\n".join(describe_routes(routes, settings)) or "  (none: no sink is enabled)")
+    if settings.webhook_global_enabled and not settings.events_enabled("webhook"):
+        print(
+            "warning: the global webhook is enabled but no WEBHOOK_EVENTS_* is true",
+            file=sys.stderr,
+        )
+    _print_problems(problems)
+    return 1 if problems else 0
+
+
+def cmd_events(_: argparse.Namespace) -> int:
+    print(f"{'CONFIG NAME':<28} {'WIRE NAME':<28} BY-EVENTS SUFFIX")
+    for wire in WIRE_NAMES:
+        print(f"{config_name(wire):<28} {wire:<28} {by_events_suffix(wire)}")
+    print(f"{'GROUP_UPDATE':<28} {'groups.update':<28} (alias of GROUPS_UPDATE)")
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    data = orjson.loads(args.data) if args.data else {}
+    envelope = {"event": args.event, "instance": args.instance, "data": data}
+    url = args.url or f"http://127.0.0.1:{settings.server_port}"
+    request = urllib.request.Request(
+        url.rstrip("/") + "/ingest",
+        data=orjson.dumps(envelope),
+        headers={
+            "Content-Type": "application/json",
+            "apikey": args.apikey or settings.authentication_api_key or "",
+        },
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            print(response.read().decode())
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"error: HTTP {exc.code}: {exc.read().decode()}", file=sys.stderr)
+    except urllib.error.URLError as exc:
+        print(f"error: cannot reach {url}: {exc.reason}", file=sys.stderr)
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evolution-router", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG_FILE,
+        help="router.yaml (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--env-file", type=Path, default=DEFAULT_ENV_FILE, help=".env file (default: %(default)s)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the daemon")
+    run.add_argument("--jsonl", metavar="PATH", help="also read events from PATH ('-' for stdin)")
+    run.set_defaults(func=cmd_run)
+
+    check = commands.add_parser("check", help="validate the configuration and print the routes")
+    check.set_defaults(func=cmd_check)
+
+    send = commands.add_parser("send", help="post one event to a running daemon")
+    send.add_argument("--instance", required=True)
+    send.add_argument("--event", required=True, help="wire or config name, e.g. messages.upsert")
+    send.add_argument("--data", help="the event's data as JSON (default: {})")
+    send.add_argument("--url", help="the daemon's base URL (default: http://127.0.0.1:SERVER_PORT)")
+    send.add_argument("--apikey", help="default: AUTHENTICATION_API_KEY")
+    send.set_defaults(func=cmd_send)
+
+    events = commands.add_parser("events", help="list every event and its names")
+    events.set_defaults(func=cmd_events)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,263 @@
+"""Delivery workers: the only retry loop.
+
+One ``TargetWorker`` per target leases that target's due deliveries from the store and runs up to
+``concurrency`` attempts at once, so a slow or dead target only ever occupies its own slots.
+Each attempt ends in exactly one of: ack (delivered), retry (rescheduled with backoff, or the
+receiver's ``Retry-After``), or kill (a dead letter with its last error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from router import logs
+from router.errors import PermanentError, RetryableError
+from router.routing import Routes
+from router.settings import Settings
+from router.sinks import BaseSink
+from router.store import Lease, Store
+
+log = logs.get_logger("router.delivery")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Upstream's schedule: the delay before attempt n+1 after n failed attempts is
+    ``min(initial * 2**(n-1), max)``, then jittered by ±``jitter``, never below ``initial``."""
+
+    max_attempts: int = 10
+    initial_delay_s: float = 5.0
+    exponential: bool = True
+    max_delay_s: float = 300.0
+    jitter: float = 0.2
+
+    def delay_s(self, failed_attempts: int, rng: random.Random | None = None) -> float:
+        if not self.exponential:
+            return self.initial_delay_s
+        delay = min(self.initial_delay_s * 2 ** (failed_attempts - 1), self.max_delay_s)
+        spread = delay * self.jitter * (rng or random).uniform(-1.0, 1.0)
+        return float(max(self.initial_delay_s, delay + spread))
+
+    @classmethod
+    def for_webhooks(cls, settings: Settings) -> RetryPolicy:
+        return cls(
+            max_attempts=settings.webhook_retry_max_attempts,
+            initial_delay_s=settings.webhook_retry_initial_delay_seconds,
+            exponential=settings.webhook_retry_use_exponential_backoff,
+            max_delay_s=settings.webhook_retry_max_delay_seconds,
+            jitter=settings.webhook_retry_jitter_factor,
+        )
+
+
+class TargetWorker:
+    """Delivers one target's stored deliveries; see the module docstring."""
+
+    def __init__(
+        self,
+        key: str,
+        dispatcher: Dispatcher,
+        sink: BaseSink,
+        policy: RetryPolicy,
+        concurrency: int,
+    ) -> None:
+        self.key = key
+        self.dispatcher = dispatcher
+        self.sink = sink
+        self.policy = policy
+        self.concurrency = concurrency
+        self.in_flight = 0
+        self._wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._stopping = False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop leasing; attempts under way finish (the dispatcher bounds how long)."""
+        self._stopping = True
+        self._wake.set()
+        self._slot_freed.set()
+
+    async def run(self) -> None:
+        store = self.dispatcher.store
+        async with asyncio.TaskGroup() as attempts:
+            while not self._stopping:
+                if self.in_flight >= self.concurrency:
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
+                    continue
+                self._wake.clear()  # before leasing: a notify during the lease is not lost
+                leases = await store.lease(self.key, self.concurrency - self.in_flight)
+                if self._stopping:
+                    # Leased but not started: they stay leased and are pending again at restart.
+                    break
+                for lease in leases:
+                    self.in_flight += 1
+                    attempts.create_task(self._attempt(lease))
+                if not leases:
+                    await self._sleep_until(await store.next_due(self.key))
+
+    async def _sleep_until(self, due_at: float | None) -> None:
+        timeout = None if due_at is None else max(0.0, due_at - time.time())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _attempt(self, lease: Lease) -> None:
+        try:
+            await self._attempt_once(lease)
+        except Exception:  # a bug here must not stop the other attempts or the daemon
+            log.exception("delivery.bug", target=self.key, event_id=lease.event.id)
+
+    async def _attempt_once(self, lease: Lease) -> None:
+        store = self.dispatcher.store
+        target = self.dispatcher.routes.targets.get(self.key)
+        started = time.perf_counter()
+        status: int | None = None
+        outcome, error = "delivered", ""
+        try:
+            if target is None:
+                raise PermanentError(f"target {self.key} is no longer configured")
+            status = await self.sink.send(target, lease.event)
+        except RetryableError as exc:
+            status, error = exc.status, str(exc)
+            attempt = lease.attempts + 1
+            if attempt >= self.policy.max_attempts:
+                outcome = "dead"
+                error = f"{error} (gave up after {attempt} attempts)"
+                self._track(store.kill(lease, error))
+            else:
+                delay = self.policy.delay_s(attempt)
+                if exc.retry_after_s is not None:
+                    delay = min(exc.retry_after_s, self.policy.max_delay_s)
+                outcome = f"retry in {delay:.2f}s"
+                self._track(store.retry(lease, time.time() + delay, error))
+        except PermanentError as exc:
+            status, error, outcome = exc.status, str(exc), "dead"
+            self._track(store.kill(lease, error))
+        except Exception as exc:  # a bug in a sink must not kill the worker
+            log.exception("delivery.bug", target=self.key, event_id=lease.event.id)
+            error = f"internal error: {type(exc).__name__}: {exc}"
+            outcome = f"retry in {self.policy.initial_delay_s:.2f}s"
+            self._track(store.retry(lease, time.time() + self.policy.initial_delay_s, error))
+        else:
+            self._track(store.ack(lease))
+        finally:
+            self.in_flight -= 1
+            self._slot_freed.set()
+            self._wake.set()
+        elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
+        self.dispatcher.count(self.sink.name, outcome)
+        if logs.is_enabled("WEBHOOKS"):
+            log.info(
+                "delivery.attempt",
+                kind="WEBHOOKS",
+                instance=lease.event.instance,
+                _event=lease.event.event,
+                event_id=lease.event.id,
+                sink=self.sink.name,
+                target=self.key,
+                url=target.url_for(lease.event.event) if target else None,
+                attempt=lease.attempts + 1,
+                status=status,
+                outcome=outcome,
+                elapsed_ms=elapsed_ms,
+                **({"error": error} if error else {}),
+            )
+        if outcome == "dead":
+            log.error(
+                "delivery.dead_letter",
+                instance=lease.event.instance,
+                _event=lease.event.event,
+                event_id=lease.event.id,
+                sink=self.sink.name,
+                target=self.key,
+                attempt=lease.attempts + 1,
+                error=error,
+            )
+
+    @staticmethod
+    def _track(future: asyncio.Future[Any]) -> None:
+        """Store writes are not awaited (at-least-once tolerates a lost ack); failures are logged."""
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                log.error("store.write_failed", error=str(f.exception()))
+
+        future.add_done_callback(done)
+
+
+class Dispatcher:
+    """Owns one worker per target and tells them when new deliveries are stored."""
+
+    def __init__(
+        self, store: Store, sinks: Mapping[str, BaseSink], routes: Routes, settings: Settings
+    ) -> None:
+        self.store = store
+        self.sinks = sinks
+        self.routes = routes
+        self.settings = settings
+        self.workers: dict[str, TargetWorker] = {}
+        self.counters: dict[tuple[str, str], int] = {}
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopped = asyncio.Event()
+
+    def count(self, sink: str, outcome: str) -> None:
+        key = (sink, outcome.split(" ", 1)[0])
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    def notify(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            worker = self.workers.get(key)
+            if worker is not None:
+                worker.wake()
+
+    def _policy(self, sink: str) -> RetryPolicy:
+        return RetryPolicy.for_webhooks(self.settings)
+
+    def _start(self, key: str) -> None:
+        sink_name = key.split(":", 1)[0]
+        sink = self.sinks.get(sink_name)
+        if sink is None or self._group is None:
+            return
+        worker = TargetWorker(
+            key, self, sink, self._policy(sink_name), self.settings.router_webhook_concurrency
+        )
+        self.workers[key] = worker
+        self._tasks[key] = self._group.create_task(worker.run(), name=f"worker {key}")
+
+    async def apply(self, routes: Routes) -> None:
+        """Swap the routing index; start workers for new targets, stop removed ones."""
+        self.routes = routes
+        for key in routes.targets:
+            if key not in self.workers:
+                self._start(key)
+        for key in list(self.workers):
+            if key not in routes.targets:
+                # Its deliveries stay stored: the worker dead-letters what it leases, so an
+                # operator can replay them once the target exists again.
+                self.workers[key].wake()
+
+    async def run(self, grace_s: float) -> None:
+        """Run every worker until ``stop``; then give attempts under way ``grace_s`` to finish."""
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            for key in set(self.routes.targets) | await self.store.pending_targets():
+                self._start(key)
+            await self._stopped.wait()
+            for worker in self.workers.values():
+                worker.stop()
+            if self._tasks:
+                _, late = await asyncio.wait(list(self._tasks.values()), timeout=grace_s)
+                for task in late:
+                    task.cancel()  # their leases are released at the next start
+
+    def stop(self) -> None:
+        self._stopped.set()

@@ -1,0 +1,51 @@
+"""The router's exception tree. Client-library exceptions are translated into these at the
+boundary of each sink (``raise ... from exc``), so the delivery loop only knows these::
+
+    RouterError
+    ├── ConfigError            bad settings or instance file; carries every problem found
+    ├── IntakeError            an ingested event or request that cannot be accepted
+    └── DeliveryError          one delivery attempt failed
+        ├── RetryableError     try again later (timeout, 5xx, connection refused, ...);
+        │                      may carry ``retry_after_s`` from the receiver
+        └── PermanentError     retrying cannot help (non-retryable status, oversize payload)
+"""
+
+from __future__ import annotations
+
+
+class RouterError(Exception):
+    """Base of every error the router raises on purpose."""
+
+
+class ConfigError(RouterError):
+    """Configuration that does not validate. ``problems`` are ``where: what`` lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class IntakeError(RouterError):
+    """An ingested event that cannot be accepted; the message names what is wrong."""
+
+
+class DeliveryError(RouterError):
+    """One delivery attempt failed. ``status`` is the receiver's status code, if any."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RetryableError(DeliveryError):
+    """The attempt may succeed later."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.retry_after_s = retry_after_s
+
+
+class PermanentError(DeliveryError):
+    """Retrying cannot help: the delivery becomes a dead letter at once."""

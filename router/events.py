@@ -1,0 +1,204 @@
+"""Event names and the envelope every sink sends.
+
+Each event has a *wire name* (``messages.upsert``: the payload's ``event`` field), a *config
+name* (``MESSAGES_UPSERT``: env vars and ``events:`` lists) and a *by-events suffix*
+(``/messages-upsert``: appended to webhook URLs when ``byEvents`` is on).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+WIRE_NAMES: tuple[str, ...] = (
+    "application.startup",
+    "instance.create",
+    "instance.delete",
+    "qrcode.updated",
+    "connection.update",
+    "status.instance",
+    "remove.instance",
+    "logout.instance",
+    "messages.set",
+    "messages.upsert",
+    "messages.edited",
+    "messages.update",
+    "messages.delete",
+    "send.message",
+    "send.message.update",
+    "presence.update",
+    "chats.set",
+    "chats.upsert",
+    "chats.update",
+    "chats.delete",
+    "groups.upsert",
+    "groups.update",
+    "group-participants.update",
+    "call",
+    "labels.edit",
+    "labels.association",
+    "typebot.start",
+    "typebot.change-status",
+    "contacts.set",
+    "contacts.upsert",
+    "contacts.update",
+)
+
+# Upstream's schema lists GROUP_UPDATE but emits GROUPS_UPDATE; both subscribe to groups.update.
+ALIASES: dict[str, str] = {"GROUP_UPDATE": "groups.update"}
+
+
+def config_name(wire: str) -> str:
+    """``messages.upsert`` -> ``MESSAGES_UPSERT``."""
+    return wire.replace(".", "_").replace("-", "_").upper()
+
+
+def by_events_suffix(wire: str) -> str:
+    """``messages.upsert`` -> ``/messages-upsert`` (webhook by-events path)."""
+    return "/" + config_name(wire).lower().replace("_", "-")
+
+
+CONFIG_TO_WIRE: dict[str, str] = {config_name(w): w for w in WIRE_NAMES} | ALIASES
+SUFFIX_TO_WIRE: dict[str, str] = {by_events_suffix(w)[1:]: w for w in WIRE_NAMES} | {
+    "group-update": "groups.update"
+}
+_WIRE_SET = frozenset(WIRE_NAMES)
+
+
+class UnknownEventError(ValueError):
+    """An event name that is neither a wire name, a config name nor an alias."""
+
+    def __init__(self, name: object) -> None:
+        super().__init__(f"unknown event {name!r}")
+        self.name = name
+
+
+def wire_name(name: str) -> str:
+    """Resolve a wire name, config name or alias to the wire name; raise UnknownEventError."""
+    if name in _WIRE_SET:
+        return name
+    wire = CONFIG_TO_WIRE.get(name.upper()) if isinstance(name, str) else None
+    if wire is None:
+        raise UnknownEventError(name)
+    return wire
+
+
+def wire_from_suffix(suffix: str) -> str:
+    """Resolve a by-events path segment (``messages-upsert``) to the wire name."""
+    wire = SUFFIX_TO_WIRE.get(suffix.strip("/").lower())
+    if wire is None:
+        raise UnknownEventError(suffix)
+    return wire
+
+
+# --- event ids: time-ordered and unique (UUIDv7 layout) ------------------------------------
+
+_id_lock = threading.Lock()
+_last_ms = 0
+_seq = 0
+
+
+def new_event_id() -> str:
+    """A UUIDv7: 48-bit Unix ms, then a counter so ids made in one millisecond still sort."""
+    global _last_ms, _seq  # noqa: PLW0603 - one process-wide monotonic clock
+    with _id_lock:
+        now_ms = time.time_ns() // 1_000_000
+        if now_ms <= _last_ms:
+            _seq += 1
+            if _seq > 0xFFF:  # counter exhausted: borrow the next millisecond
+                _last_ms += 1
+                _seq = 0
+            now_ms = _last_ms
+        else:
+            _last_ms, _seq = now_ms, 0
+        seq = _seq
+    rand = int.from_bytes(os.urandom(8), "big") & 0x3FFF_FFFF_FFFF_FFFF
+    value = (now_ms << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | rand
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def utc_timestamp(moment: datetime | None = None) -> str:
+    """Real UTC with millisecond precision and a ``Z`` suffix: ``2023-12-01T10:30:00.000Z``."""
+    moment = (moment or datetime.now(UTC)).astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def normalise_timestamp(value: str) -> str:
+    """Parse an ISO-8601 timestamp (naive means UTC) and render it as ``utc_timestamp`` does."""
+    moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return utc_timestamp(moment)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One accepted event. ``data`` is kept as the raw JSON bytes it arrived as."""
+
+    id: str
+    instance: str
+    event: str  # wire name
+    data: bytes
+    date_time: str
+    sender: str | None = None
+    server_url: str | None = None
+    apikey: str | None = None  # as ingested; sinks decide what to expose
+
+
+def _q(value: str) -> bytes:
+    return orjson.dumps(value)
+
+
+def envelope(
+    event: Event,
+    *,
+    destination: str | None = None,
+    server_url: str | None = None,
+    apikey: str | None = None,
+    data: bytes | None = None,
+    extra: dict[str, Any] | None = None,
+) -> bytes:
+    """The envelope as JSON bytes, keys in the documented order.
+
+    ``data`` is spliced in as stored, so the payload is byte-for-byte what was ingested; pass
+    ``data`` to send a changed copy instead (e.g. with base64 media removed).
+    """
+    parts = [
+        b'{"event":',
+        _q(event.event),
+        b',"instance":',
+        _q(event.instance),
+        b',"data":',
+        event.data if data is None else data,
+    ]
+    if destination is not None:
+        parts += [b',"destination":', _q(destination)]
+    parts += [b',"date_time":', _q(event.date_time)]
+    if event.sender is not None:
+        parts += [b',"sender":', _q(event.sender)]
+    if server_url is not None:
+        parts += [b',"server_url":', _q(server_url)]
+    parts += [b',"apikey":', b"null" if apikey is None else _q(apikey)]
+    for key, value in (extra or {}).items():
+        parts += [b",", _q(key), b":", orjson.dumps(value)]
+    parts += [b',"id":', _q(event.id), b"}"]
+    return b"".join(parts)
+
+
+def strip_message_base64(data: bytes) -> bytes:
+    """``data`` without ``message.base64``; unchanged bytes when there is none."""
+    if b'"base64"' not in data:
+        return data
+    parsed = orjson.loads(data)
+    message = parsed.get("message") if isinstance(parsed, dict) else None
+    if not isinstance(message, dict) or "base64" not in message:
+        return data
+    del message["base64"]
+    return orjson.dumps(parsed)

@@ -1,0 +1,226 @@
+"""Per-instance configuration: one YAML file per instance, shaped like upstream's
+``POST /instance/create`` body. ``load_instances`` reads a directory and reports every problem
+as ``file:line: field: what``; files that validate are used, the others are reported."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from router.errors import ConfigError
+from router.events import WIRE_NAMES, UnknownEventError, wire_name
+from router.yamlfile import YamlDoc, load_yaml
+
+_NAME = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,100}$")
+
+# Keys of upstream's instance/create body that the router accepts and keeps but does not use.
+UPSTREAM_KEYS = frozenset(
+    [
+        "number",
+        "qrcode",
+        "businessId",
+        "rejectCall",
+        "msgCall",
+        "groupsIgnore",
+        "alwaysOnline",
+        "readMessages",
+        "readStatus",
+        "syncFullHistory",
+        "proxyHost",
+        "proxyPort",
+        "proxyProtocol",
+        "proxyUsername",
+        "proxyPassword",
+        "chatwootAccountId",
+        "chatwootToken",
+        "chatwootUrl",
+        "chatwootSignMsg",
+        "chatwootReopenConversation",
+        "chatwootConversationPending",
+        "chatwootImportContacts",
+        "chatwootNameInbox",
+        "chatwootMergeBrazilContacts",
+        "chatwootImportMessages",
+        "chatwootDaysLimitImportMessages",
+        "chatwootOrganization",
+        "chatwootLogo",
+    ]
+)
+
+
+def check_instance_name(name: str) -> str:
+    if not _NAME.match(name) or name.startswith("."):
+        raise ValueError(
+            "must be 1-100 characters without '/', '\\' or control characters, not starting with '.'"
+        )
+    return name
+
+
+class Subscription(BaseModel):
+    """``{enabled, events}``: ``events: []`` with ``enabled: true`` means every event."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    enabled: bool = False
+    events: tuple[str, ...] = ()
+
+    @field_validator("events", mode="before")
+    @classmethod
+    def _resolve_events(cls, value: Any) -> Any:
+        if value is None:
+            return ()
+        if not isinstance(value, list | tuple):
+            raise ValueError("must be a list of event names")  # noqa: TRY004 - pydantic wants ValueError
+        resolved = []
+        for index, name in enumerate(value):
+            try:
+                resolved.append(wire_name(str(name)))
+            except UnknownEventError:
+                raise ValueError(f"item {index}: unknown event {name!r}") from None
+        return tuple(resolved)
+
+    def subscribed(self) -> frozenset[str]:
+        """The wire names this subscription receives."""
+        if not self.enabled:
+            return frozenset()
+        return frozenset(self.events) if self.events else frozenset(WIRE_NAMES)
+
+
+class WebhookConfig(Subscription):
+    url: str | None = None
+    by_events: bool = Field(False, validation_alias=AliasChoices("byEvents", "webhookByEvents"))
+    base64: bool = Field(False, validation_alias=AliasChoices("base64", "webhookBase64"))
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value
+
+    @field_validator("headers", mode="before")
+    @classmethod
+    def _stringify_headers(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+        return value
+
+
+class PusherConfig(Subscription):
+    app_id: str | None = Field(None, validation_alias=AliasChoices("appId", "app_id"))
+    key: str | None = None
+    secret: str | None = None
+    cluster: str | None = None
+    use_tls: bool = Field(True, validation_alias=AliasChoices("useTLS", "use_tls"))
+
+    @field_validator("app_id", mode="before")
+    @classmethod
+    def _app_id_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value
+
+
+class InstanceConfig(BaseModel):
+    """One instance file. Unknown keys are errors, except upstream's (kept, unused)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, frozen=True)
+
+    instance_name: str = Field(validation_alias=AliasChoices("instanceName", "instance_name"))
+    integration: str = "WHATSAPP-BAILEYS"
+    token: str | None = None
+    webhook: WebhookConfig = WebhookConfig()
+    rabbitmq: Subscription = Subscription()
+    sqs: Subscription = Subscription()
+    websocket: Subscription = Subscription()
+    pusher: PusherConfig = PusherConfig()
+
+    @field_validator("instance_name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return check_instance_name(value)
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _token_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value
+
+
+@dataclass
+class LoadResult:
+    instances: dict[str, InstanceConfig] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    failed_names: set[str] = field(default_factory=set)  # file stems whose file did not validate
+
+
+def parse_instance(doc: YamlDoc) -> InstanceConfig:
+    """Validate one instance file; raise ConfigError with ``file:line: field: what`` lines."""
+    data = dict(doc.data)
+    data.setdefault("instanceName", doc.path.stem)
+    problems = []
+    for key in data:
+        known = key in InstanceConfig.model_fields or key in _FIELD_ALIASES or key in UPSTREAM_KEYS
+        if not known:
+            problems.append(f"{doc.where([key])}: unknown field")
+    try:
+        config = InstanceConfig.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = list(error["loc"])
+            msg = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                msg = "unknown field"
+            item = re.match(r"item (\d+): (.*)", msg)
+            if item and loc and loc[-1] == "events":
+                loc.append(int(item.group(1)))
+                msg = item.group(2)
+            problems.append(f"{doc.where(loc)}: {msg}")
+        raise ConfigError(problems) from exc
+    if config.instance_name != doc.path.stem:
+        problems.append(
+            f"{doc.where(['instanceName'])}: is {config.instance_name!r} but the file is named "
+            f"{doc.path.name!r}; name the file after the instance"
+        )
+    if config.webhook.enabled and not config.webhook.url:
+        problems.append(f"{doc.where(['webhook', 'enabled'])}: webhook is enabled but has no url")
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+_FIELD_ALIASES = frozenset({"instanceName"})
+
+
+def instance_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+
+
+def load_instances(directory: Path) -> LoadResult:
+    """Read every ``*.yaml`` in ``directory``; a bad file is reported and left out."""
+    result = LoadResult()
+    if not directory.is_dir():
+        result.problems.append(f"{directory}: instances directory does not exist")
+        return result
+    for path in instance_files(directory):
+        try:
+            config = parse_instance(load_yaml(path))
+        except ConfigError as exc:
+            result.problems.extend(exc.problems)
+            result.failed_names.add(path.stem)
+            continue
+        name = config.instance_name
+        if name in result.instances:
+            result.problems.append(
+                f"{path}:1: instanceName: {name!r} is also defined in {result.files[name]}"
+            )
+            result.failed_names.add(name)
+            continue
+        result.instances[name] = config
+        result.files[name] = path
+    return result

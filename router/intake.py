@@ -1,0 +1,140 @@
+"""Intake: the one interface every session adapter feeds.
+
+Adapters turn what they read into JSON objects shaped like upstream's webhook envelope and call
+``Intake.accept_objects``; it validates them, resolves their targets from the routing index,
+stores events and deliveries durably, and only then returns their ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from router import logs
+from router.errors import IntakeError
+from router.events import (
+    Event,
+    UnknownEventError,
+    new_event_id,
+    normalise_timestamp,
+    utc_timestamp,
+    wire_name,
+)
+from router.instances import check_instance_name
+from router.routing import Routes
+from router.settings import Settings
+from router.store import NewDelivery, Store
+
+log = logs.get_logger("router.intake")
+MAX_ID_LENGTH = 128
+
+
+def _optional_text(obj: dict[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise IntakeError(f"field {key!r} must be a string")
+    return value
+
+
+class Intake:
+    """Validates, routes and stores events; see the module docstring."""
+
+    def __init__(self, store: Store, settings: Settings, routes: Routes) -> None:
+        self.store = store
+        self.settings = settings
+        self.routes = routes
+        self.on_stored: Callable[[Sequence[str]], None] = lambda keys: None
+        self.accepted = 0
+
+    def parse(self, obj: Any, path_event: str | None = None) -> Event:
+        """One ingested envelope -> Event; raise IntakeError naming what is wrong."""
+        if not isinstance(obj, dict):
+            raise IntakeError(f"expected a JSON object, got {type(obj).__name__}")
+        raw_event = obj.get("event")
+        if raw_event is None and path_event is None:
+            raise IntakeError("missing field 'event'")
+        try:
+            wire = wire_name(str(raw_event)) if raw_event is not None else path_event
+        except UnknownEventError:
+            raise IntakeError(f"unknown event {raw_event!r}") from None
+        assert wire is not None
+        if path_event is not None and wire != path_event:
+            raise IntakeError(f"event {raw_event!r} does not match the path's event {path_event!r}")
+
+        instance = obj.get("instance")
+        if instance is None or instance == "":
+            raise IntakeError("missing field 'instance'")
+        if not isinstance(instance, str):
+            raise IntakeError("field 'instance' must be a string")
+        try:
+            check_instance_name(instance)
+        except ValueError as exc:
+            raise IntakeError(f"invalid instance name {instance!r}: {exc}") from None
+
+        date_time = _optional_text(obj, "date_time")
+        if date_time is None:
+            date_time = utc_timestamp()
+        else:
+            try:
+                date_time = normalise_timestamp(date_time)
+            except ValueError:
+                raise IntakeError(f"field 'date_time' is not an ISO-8601 time: {date_time!r}") from None
+
+        event_id = obj.get("id")
+        if event_id is None:
+            event_id = new_event_id()
+        elif not isinstance(event_id, str) or not 0 < len(event_id) <= MAX_ID_LENGTH:
+            raise IntakeError(f"field 'id' must be a string of 1 to {MAX_ID_LENGTH} characters")
+
+        apikey = None
+        if self.settings.authentication_expose_in_fetch_instances:
+            apikey = self.routes.token_of(instance) or _optional_text(obj, "apikey")
+        return Event(
+            id=event_id,
+            instance=instance,
+            event=wire,
+            data=orjson.dumps(obj.get("data")),
+            date_time=date_time,
+            sender=_optional_text(obj, "sender"),
+            server_url=self.settings.server_url or _optional_text(obj, "server_url"),
+            apikey=apikey,
+        )
+
+    def parse_many(self, objects: Sequence[Any], path_event: str | None = None) -> list[Event]:
+        """Parse a batch; all or nothing, with every bad item named by its index."""
+        events, problems = [], []
+        for index, obj in enumerate(objects):
+            try:
+                events.append(self.parse(obj, path_event))
+            except IntakeError as exc:
+                problems.append(str(exc) if len(objects) == 1 else f"item {index}: {exc}")
+        if problems:
+            raise IntakeError("; ".join(problems))
+        return events
+
+    async def accept(self, events: Sequence[Event], checkpoint: tuple[str, str] | None = None) -> list[str]:
+        """Store ``events`` with their deliveries; return their ids once they are durable."""
+        batch = []
+        keys: set[str] = set()
+        for event in events:
+            targets = self.routes.targets_for(event.instance, event.event)
+            if targets:
+                batch.append(NewDelivery(event, targets))
+                keys.update(targets)
+        if batch or checkpoint is not None:
+            duplicates = await self.store.accept(batch, checkpoint)
+            if duplicates:
+                log.info("intake.duplicates", count=len(duplicates))
+        self.accepted += len(events)
+        self.on_stored(sorted(keys))
+        return [event.id for event in events]
+
+    async def emit(self, event: Event, targets: Sequence[str]) -> None:
+        """Store an event the router makes itself (``application.startup``) for ``targets``."""
+        if targets:
+            await self.store.accept([NewDelivery(event, tuple(targets))])
+            self.on_stored(targets)

@@ -1,0 +1,115 @@
+"""(instance, event) -> the targets that receive it, from an index built once per configuration.
+
+A *target* is one place deliveries go: the global webhook, or one instance's webhook. Its
+``key`` names it in the durable queue (``webhook:global``, ``webhook:instance:<name>``), so
+stored deliveries survive restarts and reloads. Global and instance targets are independent:
+an event can go to both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from router.events import WIRE_NAMES, by_events_suffix
+from router.instances import InstanceConfig
+from router.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookTarget:
+    """Where and how to POST: the URL (before any by-events suffix) and per-target options."""
+
+    key: str
+    instance: str | None  # None for the global webhook
+    url: str
+    by_events: bool
+    base64: bool = True  # False: remove data.message.base64 before sending
+    headers: tuple[tuple[str, str], ...] = ()
+    events: frozenset[str] = frozenset()
+
+    sink = "webhook"
+
+    def url_for(self, wire: str) -> str:
+        return self.url.rstrip("/") + by_events_suffix(wire) if self.by_events else self.url
+
+
+Target = WebhookTarget
+
+
+@dataclass(frozen=True)
+class Routes:
+    """The routing index. ``targets_for`` is a dictionary lookup, never a scan."""
+
+    targets: Mapping[str, Target] = field(default_factory=dict)
+    _global: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    _by_instance: Mapping[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    instances: Mapping[str, InstanceConfig] = field(default_factory=dict)
+
+    def targets_for(self, instance: str, wire: str) -> tuple[str, ...]:
+        """Keys of every target subscribed to ``wire`` for ``instance``, global ones first."""
+        keys = self._by_instance.get((instance, wire))
+        return keys if keys is not None else self._global.get(wire, ())
+
+    def token_of(self, instance: str) -> str | None:
+        config = self.instances.get(instance)
+        return config.token if config is not None else None
+
+
+def global_webhook_key() -> str:
+    return "webhook:global"
+
+
+def instance_webhook_key(instance: str) -> str:
+    return f"webhook:instance:{instance}"
+
+
+def build_routes(settings: Settings, instances: Mapping[str, InstanceConfig]) -> Routes:
+    targets: dict[str, Target] = {}
+    global_keys: dict[str, list[str]] = {wire: [] for wire in WIRE_NAMES}
+
+    if settings.webhook_global_enabled and settings.webhook_global_url:
+        target = WebhookTarget(
+            key=global_webhook_key(),
+            instance=None,
+            url=settings.webhook_global_url,
+            by_events=settings.webhook_global_webhook_by_events,
+            events=settings.events_enabled("webhook"),
+        )
+        targets[target.key] = target
+        for wire in target.events:
+            global_keys[wire].append(target.key)
+
+    by_instance: dict[tuple[str, str], tuple[str, ...]] = {}
+    for name, config in instances.items():
+        own: dict[str, list[str]] = {}
+        hook = config.webhook
+        if hook.enabled and hook.url:
+            target = WebhookTarget(
+                key=instance_webhook_key(name),
+                instance=name,
+                url=hook.url,
+                by_events=hook.by_events,
+                base64=hook.base64,
+                headers=tuple(hook.headers.items()),
+                events=hook.subscribed(),
+            )
+            targets[target.key] = target
+            for wire in target.events:
+                own.setdefault(wire, []).append(target.key)
+        for wire in WIRE_NAMES:
+            keys = global_keys[wire] + own.get(wire, [])
+            if keys:
+                by_instance[(name, wire)] = tuple(keys)
+
+    return Routes(
+        targets=targets,
+        _global={wire: tuple(keys) for wire, keys in global_keys.items() if keys},
+        _by_instance=by_instance,
+        instances=dict(instances),
+    )
+
+
+def startup_targets(routes: Routes) -> tuple[str, ...]:
+    """``application.startup`` concerns the router, not one instance: every subscriber gets it."""
+    return tuple(key for key, target in routes.targets.items() if "application.startup" in target.events)

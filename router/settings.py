@@ -1,0 +1,263 @@
+"""Typed settings, read once, from upstream's environment names.
+
+Precedence, highest first (the only place it is decided: ``Settings.settings_customise_sources``):
+
+1. the process environment,
+2. the ``.env`` file,
+3. ``config/router.yaml`` (a flat mapping of the same names),
+4. the defaults below.
+
+Names are upstream's (``WEBHOOK_GLOBAL_URL``, ``WEBHOOK_EVENTS_MESSAGES_UPSERT``, ...); the
+router's own additions start with ``ROUTER_`` or are marked *ours*. Every error names the
+variable and where it came from (``environment``, ``.env:LINE`` or ``router.yaml:LINE``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal, cast
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from router.errors import ConfigError
+from router.events import CONFIG_TO_WIRE, WIRE_NAMES
+from router.yamlfile import YamlDoc, load_yaml
+
+DEFAULT_CONFIG_FILE = Path("config/router.yaml")
+DEFAULT_ENV_FILE = Path(".env")
+
+# Per-event switches, by sink: ``<PREFIX><CONFIG NAME>=true``.
+EVENT_FLAG_PREFIXES = {"webhook": "WEBHOOK_EVENTS_"}
+# Upstream names under those prefixes that are settings, not events; accepted and ignored.
+IGNORED_FLAG_NAMES = frozenset({"WEBHOOK_EVENTS_ERRORS", "WEBHOOK_EVENTS_ERRORS_WEBHOOK"})
+
+LOG_LEVEL_NAMES = (
+    "ERROR",
+    "WARN",
+    "DEBUG",
+    "INFO",
+    "LOG",
+    "VERBOSE",
+    "DARK",
+    "WEBHOOKS",
+    "WEBSOCKET",
+)
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _check_http_url(value: str | None, name: str) -> None:
+    if value is None:
+        return
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{name} must be an http:// or https:// URL, got {value!r}")
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """``router.yaml``: a flat mapping of upstream names (case-insensitive) to values."""
+
+    def __init__(self, settings_cls: type[BaseSettings], doc: YamlDoc | None) -> None:
+        super().__init__(settings_cls)
+        self.doc = doc
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ is overridden
+
+    def __call__(self) -> dict[str, Any]:
+        if self.doc is None:
+            return {}
+        return {str(key).lower(): value for key, value in self.doc.data.items()}
+
+
+class Settings(BaseSettings):
+    """Everything the daemon reads from its environment. Build with ``load_settings``."""
+
+    model_config = SettingsConfigDict(
+        case_sensitive=False, extra="ignore", env_file_encoding="utf-8", validate_default=True
+    )
+
+    # --- cross-cutting (upstream) ---
+    server_url: str | None = None
+    server_name: str = "evolution"
+    server_port: int = Field(8080, ge=0, le=65535)  # 0: any free port
+    authentication_api_key: str | None = None
+    authentication_expose_in_fetch_instances: bool = False
+    log_level: Annotated[list[str], NoDecode] = ["ERROR", "WARN", "INFO", "LOG"]
+    log_color: bool = True
+
+    # --- webhook (upstream) ---
+    webhook_global_enabled: bool = False
+    webhook_global_url: str | None = None
+    webhook_global_webhook_by_events: bool = False
+    webhook_request_timeout_ms: int = Field(30_000, gt=0)
+    webhook_retry_max_attempts: int = Field(10, ge=1)
+    webhook_retry_initial_delay_seconds: float = Field(5.0, ge=0)
+    webhook_retry_use_exponential_backoff: bool = True
+    webhook_retry_max_delay_seconds: float = Field(300.0, ge=0)
+    webhook_retry_jitter_factor: float = Field(0.2, ge=0, le=1)
+    webhook_retry_non_retryable_status_codes: Annotated[frozenset[int], NoDecode] = frozenset(
+        {400, 401, 403, 404, 422}
+    )
+
+    # --- ours ---
+    server_host: str = "0.0.0.0"
+    log_format: Literal["console", "json"] = "console"
+    router_instances_dir: Path = Path("config/instances")
+    router_state_dir: Path = Path("var")
+    router_ingest_max_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    router_shutdown_grace_s: float = Field(10.0, ge=0)
+    router_webhook_concurrency: int = Field(64, ge=1)
+    router_jsonl_path: str | None = None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _parse_log_level(cls, value: Any) -> Any:
+        names = [name.upper() for name in _split_csv(value)]
+        unknown = [name for name in names if name not in LOG_LEVEL_NAMES]
+        if unknown:
+            raise ValueError(f"unknown level {', '.join(unknown)}; known: {', '.join(LOG_LEVEL_NAMES)}")
+        return names
+
+    @field_validator("webhook_retry_non_retryable_status_codes", mode="before")
+    @classmethod
+    def _parse_codes(cls, value: Any) -> Any:
+        codes = _split_csv(value)
+        if isinstance(codes, list):
+            bad = [c for c in codes if not str(c).isdigit() or not 100 <= int(c) <= 599]
+            if bad:
+                raise ValueError(f"not HTTP status codes: {', '.join(map(str, bad))}")
+            return frozenset(int(c) for c in codes)
+        return codes
+
+    @field_validator("server_url", "webhook_global_url", "authentication_api_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.webhook_global_enabled and not self.webhook_global_url:
+            raise ValueError("WEBHOOK_GLOBAL_ENABLED is true but WEBHOOK_GLOBAL_URL is not set")
+        _check_http_url(self.webhook_global_url, "WEBHOOK_GLOBAL_URL")
+        if not self.authentication_api_key:
+            raise ValueError("AUTHENTICATION_API_KEY is not set (it guards /ingest)")
+        return self
+
+    def events_enabled(self, sink: str) -> frozenset[str]:
+        """Wire names whose ``<PREFIX><EVENT>`` switch is on for ``sink`` (e.g. ``webhook``)."""
+        prefix = EVENT_FLAG_PREFIXES[sink].lower()
+        return frozenset(wire for wire in WIRE_NAMES if getattr(self, prefix + _flag_suffix(wire), False))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The precedence: environment, then .env, then router.yaml, then defaults.
+        return (init_settings, env_settings, dotenv_settings, _YamlSource(settings_cls, _yaml_doc))
+
+
+def _flag_suffix(wire: str) -> str:
+    return wire.replace(".", "_").replace("-", "_")
+
+
+# One bool field per (sink, event): webhook_events_messages_upsert, ... (GROUP_UPDATE included).
+_flag_fields: dict[str, Any] = {
+    prefix.lower() + config.lower(): (bool, False)
+    for prefix in EVENT_FLAG_PREFIXES.values()
+    for config in CONFIG_TO_WIRE
+}
+_FullSettings = cast(type[Settings], create_model("Settings", __base__=Settings, **_flag_fields))
+_yaml_doc: YamlDoc | None = None  # the router.yaml being loaded (read by _YamlSource)
+
+
+def _dotenv_lines(path: Path) -> dict[str, int]:
+    lines: dict[str, int] = {}
+    if path.is_file():
+        pattern = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if match := pattern.match(line):
+                lines[match.group(1).upper()] = number
+    return lines
+
+
+def _unknown_flags(names: Iterable[str]) -> list[str]:
+    bad = []
+    for name in names:
+        upper = name.upper()
+        for prefix in EVENT_FLAG_PREFIXES.values():
+            known = upper in IGNORED_FLAG_NAMES or upper[len(prefix) :] in CONFIG_TO_WIRE
+            if upper.startswith(prefix) and not known:
+                bad.append(upper)
+    return bad
+
+
+def load_settings(
+    config_file: Path | None = DEFAULT_CONFIG_FILE,
+    env_file: Path | None = DEFAULT_ENV_FILE,
+) -> Settings:
+    """Read the settings once; raise ConfigError naming every bad variable and its origin."""
+    global _yaml_doc  # noqa: PLW0603 - pydantic-settings builds sources from the class
+    environ = {key.upper(): value for key, value in os.environ.items()}
+    doc = load_yaml(config_file) if config_file is not None and config_file.is_file() else None
+    env_path = env_file if env_file is not None and env_file.is_file() else None
+    dotenv_lines = _dotenv_lines(env_path) if env_path else {}
+
+    problems: list[str] = []
+    known = set(Settings.model_fields) | set(_flag_fields)
+    if doc is not None:
+        for key in doc.data:
+            if str(key).lower() not in known:
+                problems.append(f"{doc.where([key])}: unknown setting")
+
+    def origin(name: str) -> str:
+        if name in environ:
+            return f"{name} (environment)"
+        if name in dotenv_lines:
+            return f"{env_path}:{dotenv_lines[name]}: {name}"
+        if doc is not None:
+            for key in doc.data:
+                if str(key).upper() == name:
+                    return doc.where([key])
+        return name
+
+    flag_names = list(environ) + list(dotenv_lines) + [str(k) for k in (doc.data if doc else {})]
+    problems += [f"{origin(name)}: unknown event" for name in sorted(set(_unknown_flags(flag_names)))]
+
+    _yaml_doc = doc
+    try:
+        settings = _FullSettings(_env_file=env_path)
+    except ValidationError as exc:
+        for error in exc.errors():
+            if error["loc"]:
+                name = str(error["loc"][0]).upper()
+                value = f", got {error['input']!r}" if error["type"] != "missing" else ""
+                problems.append(f"{origin(name)}: {error['msg']}{value}")
+            else:
+                problems.append(error["msg"].removeprefix("Value error, "))
+        raise ConfigError(problems) from exc
+    finally:
+        _yaml_doc = None
+    if problems:
+        raise ConfigError(problems)
+    return settings

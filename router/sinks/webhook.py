@@ -1,0 +1,110 @@
+"""HTTP webhooks: POST the envelope as JSON over pooled keep-alive connections."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+import aiohttp
+import jwt
+
+from router.errors import PermanentError, RetryableError
+from router.events import Event, envelope, strip_message_base64
+from router.routing import WebhookTarget
+from router.settings import Settings
+from router.sinks import BaseSink
+
+JWT_HEADER = "jwt_key"
+JWT_LIFETIME_S = 600
+_RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+
+def bearer_token(secret: str, now: float | None = None) -> str:
+    """The HS256 token that replaces a ``jwt_key`` header (upstream's claims)."""
+    iat = int(time.time() if now is None else now)
+    claims = {"iat": iat, "exp": iat + JWT_LIFETIME_S, "app": "evolution", "action": "webhook"}
+    return str(jwt.encode(claims, secret, algorithm="HS256"))
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date; None if unusable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
+
+
+def request_headers(target: WebhookTarget) -> dict[str, str]:
+    """Instance headers verbatim, with ``jwt_key`` turned into a bearer token."""
+    headers = {"Content-Type": "application/json"}
+    for name, value in target.headers:
+        if name.lower() == JWT_HEADER:
+            headers["Authorization"] = f"Bearer {bearer_token(value)}"
+        else:
+            headers[name] = value
+    return headers
+
+
+class WebhookSink(BaseSink):
+    name = "webhook"
+
+    def __init__(self, settings: Settings) -> None:
+        self.timeout_s = settings.webhook_request_timeout_ms / 1000
+        self.non_retryable = settings.webhook_retry_non_retryable_status_codes
+        self.pool_size = settings.router_webhook_concurrency
+        self._session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.pool_size, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            skip_auto_headers=("User-Agent",),
+            headers={"User-Agent": "evolution-router"},
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(self, target: WebhookTarget, event: Event) -> int:
+        assert self._session is not None, "WebhookSink.send before open"
+        data = event.data if target.base64 else strip_message_base64(event.data)
+        body = envelope(
+            event,
+            destination=target.url,
+            server_url=event.server_url,
+            apikey=event.apikey,
+            data=data,
+        )
+        url = target.url_for(event.event)
+        try:
+            async with self._session.post(url, data=body, headers=request_headers(target)) as response:
+                await response.read()
+                status = response.status
+                retry_after = response.headers.get("Retry-After")
+        except TimeoutError as exc:
+            raise RetryableError(f"timed out after {self.timeout_s:g} s") from exc
+        except aiohttp.InvalidURL as exc:
+            raise PermanentError(f"invalid URL {url!r}") from exc
+        except aiohttp.ClientError as exc:
+            raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
+        if 200 <= status < 300:
+            return status
+        if status in self.non_retryable:
+            raise PermanentError(f"HTTP {status} (non-retryable)", status=status)
+        delay = parse_retry_after(retry_after) if status in _RETRY_AFTER_STATUSES else None
+        raise RetryableError(f"HTTP {status}", status=status, retry_after_s=delay)
+
+
+__all__ = ["WebhookSink", "bearer_token", "parse_retry_after", "request_headers"]

@@ -1,0 +1,380 @@
+"""The durable queue: an embedded SQLite database in WAL mode.
+
+Every accepted event is a row in ``events``; every (event, target) pair a row in
+``deliveries``, whose ``state`` is pending (0), leased (1, an attempt is under way) or dead (2,
+a dead letter with its last error). Delivered rows are deleted at once, and an event row goes
+with its last delivery, so the file stays as large as the backlog.
+
+All access goes through one connection on one thread. Operations queue up while a transaction
+is being written and are then applied together, one transaction and one fsync for the lot
+(group commit), so the store keeps up with intake. Each operation runs in its own savepoint:
+one failing operation fails only its own caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from router.events import Event
+
+T = TypeVar("T")
+
+PENDING, LEASED, DEAD = 0, 1, 2
+MAX_OPS_PER_TRANSACTION = 4096
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id          TEXT PRIMARY KEY,
+    instance    TEXT NOT NULL,
+    event       TEXT NOT NULL,
+    data        BLOB NOT NULL,
+    date_time   TEXT NOT NULL,
+    sender      TEXT,
+    server_url  TEXT,
+    apikey      TEXT,
+    accepted_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id         INTEGER PRIMARY KEY,
+    event_id   TEXT NOT NULL,
+    target     TEXT NOT NULL,
+    state      INTEGER NOT NULL DEFAULT 0,
+    due_at     REAL NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (target, state, due_at);
+CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id);
+CREATE TABLE IF NOT EXISTS attempt_errors (
+    delivery_id INTEGER NOT NULL,
+    attempt     INTEGER NOT NULL,
+    at          REAL NOT NULL,
+    error       TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempt_errors_delivery ON attempt_errors (delivery_id);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    source   TEXT PRIMARY KEY,
+    position TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One leased delivery: the caller owns it until it acks, retries or kills it."""
+
+    delivery_id: int
+    target: str
+    attempts: int  # attempts made before this one
+    event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class NewDelivery:
+    event: Event
+    targets: tuple[str, ...]
+
+
+Op = Callable[[sqlite3.Connection], Any]
+
+
+def _event_from_row(row: Sequence[Any]) -> Event:
+    return Event(
+        id=row[0],
+        instance=row[1],
+        event=row[2],
+        data=bytes(row[3]),
+        date_time=row[4],
+        sender=row[5],
+        server_url=row[6],
+        apikey=row[7],
+    )
+
+
+_EVENT_COLUMNS = "id, instance, event, data, date_time, sender, server_url, apikey"
+
+
+class Store:
+    """The durable queue. Open with ``await Store.open(path)``; run ``run()`` as a task."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._conn: sqlite3.Connection | None = None
+        self._ops: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self.transactions = 0  # written so far, for tests and metrics
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        store = cls(path)
+        await asyncio.get_running_loop().run_in_executor(store._executor, store._connect)
+        return store
+
+    def _connect(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before intake answers 202 (one fsync per group commit).
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=OFF")
+        conn.executescript(SCHEMA)
+        # Attempts that were under way when the process died are pending again.
+        conn.execute("UPDATE deliveries SET state = ? WHERE state = ?", (PENDING, LEASED))
+        self._conn = conn
+
+    async def run(self) -> None:
+        """Apply queued operations, one transaction per batch, until ``close`` is called."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._ops:
+                batch = self._ops[:MAX_OPS_PER_TRANSACTION]
+                del self._ops[:MAX_OPS_PER_TRANSACTION]
+                outcomes = await loop.run_in_executor(self._executor, self._apply, [op for op, _ in batch])
+                for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                    if future.done():
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+            if self._closing:
+                return
+
+    async def close(self) -> None:
+        """Stop ``run`` once everything queued is written, then close the database."""
+        self._closing = True
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        """Close the connection (after ``run`` has returned)."""
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            self._executor.submit(conn.close).result()
+        self._executor.shutdown(wait=True)
+
+    def _apply(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+        conn = self._conn
+        assert conn is not None, "store is closed"
+        outcomes: list[tuple[bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                conn.execute("SAVEPOINT op")
+                try:
+                    outcomes.append((True, op(conn)))
+                    conn.execute("RELEASE op")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    outcomes.append((False, exc))
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return [(False, exc)] * len(ops)
+        self.transactions += 1
+        return outcomes
+
+    def _submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        if self._closing and self._conn is None:
+            raise RuntimeError("store is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._ops.append((op, future))
+        self._wake.set()
+        return future
+
+    # --- operations -----------------------------------------------------------------------
+
+    async def accept(
+        self, batch: Sequence[NewDelivery], checkpoint: tuple[str, str] | None = None
+    ) -> set[str]:
+        """Store events and their deliveries durably; return the ids already stored before.
+
+        An event id seen before (an adapter retrying) adds nothing. ``checkpoint`` records an
+        adapter's position in the same transaction, so a restart resumes exactly after it.
+        """
+        now = time.time()
+
+        def op(conn: sqlite3.Connection) -> set[str]:
+            duplicates: set[str] = set()
+            for item in batch:
+                e = item.event
+                cursor = conn.execute(
+                    f"INSERT OR IGNORE INTO events ({_EVENT_COLUMNS}, accepted_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        e.id,
+                        e.instance,
+                        e.event,
+                        e.data,
+                        e.date_time,
+                        e.sender,
+                        e.server_url,
+                        e.apikey,
+                        now,
+                    ),
+                )
+                if cursor.rowcount == 0:
+                    duplicates.add(e.id)
+                    continue
+                conn.executemany(
+                    "INSERT INTO deliveries (event_id, target, due_at, updated_at) VALUES (?, ?, ?, ?)",
+                    [(e.id, target, now, now) for target in item.targets],
+                )
+            if checkpoint is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO checkpoints (source, position) VALUES (?, ?)",
+                    checkpoint,
+                )
+            return duplicates
+
+        return await self._submit(op)
+
+    async def lease(self, target: str, limit: int, now: float | None = None) -> list[Lease]:
+        """Take up to ``limit`` due deliveries of ``target``, oldest first."""
+        due = time.time() if now is None else now
+
+        def op(conn: sqlite3.Connection) -> list[Lease]:
+            rows = conn.execute(
+                "SELECT id, event_id, attempts FROM deliveries"
+                " WHERE target = ? AND state = ? AND due_at <= ? ORDER BY due_at, id LIMIT ?",
+                (target, PENDING, due, limit),
+            ).fetchall()
+            if not rows:
+                return []
+            conn.executemany("UPDATE deliveries SET state = ? WHERE id = ?", [(LEASED, r[0]) for r in rows])
+            event_ids = list({r[1] for r in rows})
+            events = {
+                row[0]: _event_from_row(row)
+                for row in conn.execute(
+                    f"SELECT {_EVENT_COLUMNS} FROM events WHERE id IN ({','.join('?' * len(event_ids))})",
+                    event_ids,
+                )
+            }
+            return [Lease(r[0], target, r[2], events[r[1]]) for r in rows]
+
+        return await self._submit(op)
+
+    async def next_due(self, target: str) -> float | None:
+        """When the next pending delivery of ``target`` falls due (None: nothing pending)."""
+
+        def op(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT MIN(due_at) FROM deliveries WHERE target = ? AND state = ?",
+                (target, PENDING),
+            ).fetchone()
+            return None if row is None else row[0]
+
+        return await self._submit(op)
+
+    def ack(self, lease: Lease) -> asyncio.Future[None]:
+        """Delivered: delete the delivery, and the event once no delivery needs it."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM deliveries WHERE id = ?", (lease.delivery_id,))
+            conn.execute(
+                "DELETE FROM events WHERE id = ?"
+                " AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_id = ?)",
+                (lease.event.id, lease.event.id),
+            )
+
+        return self._submit(op)
+
+    def retry(self, lease: Lease, due_at: float, error: str) -> asyncio.Future[None]:
+        """Failed, try again at ``due_at``; the error is kept with the attempt."""
+        return self._submit(self._fail_op(lease, PENDING, due_at, error))
+
+    def kill(self, lease: Lease, error: str) -> asyncio.Future[None]:
+        """Failed for good: keep it as a dead letter with its last error."""
+        return self._submit(self._fail_op(lease, DEAD, time.time(), error))
+
+    @staticmethod
+    def _fail_op(lease: Lease, state: int, due_at: float, error: str) -> Op:
+        attempts = lease.attempts + 1
+
+        def op(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            conn.execute(
+                "UPDATE deliveries SET state = ?, due_at = ?, attempts = ?, last_error = ?,"
+                " updated_at = ? WHERE id = ?",
+                (state, due_at, attempts, error, now, lease.delivery_id),
+            )
+            conn.execute(
+                "INSERT INTO attempt_errors (delivery_id, attempt, at, error) VALUES (?, ?, ?, ?)",
+                (lease.delivery_id, attempts, now, error),
+            )
+
+        return op
+
+    async def kill_target(self, target: str, error: str) -> int:
+        """Dead-letter every pending delivery of a target that no longer exists."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "UPDATE deliveries SET state = ?, last_error = ?, updated_at = ?"
+                " WHERE target = ? AND state = ?",
+                (DEAD, error, time.time(), target, PENDING),
+            )
+            return cursor.rowcount
+
+        return await self._submit(op)
+
+    async def pending_targets(self) -> set[str]:
+        def op(conn: sqlite3.Connection) -> set[str]:
+            rows = conn.execute("SELECT DISTINCT target FROM deliveries WHERE state = ?", (PENDING,))
+            return {row[0] for row in rows}
+
+        return await self._submit(op)
+
+    async def checkpoint(self, source: str) -> str | None:
+        def op(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute("SELECT position FROM checkpoints WHERE source = ?", (source,)).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._submit(op)
+
+    async def counts(self) -> dict[str, int]:
+        """Deliveries by state: ``pending`` (incl. in flight) and ``dead``."""
+
+        def op(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = dict(conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state"))
+            return {
+                "pending": rows.get(PENDING, 0) + rows.get(LEASED, 0),
+                "dead": rows.get(DEAD, 0),
+            }
+
+        return await self._submit(op)
+
+
+def dead_letters(path: Path, targets: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Read dead letters straight from the database file (safe while the daemon runs)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        conn.row_factory = sqlite3.Row
+        query = (
+            "SELECT d.id, d.event_id, d.target, d.attempts, d.last_error, d.updated_at,"
+            " e.instance, e.event FROM deliveries d JOIN events e ON e.id = d.event_id"
+            " WHERE d.state = ?"
+        )
+        params: list[Any] = [DEAD]
+        wanted = list(targets or [])
+        if wanted:
+            query += f" AND d.target IN ({','.join('?' * len(wanted))})"
+            params += wanted
+        return [dict(row) for row in conn.execute(query + " ORDER BY d.id", params)]
+    finally:
+        conn.close()

@@ -1,0 +1,80 @@
+"""YAML files that remember where each value came from, so errors name ``file:line: field``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from router.errors import ConfigError
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass
+class YamlDoc:
+    """A parsed YAML mapping and the line (1-based) of every key and list item in it."""
+
+    path: Path
+    data: dict[str, Any]
+    lines: dict[Loc, int] = field(default_factory=dict)
+
+    def line_of(self, loc: Sequence[str | int]) -> int:
+        """The line of ``loc``, or of its nearest enclosing key that has one."""
+        key = tuple(loc)
+        while key:
+            if key in self.lines:
+                return self.lines[key]
+            key = key[:-1]
+        return 1
+
+    def where(self, loc: Sequence[str | int]) -> str:
+        return f"{self.path}:{self.line_of(loc)}: {format_loc(loc)}"
+
+
+def format_loc(loc: Sequence[str | int]) -> str:
+    """``("webhook", "events", 2)`` -> ``webhook.events[2]``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = (*loc, str(key_node.value))
+            lines[child] = key_node.start_mark.line + 1
+            _walk(value_node, child, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            child = (*loc, index)
+            lines[child] = item.start_mark.line + 1
+            _walk(item, child, lines)
+
+
+def load_yaml(path: Path) -> YamlDoc:
+    """Read ``path`` as a YAML mapping; raise ConfigError naming the file and line if it is not."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read: {exc}"]) from exc
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{path}{line}: invalid YAML: {problem}"]) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}:1: expected a mapping at the top level"])
+    lines: dict[Loc, int] = {}
+    if node is not None:
+        _walk(node, (), lines)
+    return YamlDoc(path=path, data=data, lines=lines)
