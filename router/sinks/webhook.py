@@ -6,8 +6,11 @@ import time
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
+import warnings
+
 import aiohttp
 import jwt
+from jwt.warnings import InsecureKeyLengthWarning
 
 from router.errors import PermanentError, RetryableError
 from router.events import Event, envelope, strip_message_base64
@@ -24,7 +27,10 @@ def bearer_token(secret: str, now: float | None = None) -> str:
     """The HS256 token that replaces a ``jwt_key`` header (upstream's claims)."""
     iat = int(time.time() if now is None else now)
     claims = {"iat": iat, "exp": iat + JWT_LIFETIME_S, "app": "evolution", "action": "webhook"}
-    return str(jwt.encode(claims, secret, algorithm="HS256"))
+    with warnings.catch_warnings():
+        # Upstream accepts any key length; the operator's key is theirs to choose.
+        warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+        return str(jwt.encode(claims, secret, algorithm="HS256"))
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -60,11 +66,12 @@ class WebhookSink(BaseSink):
     def __init__(self, settings: Settings) -> None:
         self.timeout_s = settings.webhook_request_timeout_ms / 1000
         self.non_retryable = settings.webhook_retry_non_retryable_status_codes
-        self.pool_size = settings.router_webhook_concurrency
         self._session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.pool_size, ttl_dns_cache=300)
+        # No pool-wide or per-host cap: each target's worker bounds its own connections
+        # (ROUTER_WEBHOOK_CONCURRENCY), so targets on one host never queue behind each other.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=self.timeout_s),

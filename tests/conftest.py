@@ -1,0 +1,248 @@
+"""Shared test fixtures: a real HTTP receiver on loopback, settings, and a running daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from router.app import App
+from router.settings import Settings, load_settings
+
+API_KEY = "test-global-key"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@dataclass
+class Receiver:
+    """An HTTP server on 127.0.0.1 that records every request and answers as scripted.
+
+    ``script(path, [500, 500, 200])`` answers the next requests to ``path`` with those statuses
+    (then 200); an entry may be ``(status, headers)`` or ``("sleep", seconds)``.
+    """
+
+    url: str = ""
+    requests: list[Received] = field(default_factory=list)
+    scripts: dict[str, deque[Any]] = field(default_factory=dict)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    def script(self, path: str, answers: list[Any]) -> None:
+        self.scripts[path] = deque(answers)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        answer: Any = 200
+        queue = self.scripts.get(request.path)
+        if queue:
+            answer = queue.popleft()
+        if isinstance(answer, tuple) and answer[0] == "sleep":
+            await asyncio.sleep(answer[1])
+            answer = 200
+        status, headers = answer if isinstance(answer, tuple) else (answer, {})
+        async with self.changed:
+            self.requests.append(
+                Received(request.method, request.path, dict(request.headers), body, time.time())
+            )
+            self.changed.notify_all()
+        return web.Response(status=status, headers=headers)
+
+    def on(self, path: str) -> list[Received]:
+        return [r for r in self.requests if r.path == path]
+
+    async def wait_for(
+        self, count: int, path: str | None = None, timeout: float = 10.0
+    ) -> list[Received]:
+        """Wait until ``count`` requests (to ``path``, if given) have arrived."""
+
+        def matching() -> list[Received]:
+            return self.requests if path is None else self.on(path)
+
+        async with asyncio.timeout(timeout):
+            async with self.changed:
+                await self.changed.wait_for(lambda: len(matching()) >= count)
+        return matching()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    recv = Receiver()
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", recv.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    recv.url = f"http://127.0.0.1:{port}"
+    yield recv
+    await runner.cleanup()
+
+
+@pytest.fixture
+def base_env(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "instances").mkdir()
+    return {
+        "AUTHENTICATION_API_KEY": API_KEY,
+        "SERVER_HOST": "127.0.0.1",
+        "SERVER_PORT": "0",
+        "ROUTER_STATE_DIR": str(tmp_path / "state"),
+        "ROUTER_INSTANCES_DIR": str(tmp_path / "instances"),
+        "ROUTER_SHUTDOWN_GRACE_S": "2",
+        "LOG_LEVEL": "ERROR,WARN,WEBHOOKS",
+    }
+
+
+@pytest.fixture
+def make_settings(
+    monkeypatch: pytest.MonkeyPatch, base_env: dict[str, str]
+) -> Callable[..., Settings]:
+    """Settings from ``base_env`` plus keyword overrides, read through the real loader."""
+
+    def make(**overrides: Any) -> Settings:
+        for key, value in {**base_env, **overrides}.items():
+            monkeypatch.setenv(key, str(value))
+        return load_settings(config_file=None, env_file=None)
+
+    return make
+
+
+def write_instance(directory: Path, name: str, text: str) -> Path:
+    path = directory / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[App]:
+    """Run the daemon in this event loop until the block ends."""
+    app = App(settings)
+    task = asyncio.create_task(app.run())
+    started = asyncio.create_task(app.started.wait())
+    done, _ = await asyncio.wait({task, started}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        started.cancel()
+        task.result()  # raises what stopped it
+    assert started in done, "daemon did not start within 10 s"
+    try:
+        yield app
+    finally:
+        app.stop()
+        await asyncio.wait_for(task, 15)
+
+
+async def post_ingest(
+    app_or_port: App | int,
+    payload: Any,
+    apikey: str | None = API_KEY,
+    path: str = "/ingest",
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    port = app_or_port if isinstance(app_or_port, int) else app_or_port.port
+    all_headers = {"Content-Type": "application/json", **(headers or {})}
+    if apikey is not None:
+        all_headers["apikey"] = apikey
+    body = raw if raw is not None else orjson.dumps(payload)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"http://127.0.0.1:{port}{path}", data=body, headers=all_headers) as r:
+            text = await r.read()
+            return r.status, (orjson.loads(text) if text else None)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class DaemonProcess:
+    """``evolution-router run`` as a real process, for kill -9 and log tests."""
+
+    env: dict[str, str]
+    port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *args: str) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "router", "--config", "/nonexistent", "--env-file", "/nonexistent",
+             "run", *args],
+            env=self.env, stdout=log, stderr=log, cwd=ROOT,
+        )
+        log.close()
+
+    async def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while True:
+                assert self.proc is not None and self.proc.poll() is None, self.logs()
+                try:
+                    async with session.get(f"http://127.0.0.1:{self.port}/health") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                assert time.monotonic() < deadline, f"daemon not ready\n{self.logs()}"
+                await asyncio.sleep(0.05)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.terminate()
+        return self.proc.wait(30)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, base_env: dict[str, str]) -> Iterator[Callable[..., DaemonProcess]]:
+    made: list[DaemonProcess] = []
+
+    def make(**overrides: str) -> DaemonProcess:
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("WEBHOOK_", "ROUTER_"))}
+        env.update(base_env)
+        env.update({"SERVER_PORT": str(port), "LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"})
+        env.update(overrides)
+        proc = DaemonProcess(env=env, port=port, log_path=tmp_path / f"daemon-{len(made)}.log")
+        made.append(proc)
+        return proc
+
+    yield make
+    for proc in made:
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait(10)
