@@ -190,12 +190,12 @@ class DaemonProcess:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *args: str) -> None:
+    def start(self, *args: str, stdin: Any = subprocess.DEVNULL) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "router", "--config", "/nonexistent", "--env-file", "/nonexistent",
              "run", *args],
-            env=self.env, stdout=log, stderr=log, cwd=ROOT,
+            env=self.env, stdin=stdin, stdout=log, stderr=log, cwd=ROOT,
         )
         log.close()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -39,10 +40,29 @@ class JsonlAdapter:
         self._stop.set()
 
     async def run(self) -> None:
-        if self.path == "-":
-            await self._read_stdin()
-        else:
-            await self._follow(Path(self.path))
+        try:
+            if self.path != "-":
+                await self._follow(Path(self.path))
+            elif stat.S_ISREG(os.fstat(sys.stdin.fileno()).st_mode):
+                await self._read_regular_stdin(sys.stdin.buffer)  # `--jsonl - < file`
+            else:
+                await self._read_stdin()
+        except Exception:  # a broken source must not stop the daemon or the other adapters
+            log.exception("jsonl.failed", source=self.path)
+
+    async def _read_regular_stdin(self, handle: BinaryIO) -> None:
+        number = offset = 0
+        lines = []
+        for line in handle:
+            number += 1
+            lines.append((number, offset, line))
+            offset += len(line)
+            if len(lines) >= BATCH_LINES:
+                await self._accept_lines(lines, None)
+                lines = []
+            if self._stop.is_set():
+                return
+        await self._accept_lines(lines, None)
 
     async def _accept_lines(
         self, lines: list[tuple[int, int, bytes]], checkpoint: tuple[str, str] | None
