@@ -31,7 +31,7 @@ from pydantic_settings import (
 )
 
 from router.errors import ConfigError
-from router.events import CONFIG_TO_WIRE, WIRE_NAMES
+from router.events import CONFIG_TO_WIRE
 from router.yamlfile import YamlDoc, load_yaml
 
 DEFAULT_CONFIG_FILE = Path("config/router.yaml")
@@ -162,7 +162,9 @@ class Settings(BaseSettings):
     def events_enabled(self, sink: str) -> frozenset[str]:
         """Wire names whose ``<PREFIX><EVENT>`` switch is on for ``sink`` (e.g. ``webhook``)."""
         prefix = EVENT_FLAG_PREFIXES[sink].lower()
-        return frozenset(wire for wire in WIRE_NAMES if getattr(self, prefix + _flag_suffix(wire), False))
+        return frozenset(
+            wire for config, wire in CONFIG_TO_WIRE.items() if getattr(self, prefix + config.lower(), False)
+        )
 
     @classmethod
     def settings_customise_sources(
@@ -175,10 +177,6 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The precedence: environment, then .env, then router.yaml, then defaults.
         return (init_settings, env_settings, dotenv_settings, _YamlSource(settings_cls, _yaml_doc))
-
-
-def _flag_suffix(wire: str) -> str:
-    return wire.replace(".", "_").replace("-", "_")
 
 
 # One bool field per (sink, event): webhook_events_messages_upsert, ... (GROUP_UPDATE included).

@@ -49,6 +49,7 @@ class Receiver:
 
     url: str = ""
     requests: list[Received] = field(default_factory=list)
+    arrived: int = 0  # requests whose handling has begun (``requests`` holds finished ones)
     scripts: dict[str, deque[Any]] = field(default_factory=dict)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
@@ -57,6 +58,9 @@ class Receiver:
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
+        async with self.changed:
+            self.arrived += 1
+            self.changed.notify_all()
         answer: Any = 200
         queue = self.scripts.get(request.path)
         if queue:
@@ -72,12 +76,15 @@ class Receiver:
             self.changed.notify_all()
         return web.Response(status=status, headers=headers)
 
+    async def wait_arrived(self, count: int, timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            async with self.changed:
+                await self.changed.wait_for(lambda: self.arrived >= count)
+
     def on(self, path: str) -> list[Received]:
         return [r for r in self.requests if r.path == path]
 
-    async def wait_for(
-        self, count: int, path: str | None = None, timeout: float = 10.0
-    ) -> list[Received]:
+    async def wait_for(self, count: int, path: str | None = None, timeout: float = 10.0) -> list[Received]:
         """Wait until ``count`` requests (to ``path``, if given) have arrived."""
 
         def matching() -> list[Received]:
@@ -119,9 +126,7 @@ def base_env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def make_settings(
-    monkeypatch: pytest.MonkeyPatch, base_env: dict[str, str]
-) -> Callable[..., Settings]:
+def make_settings(monkeypatch: pytest.MonkeyPatch, base_env: dict[str, str]) -> Callable[..., Settings]:
     """Settings from ``base_env`` plus keyword overrides, read through the real loader."""
 
     def make(**overrides: Any) -> Settings:
@@ -169,10 +174,10 @@ async def post_ingest(
     if apikey is not None:
         all_headers["apikey"] = apikey
     body = raw if raw is not None else orjson.dumps(payload)
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"http://127.0.0.1:{port}{path}", data=body, headers=all_headers) as r:
-            text = await r.read()
-            return r.status, (orjson.loads(text) if text else None)
+    url = f"http://127.0.0.1:{port}{path}"
+    async with aiohttp.ClientSession() as session, session.post(url, data=body, headers=all_headers) as r:
+        text = await r.read()
+        return r.status, (orjson.loads(text) if text else None)
 
 
 def free_port() -> int:
@@ -193,9 +198,22 @@ class DaemonProcess:
     def start(self, *args: str, stdin: Any = subprocess.DEVNULL) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "router", "--config", "/nonexistent", "--env-file", "/nonexistent",
-             "run", *args],
-            env=self.env, stdin=stdin, stdout=log, stderr=log, cwd=ROOT,
+            [
+                sys.executable,
+                "-m",
+                "router",
+                "--config",
+                "/nonexistent",
+                "--env-file",
+                "/nonexistent",
+                "run",
+                *args,
+            ],
+            env=self.env,
+            stdin=stdin,
+            stdout=log,
+            stderr=log,
+            cwd=ROOT,
         )
         log.close()
 
@@ -218,10 +236,11 @@ class DaemonProcess:
         self.proc.kill()
         self.proc.wait(10)
 
-    def terminate(self) -> int:
+    async def terminate(self) -> int:
+        """SIGTERM, then wait without blocking the loop (the receiver may live in it)."""
         assert self.proc is not None
         self.proc.terminate()
-        return self.proc.wait(30)
+        return await asyncio.to_thread(self.proc.wait, 30)
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -56,7 +56,11 @@ async def test_upstream_by_events_paths_and_config_names(receiver, make_settings
         status, body = await post_ingest(app, event(2), path="/ingest/no-such-event")
         assert status == 400 and "no-such-event" in body["error"]
         got = await receiver.wait_for(3)
-    assert sorted(r.json()["event"] for r in got) == ["connection.update", "messages.upsert", "messages.upsert"]
+    assert sorted(r.json()["event"] for r in got) == [
+        "connection.update",
+        "messages.upsert",
+        "messages.upsert",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -71,8 +75,14 @@ async def test_upstream_by_events_paths_and_config_names(receiver, make_settings
         (b'{"instance": "bot", "data": {}}', "missing field 'event'"),
         (b'{"event": "call", "instance": "a/b", "data": {}}', "invalid instance name 'a/b'"),
         (b'{"event": "call", "instance": "bot", "date_time": "yesterday"}', "not an ISO-8601 time"),
-        (b'[{"event": "call", "instance": "bot"}, {"event": "nope", "instance": "bot"}]', "item 1: unknown event 'nope'"),
-        (b'{"event": "call", "instance": "bot"}\n{"event": "call", "instance":\n', "malformed JSON on line 2"),
+        (
+            b'[{"event": "call", "instance": "bot"}, {"event": "nope", "instance": "bot"}]',
+            "item 1: unknown event 'nope'",
+        ),
+        (
+            b'{"event": "call", "instance": "bot"}\n{"event": "call", "instance":\n',
+            "malformed JSON on line 2",
+        ),
     ],
 )
 async def test_bad_input_is_400_naming_the_problem_and_nothing_is_accepted(
@@ -161,5 +171,5 @@ async def test_jsonl_from_stdin(receiver, daemon, tmp_path, kind):
         proc.proc.stdin.write(lines[len(lines) // 2 :])
         proc.proc.stdin.close()
     got = await receiver.wait_for(20, timeout=20)
-    assert proc.terminate() == 0
+    assert await proc.terminate() == 0
     assert sorted(r.json()["data"]["n"] for r in got) == list(range(20))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from router.app import database_path
 from router.delivery import RetryPolicy
 from router.store import dead_letters
-from tests.conftest import post_ingest, running, write_instance
+from tests.conftest import free_port, post_ingest, running, write_instance
 
 EVENT = {"event": "messages.upsert", "instance": "bot", "data": {"key": {"id": "A"}}}
 
@@ -26,14 +27,18 @@ def hook_env(receiver, **extra: str) -> dict[str, str]:
 
 
 def gaps(requests) -> list[float]:
-    return [b.at - a.at for a, b in zip(requests, requests[1:], strict=False)]
+    return [b.at - a.at for a, b in itertools.pairwise(requests)]
 
 
 async def test_retries_with_exponential_backoff_then_delivers(receiver, make_settings):
     receiver.script("/hook", [500, 502, 503])
-    settings = make_settings(**hook_env(
-        receiver, WEBHOOK_RETRY_INITIAL_DELAY_SECONDS="0.2", WEBHOOK_RETRY_MAX_DELAY_SECONDS="10",
-    ))
+    settings = make_settings(
+        **hook_env(
+            receiver,
+            WEBHOOK_RETRY_INITIAL_DELAY_SECONDS="0.2",
+            WEBHOOK_RETRY_MAX_DELAY_SECONDS="10",
+        )
+    )
     async with running(settings) as app:
         await post_ingest(app, EVENT)
         got = await receiver.wait_for(4, "/hook")
@@ -46,10 +51,13 @@ async def test_retries_with_exponential_backoff_then_delivers(receiver, make_set
 
 async def test_delay_is_capped_and_constant_without_exponential(receiver, make_settings):
     receiver.script("/hook", [500, 500, 500])
-    settings = make_settings(**hook_env(
-        receiver, WEBHOOK_RETRY_INITIAL_DELAY_SECONDS="0.3",
-        WEBHOOK_RETRY_USE_EXPONENTIAL_BACKOFF="false",
-    ))
+    settings = make_settings(
+        **hook_env(
+            receiver,
+            WEBHOOK_RETRY_INITIAL_DELAY_SECONDS="0.3",
+            WEBHOOK_RETRY_USE_EXPONENTIAL_BACKOFF="false",
+        )
+    )
     async with running(settings) as app:
         await post_ingest(app, EVENT)
         got = await receiver.wait_for(4, "/hook")
@@ -59,9 +67,13 @@ async def test_delay_is_capped_and_constant_without_exponential(receiver, make_s
 
 async def test_gives_up_after_max_attempts_into_a_dead_letter(receiver, make_settings):
     receiver.script("/hook", [500] * 10)
-    settings = make_settings(**hook_env(
-        receiver, WEBHOOK_RETRY_MAX_ATTEMPTS="3", WEBHOOK_RETRY_INITIAL_DELAY_SECONDS="0.05",
-    ))
+    settings = make_settings(
+        **hook_env(
+            receiver,
+            WEBHOOK_RETRY_MAX_ATTEMPTS="3",
+            WEBHOOK_RETRY_INITIAL_DELAY_SECONDS="0.05",
+        )
+    )
     async with running(settings) as app:
         await post_ingest(app, EVENT)
         await receiver.wait_for(3, "/hook")
@@ -88,10 +100,13 @@ async def test_non_retryable_status_stops_at_once(receiver, make_settings, statu
 
 async def test_non_retryable_codes_are_configurable(receiver, make_settings):
     receiver.script("/hook", [404, 418])
-    settings = make_settings(**hook_env(
-        receiver, WEBHOOK_RETRY_NON_RETRYABLE_STATUS_CODES="418",
-        WEBHOOK_RETRY_INITIAL_DELAY_SECONDS="0.05",
-    ))
+    settings = make_settings(
+        **hook_env(
+            receiver,
+            WEBHOOK_RETRY_NON_RETRYABLE_STATUS_CODES="418",
+            WEBHOOK_RETRY_INITIAL_DELAY_SECONDS="0.05",
+        )
+    )
     async with running(settings) as app:
         await post_ingest(app, EVENT)
         await receiver.wait_for(2, "/hook")
@@ -113,9 +128,13 @@ async def test_retry_after_is_honoured(receiver, make_settings, status):
 
 async def test_timeout_is_retried(receiver, make_settings, tmp_path):
     receiver.script("/hook", [("sleep", 1.0)])
-    settings = make_settings(**hook_env(
-        receiver, WEBHOOK_REQUEST_TIMEOUT_MS="200", WEBHOOK_RETRY_INITIAL_DELAY_SECONDS="0.05",
-    ))
+    settings = make_settings(
+        **hook_env(
+            receiver,
+            WEBHOOK_REQUEST_TIMEOUT_MS="200",
+            WEBHOOK_RETRY_INITIAL_DELAY_SECONDS="0.05",
+        )
+    )
     async with running(settings) as app:
         await post_ingest(app, EVENT)
         got = await receiver.wait_for(2, "/hook")
@@ -123,12 +142,13 @@ async def test_timeout_is_retried(receiver, make_settings, tmp_path):
 
 
 async def test_connection_refused_is_retried_then_dead(make_settings, tmp_path):
-    from tests.conftest import free_port
-
     url = f"http://127.0.0.1:{free_port()}/nobody"
     settings = make_settings(
-        WEBHOOK_GLOBAL_ENABLED="true", WEBHOOK_GLOBAL_URL=url, WEBHOOK_EVENTS_MESSAGES_UPSERT="true",
-        WEBHOOK_RETRY_MAX_ATTEMPTS="2", WEBHOOK_RETRY_INITIAL_DELAY_SECONDS="0.05",
+        WEBHOOK_GLOBAL_ENABLED="true",
+        WEBHOOK_GLOBAL_URL=url,
+        WEBHOOK_EVENTS_MESSAGES_UPSERT="true",
+        WEBHOOK_RETRY_MAX_ATTEMPTS="2",
+        WEBHOOK_RETRY_INITIAL_DELAY_SECONDS="0.05",
     )
     async with running(settings) as app:
         await post_ingest(app, EVENT)
@@ -140,8 +160,6 @@ async def test_connection_refused_is_retried_then_dead(make_settings, tmp_path):
 
 
 async def test_slow_or_dead_target_never_delays_another(receiver, make_settings, tmp_path):
-    from tests.conftest import free_port
-
     instances = tmp_path / "instances"
     write_instance(instances, "slow", f"webhook: {{enabled: true, url: '{receiver.url}/slow'}}\n")
     write_instance(

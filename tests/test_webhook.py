@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
-
 import warnings
+from datetime import datetime
+from pathlib import Path
 
 import jwt
 import orjson
@@ -43,8 +43,11 @@ async def test_global_webhook_receives_the_exact_envelope(receiver, make_setting
     assert got.method == "POST"
     assert got.headers["Content-Type"] == "application/json"
     expected = (
-        b'{"event":"messages.upsert","instance":"bot","data":' + orjson.dumps(MESSAGE)
-        + b',"destination":"' + receiver.url.encode() + b'/hook","date_time":"2023-12-01T10:30:00.000Z"'
+        b'{"event":"messages.upsert","instance":"bot","data":'
+        + orjson.dumps(MESSAGE)
+        + b',"destination":"'
+        + receiver.url.encode()
+        + b'/hook","date_time":"2023-12-01T10:30:00.000Z"'
         b',"sender":"5511888888888@s.whatsapp.net","server_url":"http://gateway.example:8080"'
         b',"apikey":null,"id":"evt-1"}'
     )
@@ -63,8 +66,6 @@ async def test_envelope_omits_unknown_sender_and_stamps_true_utc(receiver, make_
     assert list(body) == ["event", "instance", "data", "destination", "date_time", "apikey", "id"]
     stamped = body["date_time"]
     assert stamped.endswith("Z") and len(stamped) == len("2023-12-01T10:30:00.000Z")
-    from datetime import datetime
-
     moment = datetime.fromisoformat(stamped.replace("Z", "+00:00")).timestamp()
     assert before - 1 <= moment <= time.time() + 1
     assert len(body["id"]) == 36
@@ -72,25 +73,33 @@ async def test_envelope_omits_unknown_sender_and_stamps_true_utc(receiver, make_
 
 async def test_by_events_suffix_on_global_and_instance(receiver, make_settings, tmp_path: Path):
     write_instance(
-        tmp_path / "instances", "shop",
+        tmp_path / "instances",
+        "shop",
         f"instanceName: shop\nwebhook:\n  enabled: true\n  url: {receiver.url}/inst/\n"
         "  byEvents: true\n  events: [CONNECTION_UPDATE, GROUP_UPDATE]\n",
     )
     settings = make_settings(
-        WEBHOOK_GLOBAL_ENABLED="true", WEBHOOK_GLOBAL_URL=f"{receiver.url}/glob",
-        WEBHOOK_GLOBAL_WEBHOOK_BY_EVENTS="true", WEBHOOK_EVENTS_CONNECTION_UPDATE="true",
+        WEBHOOK_GLOBAL_ENABLED="true",
+        WEBHOOK_GLOBAL_URL=f"{receiver.url}/glob",
+        WEBHOOK_GLOBAL_WEBHOOK_BY_EVENTS="true",
+        WEBHOOK_EVENTS_CONNECTION_UPDATE="true",
         WEBHOOK_EVENTS_GROUPS_UPDATE="true",
     )
     async with running(settings) as app:
-        await post_ingest(app, [
-            {"event": "connection.update", "instance": "shop", "data": {"state": "open"}},
-            {"event": "groups.update", "instance": "shop", "data": []},
-        ])
+        await post_ingest(
+            app,
+            [
+                {"event": "connection.update", "instance": "shop", "data": {"state": "open"}},
+                {"event": "groups.update", "instance": "shop", "data": []},
+            ],
+        )
         await receiver.wait_for(4)
     paths = sorted(r.path for r in receiver.requests)
     assert paths == [
-        "/glob/connection-update", "/glob/groups-update",
-        "/inst/connection-update", "/inst/groups-update",
+        "/glob/connection-update",
+        "/glob/groups-update",
+        "/inst/connection-update",
+        "/inst/groups-update",
     ]
     destinations = {r.json()["destination"] for r in receiver.on("/inst/connection-update")}
     assert destinations == {f"{receiver.url}/inst/"}
@@ -98,7 +107,8 @@ async def test_by_events_suffix_on_global_and_instance(receiver, make_settings, 
 
 async def test_instance_headers_verbatim_and_jwt_bearer(receiver, make_settings, tmp_path: Path):
     write_instance(
-        tmp_path / "instances", "bot",
+        tmp_path / "instances",
+        "bot",
         f"webhook:\n  enabled: true\n  url: {receiver.url}/i\n"
         "  headers: {X-Instance: production-bot, X-Trace: abc 123, jwt_key: s3cret}\n  events: []\n",
     )
@@ -120,20 +130,25 @@ async def test_instance_headers_verbatim_and_jwt_bearer(receiver, make_settings,
 
 async def test_global_and_instance_both_receive_and_filters_apply(receiver, make_settings, tmp_path):
     write_instance(
-        tmp_path / "instances", "bot",
+        tmp_path / "instances",
+        "bot",
         f"webhook: {{enabled: true, url: '{receiver.url}/i', events: [MESSAGES_UPSERT]}}\n",
     )
     settings = make_settings(
-        WEBHOOK_GLOBAL_ENABLED="true", WEBHOOK_GLOBAL_URL=f"{receiver.url}/g",
+        WEBHOOK_GLOBAL_ENABLED="true",
+        WEBHOOK_GLOBAL_URL=f"{receiver.url}/g",
         WEBHOOK_EVENTS_CONNECTION_UPDATE="true",
     )
     async with running(settings) as app:
-        await post_ingest(app, [
-            upsert(),
-            {"event": "connection.update", "instance": "bot", "data": {"state": "open"}},
-            {"event": "presence.update", "instance": "bot", "data": {}},
-            {"event": "connection.update", "instance": "unconfigured", "data": {"state": "close"}},
-        ])
+        await post_ingest(
+            app,
+            [
+                upsert(),
+                {"event": "connection.update", "instance": "bot", "data": {"state": "open"}},
+                {"event": "presence.update", "instance": "bot", "data": {}},
+                {"event": "connection.update", "instance": "unconfigured", "data": {"state": "close"}},
+            ],
+        )
         await receiver.wait_for(3)
         await asyncio.sleep(0.3)  # let a wrongly routed extra delivery show up
     got = sorted((r.path, r.json()["event"], r.json()["instance"]) for r in receiver.requests)
@@ -145,12 +160,8 @@ async def test_global_and_instance_both_receive_and_filters_apply(receiver, make
 
 
 async def test_disabled_instance_webhook_gets_nothing(receiver, make_settings, tmp_path):
-    write_instance(
-        tmp_path / "instances", "off", f"webhook: {{enabled: false, url: '{receiver.url}/off'}}\n"
-    )
-    write_instance(
-        tmp_path / "instances", "on", f"webhook: {{enabled: true, url: '{receiver.url}/on'}}\n"
-    )
+    write_instance(tmp_path / "instances", "off", f"webhook: {{enabled: false, url: '{receiver.url}/off'}}\n")
+    write_instance(tmp_path / "instances", "on", f"webhook: {{enabled: true, url: '{receiver.url}/on'}}\n")
     async with running(make_settings()) as app:
         await post_ingest(app, [upsert("off"), upsert("on")])
         await receiver.wait_for(1, "/on")
@@ -161,15 +172,19 @@ async def test_disabled_instance_webhook_gets_nothing(receiver, make_settings, t
 async def test_base64_kept_or_removed_per_webhook(receiver, make_settings, tmp_path):
     for name, flag in (("keep", "true"), ("drop", "false")):
         write_instance(
-            tmp_path / "instances", name,
+            tmp_path / "instances",
+            name,
             f"webhook: {{enabled: true, url: '{receiver.url}/{name}', base64: {flag}}}\n",
         )
     media = {"key": {"id": "M1"}, "message": {"imageMessage": {"caption": "hi"}, "base64": "aGVsbG8="}}
     async with running(make_settings()) as app:
-        await post_ingest(app, [
-            {"event": "messages.upsert", "instance": "keep", "data": media},
-            {"event": "messages.upsert", "instance": "drop", "data": media},
-        ])
+        await post_ingest(
+            app,
+            [
+                {"event": "messages.upsert", "instance": "keep", "data": media},
+                {"event": "messages.upsert", "instance": "drop", "data": media},
+            ],
+        )
         await receiver.wait_for(4)  # application.startup and the message, to each
 
     def message_to(path: str) -> dict[str, object]:
@@ -182,8 +197,10 @@ async def test_base64_kept_or_removed_per_webhook(receiver, make_settings, tmp_p
 
 async def test_apikey_is_the_instance_token_only_when_exposed(receiver, make_settings, tmp_path):
     write_instance(
-        tmp_path / "instances", "bot",
-        f"token: inst-token\nwebhook: {{enabled: true, url: '{receiver.url}/i', events: [MESSAGES_UPSERT]}}\n",
+        tmp_path / "instances",
+        "bot",
+        f"token: inst-token\nwebhook: {{enabled: true, url: '{receiver.url}/i',"
+        " events: [MESSAGES_UPSERT]}\n",
     )
     async with running(make_settings(AUTHENTICATION_EXPOSE_IN_FETCH_INSTANCES="true")) as app:
         await post_ingest(app, upsert(apikey="something-else"))
@@ -197,8 +214,10 @@ async def test_apikey_is_the_instance_token_only_when_exposed(receiver, make_set
 
 async def test_instance_token_authorises_its_own_instance_only(receiver, make_settings, tmp_path):
     write_instance(
-        tmp_path / "instances", "bot",
-        f"token: inst-token\nwebhook: {{enabled: true, url: '{receiver.url}/i', events: [MESSAGES_UPSERT]}}\n",
+        tmp_path / "instances",
+        "bot",
+        f"token: inst-token\nwebhook: {{enabled: true, url: '{receiver.url}/i',"
+        " events: [MESSAGES_UPSERT]}\n",
     )
     async with running(make_settings()) as app:
         assert (await post_ingest(app, upsert("bot"), apikey="inst-token"))[0] == 202

@@ -51,10 +51,9 @@ class JsonlAdapter:
             log.exception("jsonl.failed", source=self.path)
 
     async def _read_regular_stdin(self, handle: BinaryIO) -> None:
-        number = offset = 0
+        offset = 0
         lines = []
-        for line in handle:
-            number += 1
+        for number, line in enumerate(handle, 1):
             lines.append((number, offset, line))
             offset += len(line)
             if len(lines) >= BATCH_LINES:
@@ -73,7 +72,15 @@ class JsonlAdapter:
                 continue
             try:
                 objects.append(self.intake.parse(orjson.loads(line)))
-            except (orjson.JSONDecodeError, IntakeError) as exc:
+            except orjson.JSONDecodeError as exc:
+                log.error(
+                    "jsonl.bad_line",
+                    source=self.path,
+                    line=number,
+                    offset=offset,
+                    error=f"malformed JSON: {exc}",
+                )
+            except IntakeError as exc:
                 log.error("jsonl.bad_line", source=self.path, line=number, offset=offset, error=str(exc))
         await self.intake.accept(objects, checkpoint)
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import time
+import warnings
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-
-import warnings
 
 import aiohttp
 import jwt
