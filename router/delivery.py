@@ -9,6 +9,7 @@ receiver's ``Retry-After``), or kill (a dead letter with its last error).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import random
 import time
@@ -24,6 +25,7 @@ from router.sinks import BaseSink
 from router.store import Lease, Store
 
 log = logs.get_logger("router.delivery")
+LEASE_AHEAD = 4  # a worker leases up to this many times its concurrency at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,37 +74,63 @@ class TargetWorker:
         self.policy = policy
         self.concurrency = concurrency
         self.in_flight = 0
-        self._wake = asyncio.Event()
-        self._slot_freed = asyncio.Event()
+        self._ready: collections.deque[Lease] = collections.deque()
+        self._wake = asyncio.Event()  # new deliveries stored, or an attempt finished
+        self._has_work = asyncio.Event()  # lanes: something is in ``_ready``
+        self._need_more = asyncio.Event()  # leaser: ``_ready`` is running low
         self._stopping = False
 
     def wake(self) -> None:
         self._wake.set()
 
     def stop(self) -> None:
-        """Stop leasing; attempts under way finish (the dispatcher bounds how long)."""
+        """Stop leasing and starting attempts; attempts under way finish (bounded by the dispatcher)."""
         self._stopping = True
         self._wake.set()
-        self._slot_freed.set()
+        self._has_work.set()
+        self._need_more.set()
 
     async def run(self) -> None:
+        """One leaser keeps a buffer of leased deliveries; ``concurrency`` lanes attempt them.
+
+        Leasing ahead of the lanes lets the next lease overlap with attempts under way. What is
+        leased but not attempted when the process stops is pending again at the next start.
+        """
+        async with asyncio.TaskGroup() as group:
+            for _ in range(self.concurrency):
+                group.create_task(self._lane())
+            await self._lease_loop()
+
+    async def _lease_loop(self) -> None:
         store = self.dispatcher.store
-        async with asyncio.TaskGroup() as attempts:
-            while not self._stopping:
-                if self.in_flight >= self.concurrency:
-                    self._slot_freed.clear()
-                    await self._slot_freed.wait()
-                    continue
-                self._wake.clear()  # before leasing: a notify during the lease is not lost
-                leases = await store.lease(self.key, self.concurrency - self.in_flight)
-                if self._stopping:
-                    # Leased but not started: they stay leased and are pending again at restart.
-                    break
-                for lease in leases:
-                    self.in_flight += 1
-                    attempts.create_task(self._attempt(lease))
-                if not leases:
-                    await self._sleep_until(await store.next_due(self.key))
+        while not self._stopping:
+            if len(self._ready) >= self.concurrency:
+                self._need_more.clear()
+                await self._need_more.wait()
+                continue
+            self._wake.clear()  # before leasing: a notify during the lease is not lost
+            leases = await store.lease(self.key, self.concurrency * LEASE_AHEAD - len(self._ready))
+            if leases:
+                self._ready.extend(leases)
+                self._has_work.set()
+            else:
+                await self._sleep_until(await store.next_due(self.key))
+
+    async def _lane(self) -> None:
+        ready = self._ready
+        while not self._stopping:
+            if not ready:
+                self._has_work.clear()
+                await self._has_work.wait()
+                continue
+            lease = ready.popleft()
+            if len(ready) < self.concurrency:
+                self._need_more.set()
+            self.in_flight += 1
+            try:
+                await self._attempt(lease)
+            finally:
+                self.in_flight -= 1
 
     async def _sleep_until(self, due_at: float | None) -> None:
         timeout = None if due_at is None else max(0.0, due_at - time.time())
@@ -138,6 +166,7 @@ class TargetWorker:
                     delay = min(exc.retry_after_s, self.policy.max_delay_s)
                 outcome = f"retry in {delay:.2f}s"
                 self._track(store.retry(lease, time.time() + delay, error))
+                self._wake.set()  # the leaser recomputes when the next delivery is due
         except PermanentError as exc:
             status, error, outcome = exc.status, str(exc), "dead"
             self._track(store.kill(lease, error))
@@ -146,12 +175,9 @@ class TargetWorker:
             error = f"internal error: {type(exc).__name__}: {exc}"
             outcome = f"retry in {self.policy.initial_delay_s:.2f}s"
             self._track(store.retry(lease, time.time() + self.policy.initial_delay_s, error))
-        else:
-            self._track(store.ack(lease))
-        finally:
-            self.in_flight -= 1
-            self._slot_freed.set()
             self._wake.set()
+        else:
+            store.ack(lease)
         elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
         self.dispatcher.count(self.sink.name, outcome)
         if logs.is_enabled("WEBHOOKS"):

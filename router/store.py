@@ -6,9 +6,14 @@ a dead letter with its last error). Delivered rows are deleted at once, and an e
 with its last delivery, so the file stays as large as the backlog.
 
 All access goes through one connection on one thread. Operations queue up while a transaction
-is being written and are then applied together, one transaction and one fsync for the lot
-(group commit), so the store keeps up with intake. Each operation runs in its own savepoint:
-one failing operation fails only its own caller.
+is being written and are then applied together, one transaction for the lot (group commit), so
+the store keeps up with intake. Each operation runs in its own savepoint: one failing operation
+fails only its own caller. Acks, the most frequent write, are gathered into one operation.
+
+Durability: a transaction that accepts events is committed with ``synchronous=FULL`` (on disk
+before intake answers 202, power loss included). Leases, acks and retries commit with
+``NORMAL``: safe against a killed process, and the next FULL commit syncs them too. Losing one
+of those to a power cut only means an event is delivered again, which at-least-once allows.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from router import logs
 from router.events import Event
 
 T = TypeVar("T")
 
+log = logs.get_logger("router.store")
 PENDING, LEASED, DEAD = 0, 1, 2
 MAX_OPS_PER_TRANSACTION = 4096
 
@@ -100,6 +107,8 @@ def _event_from_row(row: Sequence[Any]) -> Event:
 
 
 _EVENT_COLUMNS = "id, instance, event, data, date_time, sender, server_url, apikey"
+_EVENT_COLUMNS_OF_E = ", ".join(f"e.{column}" for column in _EVENT_COLUMNS.split(", "))
+MAX_VARIABLES = 10_000  # per statement; SQLite allows 32766
 
 
 class Store:
@@ -109,7 +118,9 @@ class Store:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._conn: sqlite3.Connection | None = None
-        self._ops: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._ops: list[tuple[Op, asyncio.Future[Any], bool]] = []  # (op, future, durable)
+        self._acks: list[Lease] = []
+        self._synchronous = ""
         self._wake = asyncio.Event()
         self._closing = False
         self.transactions = 0  # written so far, for tests and metrics
@@ -126,8 +137,6 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before intake answers 202 (one fsync per group commit).
-        conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.executescript(SCHEMA)
         # Attempts that were under way when the process died are pending again.
@@ -140,11 +149,17 @@ class Store:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._ops:
+            while self._ops or self._acks:
+                if self._acks:
+                    acks, self._acks = self._acks, []
+                    self._ops.insert(0, (self._ack_op(acks), self._ack_future(len(acks)), False))
                 batch = self._ops[:MAX_OPS_PER_TRANSACTION]
                 del self._ops[:MAX_OPS_PER_TRANSACTION]
-                outcomes = await loop.run_in_executor(self._executor, self._apply, [op for op, _ in batch])
-                for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                durable = any(flag for _, _, flag in batch)
+                outcomes = await loop.run_in_executor(
+                    self._executor, self._apply, [op for op, _, _ in batch], durable
+                )
+                for (_, future, _), (ok, value) in zip(batch, outcomes, strict=True):
                     if future.done():
                         continue
                     if ok:
@@ -166,9 +181,13 @@ class Store:
             self._executor.submit(conn.close).result()
         self._executor.shutdown(wait=True)
 
-    def _apply(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+    def _apply(self, ops: list[Op], durable: bool) -> list[tuple[bool, Any]]:
         conn = self._conn
         assert conn is not None, "store is closed"
+        synchronous = "FULL" if durable else "NORMAL"
+        if synchronous != self._synchronous:
+            conn.execute(f"PRAGMA synchronous={synchronous}")
+            self._synchronous = synchronous
         outcomes: list[tuple[bool, Any]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -189,11 +208,11 @@ class Store:
         self.transactions += 1
         return outcomes
 
-    def _submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def _submit(self, op: Callable[[sqlite3.Connection], T], durable: bool = False) -> asyncio.Future[T]:
         if self._closing and self._conn is None:
             raise RuntimeError("store is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._ops.append((op, future))
+        self._ops.append((op, future, durable))
         self._wake.set()
         return future
 
@@ -208,33 +227,33 @@ class Store:
         adapter's position in the same transaction, so a restart resumes exactly after it.
         """
         now = time.time()
+        unique = {item.event.id: item for item in reversed(batch)}  # the first of a repeated id
+        if len(unique) != len(batch):
+            batch = [item for item in batch if unique.get(item.event.id) is item]
 
         def op(conn: sqlite3.Connection) -> set[str]:
+            before = conn.total_changes
+            conn.executemany(
+                f"INSERT OR IGNORE INTO events ({_EVENT_COLUMNS}, accepted_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (e.id, e.instance, e.event, e.data, e.date_time, e.sender, e.server_url, e.apikey, now)
+                    for e in (item.event for item in batch)
+                ],
+            )
             duplicates: set[str] = set()
-            for item in batch:
-                e = item.event
-                cursor = conn.execute(
-                    f"INSERT OR IGNORE INTO events ({_EVENT_COLUMNS}, accepted_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        e.id,
-                        e.instance,
-                        e.event,
-                        e.data,
-                        e.date_time,
-                        e.sender,
-                        e.server_url,
-                        e.apikey,
-                        now,
-                    ),
-                )
-                if cursor.rowcount == 0:
-                    duplicates.add(e.id)
-                    continue
-                conn.executemany(
-                    "INSERT INTO deliveries (event_id, target, due_at, updated_at) VALUES (?, ?, ?, ?)",
-                    [(e.id, target, now, now) for target in item.targets],
-                )
+            if conn.total_changes - before != len(batch):
+                # Rare (an adapter sent an id again): find which ids were stored already.
+                duplicates = self._stored_before(conn, batch, now)
+            conn.executemany(
+                "INSERT INTO deliveries (event_id, target, due_at, updated_at) VALUES (?, ?, ?, ?)",
+                [
+                    (item.event.id, target, now, now)
+                    for item in batch
+                    if item.event.id not in duplicates
+                    for target in item.targets
+                ],
+            )
             if checkpoint is not None:
                 conn.execute(
                     "INSERT OR REPLACE INTO checkpoints (source, position) VALUES (?, ?)",
@@ -242,7 +261,17 @@ class Store:
                 )
             return duplicates
 
-        return await self._submit(op)
+        return await self._submit(op, durable=True)
+
+    @staticmethod
+    def _stored_before(conn: sqlite3.Connection, batch: Sequence[NewDelivery], now: float) -> set[str]:
+        """Ids in ``batch`` whose event row was not written by this transaction."""
+        ids = [item.event.id for item in batch]
+        rows = conn.execute(
+            f"SELECT id FROM events WHERE accepted_at != ? AND id IN ({','.join('?' * len(ids))})",
+            [now, *ids],
+        )
+        return {row[0] for row in rows}
 
     async def lease(self, target: str, limit: int, now: float | None = None) -> list[Lease]:
         """Take up to ``limit`` due deliveries of ``target``, oldest first."""
@@ -250,22 +279,17 @@ class Store:
 
         def op(conn: sqlite3.Connection) -> list[Lease]:
             rows = conn.execute(
-                "SELECT id, event_id, attempts FROM deliveries"
-                " WHERE target = ? AND state = ? AND due_at <= ? ORDER BY due_at, id LIMIT ?",
+                f"SELECT d.id, d.attempts, {_EVENT_COLUMNS_OF_E} FROM deliveries d"
+                " JOIN events e ON e.id = d.event_id"
+                " WHERE d.target = ? AND d.state = ? AND d.due_at <= ? ORDER BY d.due_at, d.id LIMIT ?",
                 (target, PENDING, due, limit),
             ).fetchall()
-            if not rows:
-                return []
-            conn.executemany("UPDATE deliveries SET state = ? WHERE id = ?", [(LEASED, r[0]) for r in rows])
-            event_ids = list({r[1] for r in rows})
-            events = {
-                row[0]: _event_from_row(row)
-                for row in conn.execute(
-                    f"SELECT {_EVENT_COLUMNS} FROM events WHERE id IN ({','.join('?' * len(event_ids))})",
-                    event_ids,
+            if rows:
+                conn.execute(
+                    f"UPDATE deliveries SET state = ? WHERE id IN ({','.join('?' * len(rows))})",
+                    [LEASED, *(r[0] for r in rows)],
                 )
-            }
-            return [Lease(r[0], target, r[2], events[r[1]]) for r in rows]
+            return [Lease(r[0], target, r[1], _event_from_row(r[2:])) for r in rows]
 
         return await self._submit(op)
 
@@ -281,18 +305,39 @@ class Store:
 
         return await self._submit(op)
 
-    def ack(self, lease: Lease) -> asyncio.Future[None]:
-        """Delivered: delete the delivery, and the event once no delivery needs it."""
+    def ack(self, lease: Lease) -> None:
+        """Delivered: delete the delivery, and the event once no delivery needs it.
 
+        Acks are gathered and written together in the next transaction; a failure is logged
+        (the delivery is then made again after a restart, as at-least-once allows)."""
+        self._acks.append(lease)
+        self._wake.set()
+
+    @staticmethod
+    def _ack_op(acks: list[Lease]) -> Op:
         def op(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM deliveries WHERE id = ?", (lease.delivery_id,))
-            conn.execute(
-                "DELETE FROM events WHERE id = ?"
-                " AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_id = ?)",
-                (lease.event.id, lease.event.id),
-            )
+            for start in range(0, len(acks), MAX_VARIABLES):
+                chunk = acks[start : start + MAX_VARIABLES]
+                marks = ",".join("?" * len(chunk))
+                conn.execute(f"DELETE FROM deliveries WHERE id IN ({marks})", [a.delivery_id for a in chunk])
+                event_ids = list({a.event.id for a in chunk})
+                conn.execute(
+                    f"DELETE FROM events WHERE id IN ({','.join('?' * len(event_ids))})"
+                    " AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_id = events.id)",
+                    event_ids,
+                )
 
-        return self._submit(op)
+        return op
+
+    def _ack_future(self, count: int) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def done(f: asyncio.Future[None]) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                log.error("store.ack_failed", count=count, error=str(f.exception()))
+
+        future.add_done_callback(done)
+        return future
 
     def retry(self, lease: Lease, due_at: float, error: str) -> asyncio.Future[None]:
         """Failed, try again at ``due_at``; the error is kept with the attempt."""

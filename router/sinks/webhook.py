@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from datetime import UTC, datetime
@@ -50,6 +51,8 @@ def parse_retry_after(value: str | None) -> float | None:
 
 def request_headers(target: WebhookTarget) -> dict[str, str]:
     """Instance headers verbatim, with ``jwt_key`` turned into a bearer token."""
+    if not any(name.lower() == JWT_HEADER for name, _ in target.headers):
+        return _static_headers(target)
     headers = {"Content-Type": "application/json"}
     for name, value in target.headers:
         if name.lower() == JWT_HEADER:
@@ -57,6 +60,11 @@ def request_headers(target: WebhookTarget) -> dict[str, str]:
         else:
             headers[name] = value
     return headers
+
+
+@functools.lru_cache(maxsize=4096)
+def _static_headers(target: WebhookTarget) -> dict[str, str]:
+    return {"Content-Type": "application/json", **dict(target.headers)}
 
 
 class WebhookSink(BaseSink):
@@ -74,6 +82,8 @@ class WebhookSink(BaseSink):
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            cookie_jar=aiohttp.DummyCookieJar(),  # a webhook sender keeps no cookies
+            auto_decompress=False,  # the answer's body is never looked at
             skip_auto_headers=("User-Agent",),
             headers={"User-Agent": "evolution-router"},
         )

@@ -1,0 +1,214 @@
+"""Run with `make bench`. Prints a table and writes bench/results/latest.json.
+
+(a) bare: one aiohttp client posts N 1 KB envelopes to the receiver, CONCURRENCY at a time.
+(b) router: the daemon (its own process, durable SQLite queue on) takes the same events in
+    through POST /ingest in batches and delivers them to the same receiver with the same
+    concurrency. Its rate is measured from the first POST to the last event received.
+Both use the same receiver process, in the same run, on this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from tests.conftest import free_port
+
+N_EVENTS = int(os.environ.get("BENCH_EVENTS", "20000"))
+CONCURRENCY = 64
+BATCH = 500
+API_KEY = "bench-key"
+RESULTS = Path(__file__).parent / "results"
+
+
+def make_event(n: int, sent_at: float) -> dict[str, object]:
+    """An event whose envelope is about 1 KB."""
+    return {
+        "event": "messages.upsert",
+        "instance": "bench",
+        "data": {
+            "key": {"remoteJid": "5511999999999@s.whatsapp.net", "fromMe": False, "id": f"BENCH{n:012d}"},
+            "pushName": "Bench",
+            "message": {"conversation": "x" * 700},
+            "messageTimestamp": 1700000000 + n,
+            "sent_at": sent_at,
+        },
+    }
+
+
+async def wait_http(url: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(url) as response:
+                    if response.status < 500:
+                        return
+            except aiohttp.ClientError:
+                if time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.05)
+
+
+async def stats(session: aiohttp.ClientSession, base: str) -> dict[str, object]:
+    async with session.get(f"{base}/stats") as response:
+        return dict(await response.json())
+
+
+async def wait_count(session: aiohttp.ClientSession, base: str, count: int, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (await stats(session, base))["count"] < count:  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"receiver did not get {count} events")
+        await asyncio.sleep(0.01)
+
+
+def cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by ``pid``, or by this process."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p))] if ordered else float("nan")
+
+
+async def bench_bare(base: str, receiver_pid: int) -> dict[str, float]:
+    async with aiohttp.ClientSession() as session:
+        await session.post(f"{base}/reset")
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for n in range(N_EVENTS):
+            queue.put_nowait(n)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as client:
+
+            async def worker() -> None:
+                while not queue.empty():
+                    n = queue.get_nowait()
+                    body = orjson.dumps({**make_event(n, time.time()), "date_time": "", "id": str(n)})
+                    async with client.post(
+                        f"{base}/hook", data=body, headers={"Content-Type": "application/json"}
+                    ) as response:
+                        await response.read()
+
+            cpu0, rcpu0 = cpu_s(), cpu_s(receiver_pid)
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+            elapsed = time.perf_counter() - started
+            cpu, rcpu = cpu_s() - cpu0, cpu_s(receiver_pid) - rcpu0
+        result = await stats(session, base)
+    lat: list[float] = result["latencies_ms"]  # type: ignore[assignment]
+    return {
+        "events_per_s": N_EVENTS / elapsed, "p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99),
+        "cpu_us_per_event": cpu / N_EVENTS * 1e6, "receiver_cpu_us_per_event": rcpu / N_EVENTS * 1e6,
+    }
+
+
+async def bench_router(base: str, state_dir: str, receiver_pid: int) -> dict[str, float]:
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("WEBHOOK_", "ROUTER_"))},
+        "AUTHENTICATION_API_KEY": API_KEY, "SERVER_HOST": "127.0.0.1", "SERVER_PORT": str(port),
+        "ROUTER_STATE_DIR": state_dir, "ROUTER_INSTANCES_DIR": state_dir, "LOG_LEVEL": "ERROR,WARN",
+        "WEBHOOK_GLOBAL_ENABLED": "true", "WEBHOOK_GLOBAL_URL": f"{base}/hook",
+        "WEBHOOK_EVENTS_MESSAGES_UPSERT": "true", "ROUTER_WEBHOOK_CONCURRENCY": str(CONCURRENCY),
+    }
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "router", "--config", "/nonexistent", "--env-file", "/nonexistent", "run"],
+        env=env,
+    )
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/health")
+        async with aiohttp.ClientSession() as session:
+            await session.post(f"{base}/reset")
+            ingest = f"http://127.0.0.1:{port}/ingest"
+            batches = list(range(0, N_EVENTS, BATCH))
+            ingest_done = 0.0
+
+            async def post_batches(mine: list[int]) -> None:
+                for start in mine:
+                    now = time.time()
+                    batch = [make_event(n, now) for n in range(start, min(start + BATCH, N_EVENTS))]
+                    async with session.post(
+                        ingest, data=orjson.dumps(batch),
+                        headers={"apikey": API_KEY, "Content-Type": "application/json"},
+                    ) as response:
+                        assert response.status == 202, await response.text()
+
+            cpu0, rcpu0 = cpu_s(daemon.pid), cpu_s(receiver_pid)
+            started = time.perf_counter()
+            await asyncio.gather(*(post_batches(batches[i::4]) for i in range(4)))
+            ingest_done = time.perf_counter() - started
+            await wait_count(session, base, N_EVENTS)
+            elapsed = time.perf_counter() - started
+            cpu, rcpu = cpu_s(daemon.pid) - cpu0, cpu_s(receiver_pid) - rcpu0
+            result = await stats(session, base)
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+    lat: list[float] = result["latencies_ms"]  # type: ignore[assignment]
+    return {
+        "events_per_s": N_EVENTS / elapsed,
+        "ingest_events_per_s": N_EVENTS / ingest_done,
+        "p50_ms": percentile(lat, 0.5),
+        "p99_ms": percentile(lat, 0.99),
+        "cpu_us_per_event": cpu / N_EVENTS * 1e6,
+        "receiver_cpu_us_per_event": rcpu / N_EVENTS * 1e6,
+    }
+
+
+async def main() -> None:
+    port = free_port()
+    receiver = subprocess.Popen([sys.executable, "-m", "bench.receiver", "--port", str(port)])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_http(f"{base}/stats")
+        bare = await bench_bare(base, receiver.pid)
+        with tempfile.TemporaryDirectory() as state_dir:
+            router = await bench_router(base, state_dir, receiver.pid)
+    finally:
+        receiver.terminate()
+        receiver.wait(10)
+
+    ratio = router["events_per_s"] / bare["events_per_s"]
+    rows = [
+        ("bare aiohttp client -> receiver", bare),
+        ("router: /ingest -> SQLite -> webhook", router),
+    ]
+    print(f"\nwebhook, {N_EVENTS} events of ~1 KB, concurrency {CONCURRENCY}, {os.cpu_count()} cores")
+    print(f"{'path':<40} {'events/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'CPU us/event':>13}")
+    for name, row in rows:
+        print(
+            f"{name:<40} {row['events_per_s']:>10.0f} {row['p50_ms']:>9.1f} {row['p99_ms']:>9.1f}"
+            f" {row['cpu_us_per_event']:>13.0f}"
+        )
+    print(f"{'router / bare':<40} {ratio:>10.2f}   (target >= 0.50)")
+    print(f"{'router intake alone (events/s)':<40} {router['ingest_events_per_s']:>10.0f}")
+    RESULTS.mkdir(exist_ok=True)
+    report = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+        "events": N_EVENTS, "concurrency": CONCURRENCY,
+        "webhook": {"bare": bare, "router": router, "ratio": ratio, "target": 0.5},
+    }
+    (RESULTS / "latest.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    print(f"\nwritten: {RESULTS / 'latest.json'}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

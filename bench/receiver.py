@@ -1,0 +1,46 @@
+"""The benchmark's webhook receiver, in a process of its own.
+
+POST anything: counted, and the latency from the event's ``data.sent_at`` recorded.
+GET /stats: ``{"count": n, "latencies_ms": [...]}``; POST /reset clears them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import orjson
+from aiohttp import web
+
+
+def make_app() -> web.Application:
+    state: dict[str, list[float]] = {"latencies": []}
+    counter = {"count": 0}
+
+    async def receive(request: web.Request) -> web.Response:
+        body = await request.read()
+        counter["count"] += 1
+        sent_at = orjson.loads(body).get("data", {}).get("sent_at")
+        if sent_at is not None:
+            state["latencies"].append((time.time() - sent_at) * 1000)
+        return web.Response(status=200)
+
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response({"count": counter["count"], "latencies_ms": state["latencies"]})
+
+    async def reset(_: web.Request) -> web.Response:
+        counter["count"] = 0
+        state["latencies"] = []
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_get("/stats", stats)
+    app.router.add_post("/reset", reset)
+    app.router.add_post("/hook", receive)
+    return app
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    web.run_app(make_app(), host="127.0.0.1", port=parser.parse_args().port, print=None, access_log=None)
