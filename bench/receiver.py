@@ -1,7 +1,8 @@
 """The benchmark's webhook receiver, in a process of its own.
 
 POST anything: counted, and the latency from the event's ``data.sent_at`` recorded.
-GET /stats: ``{"count": n, "latencies_ms": [...]}``; POST /reset clears them.
+GET /count: ``{"count": n}`` (cheap, for polling); GET /stats adds ``latencies_ms``;
+POST /reset clears them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def make_app() -> web.Application:
     async def stats(_: web.Request) -> web.Response:
         return web.json_response({"count": counter["count"], "latencies_ms": state["latencies"]})
 
+    async def count(_: web.Request) -> web.Response:
+        return web.json_response({"count": counter["count"]})
+
     async def reset(_: web.Request) -> web.Response:
         counter["count"] = 0
         state["latencies"] = []
@@ -35,6 +39,7 @@ def make_app() -> web.Application:
 
     app = web.Application()
     app.router.add_get("/stats", stats)
+    app.router.add_get("/count", count)
     app.router.add_post("/reset", reset)
     app.router.add_post("/hook", receive)
     return app

@@ -25,7 +25,7 @@ from router.sinks import BaseSink
 from router.store import Lease, Store
 
 log = logs.get_logger("router.delivery")
-LEASE_AHEAD = 4  # a worker leases up to this many times its concurrency at once
+LEASE_AHEAD = 16  # a worker keeps up to this many times its concurrency leased ahead
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +89,7 @@ class TargetWorker:
         self._wake.set()
         self._has_work.set()
         self._need_more.set()
+        self.dispatcher.release(0)
 
     async def run(self) -> None:
         """One leaser keeps a buffer of leased deliveries; ``concurrency`` lanes attempt them.
@@ -108,8 +109,13 @@ class TargetWorker:
                 self._need_more.clear()
                 await self._need_more.wait()
                 continue
+            want = self.dispatcher.reserve(self.concurrency * LEASE_AHEAD - len(self._ready))
+            if want == 0:  # every target together holds ROUTER_LEASE_BUFFER leased events
+                await self.dispatcher.budget_freed()
+                continue
             self._wake.clear()  # before leasing: a notify during the lease is not lost
-            leases = await store.lease(self.key, self.concurrency * LEASE_AHEAD - len(self._ready))
+            leases = await store.lease(self.key, want)
+            self.dispatcher.release(want - len(leases))
             if leases:
                 self._ready.extend(leases)
                 self._has_work.set()
@@ -124,6 +130,7 @@ class TargetWorker:
                 await self._has_work.wait()
                 continue
             lease = ready.popleft()
+            self.dispatcher.release(1)
             if len(ready) < self.concurrency:
                 self._need_more.set()
             self.in_flight += 1
@@ -234,6 +241,25 @@ class Dispatcher:
         self._group: asyncio.TaskGroup | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stopped = asyncio.Event()
+        # Leased but not yet attempted, across all targets: bounded, so memory is too.
+        self.buffer_limit = settings.router_lease_buffer
+        self.buffered = 0
+        self._budget_freed = asyncio.Event()
+
+    def reserve(self, wanted: int) -> int:
+        """Take up to ``wanted`` places in the shared lease buffer; return how many."""
+        granted = max(0, min(wanted, self.buffer_limit - self.buffered))
+        self.buffered += granted
+        return granted
+
+    def release(self, count: int) -> None:
+        if count:
+            self.buffered -= count
+            self._budget_freed.set()
+
+    async def budget_freed(self) -> None:
+        self._budget_freed.clear()
+        await self._budget_freed.wait()
 
     def count(self, sink: str, outcome: str) -> None:
         key = (sink, outcome.split(" ", 1)[0])

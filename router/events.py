@@ -7,7 +7,8 @@ name* (``MESSAGES_UPSERT``: env vars and ``events:`` lists) and a *by-events suf
 
 from __future__ import annotations
 
-import os
+import functools
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ def wire_from_suffix(suffix: str) -> str:
 # --- event ids: time-ordered and unique (UUIDv7 layout) ------------------------------------
 
 _id_lock = threading.Lock()
+_random = random.Random()  # seeded from os.urandom; ids need uniqueness, not secrecy
 _last_ms = 0
 _seq = 0
 
@@ -118,7 +120,7 @@ def new_event_id() -> str:
         else:
             _last_ms, _seq = now_ms, 0
         seq = _seq
-    rand = int.from_bytes(os.urandom(8), "big") & 0x3FFF_FFFF_FFFF_FFFF
+    rand = _random.getrandbits(62)
     value = (now_ms << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | rand
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
@@ -126,8 +128,16 @@ def new_event_id() -> str:
 
 def utc_timestamp(moment: datetime | None = None) -> str:
     """Real UTC with millisecond precision and a ``Z`` suffix: ``2023-12-01T10:30:00.000Z``."""
-    moment = (moment or datetime.now(UTC)).astimezone(UTC)
+    if moment is None:
+        return _now_timestamp(time.time_ns() // 1_000_000)
+    moment = moment.astimezone(UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _now_timestamp(unix_ms: int) -> str:
+    """Events arrive in bursts: format each millisecond once."""
+    return utc_timestamp(datetime.fromtimestamp(unix_ms / 1000, UTC))
 
 
 def normalise_timestamp(value: str) -> str:

@@ -100,7 +100,11 @@ class Receiver:
 async def receiver() -> AsyncIterator[Receiver]:
     recv = Receiver()
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_route("*", "/{tail:.*}", recv.handle)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await recv.handle(request)  # late-bound, so a test can wrap ``recv.handle``
+
+    app.router.add_route("*", "/{tail:.*}", handle)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -191,3 +191,29 @@ def test_policy_follows_the_documented_formula():
             assert max(5, base * 0.8) <= delay <= base * 1.2
     assert RetryPolicy(initial_delay_s=5, exponential=False).delay_s(6) == 5
     assert RetryPolicy(initial_delay_s=1, jitter=0).delay_s(3) == 4
+
+
+async def test_leased_events_in_memory_stay_within_the_buffer(receiver, make_settings, tmp_path):
+    instances = tmp_path / "instances"
+    for name in ("a", "b", "c"):
+        write_instance(instances, name, f"webhook: {{enabled: true, url: '{receiver.url}/{name}'}}\n")
+    settings = make_settings(ROUTER_LEASE_BUFFER="5", ROUTER_WEBHOOK_CONCURRENCY="2")
+    seen: list[int] = []
+    async with running(settings) as app:
+        original = receiver.handle
+
+        async def watching(request):
+            assert app.dispatcher is not None
+            seen.append(app.dispatcher.buffered)
+            return await original(request)
+
+        receiver.handle = watching  # type: ignore[method-assign]
+        batch = [
+            {"event": "call", "instance": name, "data": {"n": n}}
+            for n in range(40)
+            for name in ("a", "b", "c")
+        ]
+        await post_ingest(app, batch)
+        for name in ("a", "b", "c"):
+            await receiver.wait_for(41, f"/{name}")  # 40 + application.startup
+    assert seen and max(seen) <= 5
