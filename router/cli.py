@@ -85,17 +85,21 @@ def cmd_events(_: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    data = orjson.loads(args.data) if args.data else {}
+    if args.url is None or args.apikey is None:  # only then are the daemon's settings needed
+        settings = _settings(args)
+        args.url = args.url or f"http://127.0.0.1:{settings.server_port}"
+        args.apikey = args.apikey or settings.authentication_api_key
+    try:
+        data = orjson.loads(args.data) if args.data else {}
+    except orjson.JSONDecodeError as exc:
+        print(f"error: --data is not JSON: {exc}", file=sys.stderr)
+        return 1
     envelope = {"event": args.event, "instance": args.instance, "data": data}
-    url = args.url or f"http://127.0.0.1:{settings.server_port}"
+    url = args.url
     request = urllib.request.Request(
         url.rstrip("/") + "/ingest",
         data=orjson.dumps(envelope),
-        headers={
-            "Content-Type": "application/json",
-            "apikey": args.apikey or settings.authentication_api_key or "",
-        },
+        headers={"Content-Type": "application/json", "apikey": args.apikey or ""},
         method="POST",
     )
     try:
