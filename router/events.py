@@ -159,7 +159,9 @@ class Event:
     date_time: str
     sender: str | None = None
     server_url: str | None = None
-    apikey: str | None = None  # as ingested; sinks decide what to expose
+    apikey: str | None = None  # already what the envelope carries
+    # The id came from the adapter (so a repeat of it must be recognised); not stored.
+    id_from_source: bool = False
 
 
 def _q(value: str) -> bytes:

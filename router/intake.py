@@ -47,6 +47,7 @@ class Intake:
         self.store = store
         self.settings = settings
         self.routes = routes
+        store.dedup_window_s = settings.router_dedup_window_s
         self.on_stored: Callable[[Sequence[str]], None] = lambda keys: None
         self.accepted = 0
 
@@ -85,6 +86,7 @@ class Intake:
                 raise IntakeError(f"field 'date_time' is not an ISO-8601 time: {date_time!r}") from None
 
         event_id = obj.get("id")
+        id_from_source = event_id is not None
         if event_id is None:
             event_id = new_event_id()
         elif not isinstance(event_id, str) or not 0 < len(event_id) <= MAX_ID_LENGTH:
@@ -102,6 +104,7 @@ class Intake:
             sender=_optional_text(obj, "sender"),
             server_url=self.settings.server_url or _optional_text(obj, "server_url"),
             apikey=apikey,
+            id_from_source=id_from_source,
         )
 
     def parse_many(self, objects: Sequence[Any], path_event: str | None = None) -> list[Event]:

@@ -124,6 +124,7 @@ class Settings(BaseSettings):
     router_shutdown_grace_s: float = Field(10.0, ge=0)
     router_webhook_concurrency: int = Field(64, ge=1)
     router_lease_buffer: int = Field(20_000, ge=1)
+    router_dedup_window_s: float = Field(600.0, ge=0)
     router_jsonl_path: str | None = None
 
     @field_validator("log_level", mode="before")

@@ -67,6 +67,11 @@ CREATE TABLE IF NOT EXISTS attempt_errors (
     error       TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS attempt_errors_delivery ON attempt_errors (delivery_id);
+CREATE TABLE IF NOT EXISTS seen_ids (
+    id TEXT PRIMARY KEY,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS seen_ids_at ON seen_ids (at);
 CREATE TABLE IF NOT EXISTS checkpoints (
     source   TEXT PRIMARY KEY,
     position TEXT NOT NULL
@@ -121,6 +126,8 @@ class Store:
         self._ops: list[tuple[Op, asyncio.Future[Any], bool]] = []  # (op, future, durable)
         self._acks: list[Lease] = []
         self._synchronous = ""
+        self.dedup_window_s = 600.0  # ids sent by adapters are remembered this long
+        self._pruned_at = 0.0
         self._wake = asyncio.Event()
         self._closing = False
         self.transactions = 0  # written so far, for tests and metrics
@@ -223,8 +230,9 @@ class Store:
     ) -> set[str]:
         """Store events and their deliveries durably; return the ids already stored before.
 
-        An event id seen before (an adapter retrying) adds nothing. ``checkpoint`` records an
-        adapter's position in the same transaction, so a restart resumes exactly after it.
+        An id the adapter sent before (it retried) adds nothing, whether that event is still
+        queued or was delivered within ``dedup_window_s``. ``checkpoint`` records an adapter's
+        position in the same transaction, so a restart resumes exactly after it.
         """
         now = time.time()
         unique = {item.event.id: item for item in reversed(batch)}  # the first of a repeated id
@@ -232,24 +240,25 @@ class Store:
             batch = [item for item in batch if unique.get(item.event.id) is item]
 
         def op(conn: sqlite3.Connection) -> set[str]:
+            duplicates = self._seen_before(conn, [i.event.id for i in batch if i.event.id_from_source], now)
+            fresh = [item for item in batch if item.event.id not in duplicates] if duplicates else batch
             before = conn.total_changes
             conn.executemany(
                 f"INSERT OR IGNORE INTO events ({_EVENT_COLUMNS}, accepted_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (e.id, e.instance, e.event, e.data, e.date_time, e.sender, e.server_url, e.apikey, now)
-                    for e in (item.event for item in batch)
+                    for e in (item.event for item in fresh)
                 ],
             )
-            duplicates: set[str] = set()
-            if conn.total_changes - before != len(batch):
-                # Rare (an adapter sent an id again): find which ids were stored already.
-                duplicates = self._stored_before(conn, batch, now)
+            if conn.total_changes - before != len(fresh):
+                # An id still queued but older than the dedup window: find which.
+                duplicates |= self._stored_before(conn, fresh, now)
             conn.executemany(
                 "INSERT INTO deliveries (event_id, target, due_at, updated_at) VALUES (?, ?, ?, ?)",
                 [
                     (item.event.id, target, now, now)
-                    for item in batch
+                    for item in fresh
                     if item.event.id not in duplicates
                     for target in item.targets
                 ],
@@ -262,6 +271,22 @@ class Store:
             return duplicates
 
         return await self._submit(op, durable=True)
+
+    def _seen_before(self, conn: sqlite3.Connection, ids: list[str], now: float) -> set[str]:
+        """Remember adapter-sent ids; return those already remembered (within the window)."""
+        if not ids or self.dedup_window_s <= 0:
+            return set()
+        if now - self._pruned_at > min(60.0, self.dedup_window_s):
+            conn.execute("DELETE FROM seen_ids WHERE at < ?", (now - self.dedup_window_s,))
+            self._pruned_at = now
+        before = conn.total_changes
+        conn.executemany("INSERT OR IGNORE INTO seen_ids (id, at) VALUES (?, ?)", [(i, now) for i in ids])
+        if conn.total_changes - before == len(ids):
+            return set()
+        rows = conn.execute(
+            f"SELECT id FROM seen_ids WHERE at != ? AND id IN ({','.join('?' * len(ids))})", [now, *ids]
+        )
+        return {row[0] for row in rows}
 
     @staticmethod
     def _stored_before(conn: sqlite3.Connection, batch: Sequence[NewDelivery], now: float) -> set[str]:

@@ -121,14 +121,32 @@ async def test_oversize_body_is_413(receiver, make_settings):
         await receiver.wait_for(1)
 
 
-async def test_same_event_id_twice_is_delivered_once(receiver, make_settings):
+async def queue_empty(app) -> None:
+    async with asyncio.timeout(5):
+        while (await app.intake.store.counts())["pending"]:
+            await asyncio.sleep(0.02)
+
+
+async def test_an_id_sent_again_is_delivered_once(receiver, make_settings):
     async with running(make_settings(**hook_env(receiver))) as app:
         payload = {**event(1), "id": "adapter-retry-1"}
-        assert (await post_ingest(app, payload))[0] == 202
-        assert (await post_ingest(app, payload))[0] == 202
+        assert (await post_ingest(app, [payload, payload]))[0] == 202  # twice in one batch
+        assert (await post_ingest(app, payload))[0] == 202  # while still queued, or just sent
         await receiver.wait_for(1)
+        await queue_empty(app)  # delivered and pruned: only the dedup window remembers it
+        assert (await post_ingest(app, payload))[0] == 202  # the adapter retried late
         await asyncio.sleep(0.3)
     assert len(receiver.requests) == 1
+
+
+async def test_the_dedup_window_can_be_turned_off(receiver, make_settings):
+    async with running(make_settings(**hook_env(receiver), ROUTER_DEDUP_WINDOW_S="0")) as app:
+        payload = {**event(1), "id": "no-dedup"}
+        assert (await post_ingest(app, payload))[0] == 202
+        await receiver.wait_for(1)
+        await queue_empty(app)
+        assert (await post_ingest(app, payload))[0] == 202
+        await receiver.wait_for(2)
 
 
 async def test_jsonl_file_is_followed_and_resumed_without_duplicates(receiver, make_settings, tmp_path):
