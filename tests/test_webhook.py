@@ -110,7 +110,8 @@ async def test_instance_headers_verbatim_and_jwt_bearer(receiver, make_settings,
         tmp_path / "instances",
         "bot",
         f"webhook:\n  enabled: true\n  url: {receiver.url}/i\n"
-        "  headers: {X-Instance: production-bot, X-Trace: abc 123, jwt_key: s3cret}\n  events: []\n",
+        "  headers: {X-Instance: production-bot, X-Trace: abc 123, jwt_key: s3cret}\n"
+        "  events: [MESSAGES_UPSERT]\n",
     )
     async with running(make_settings()) as app:
         await post_ingest(app, upsert())
