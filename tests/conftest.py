@@ -141,6 +141,23 @@ def make_settings(monkeypatch: pytest.MonkeyPatch, base_env: dict[str, str]) -> 
     return make
 
 
+def hook_env(receiver: Receiver, *events: str, **extra: str) -> dict[str, str]:
+    """Settings for a global webhook at ``<receiver>/hook`` (messages.upsert unless ``events``)."""
+    flags = {f"WEBHOOK_EVENTS_{name}": "true" for name in (events or ("MESSAGES_UPSERT",))}
+    return {
+        "WEBHOOK_GLOBAL_ENABLED": "true",
+        "WEBHOOK_GLOBAL_URL": f"{receiver.url}/hook",
+        "WEBHOOK_RETRY_JITTER_FACTOR": "0",
+        **flags,
+        **extra,
+    }
+
+
+def router_command(*args: str) -> list[str]:
+    """``evolution-router ARGS`` from this checkout, ignoring any config/ and .env around it."""
+    return [sys.executable, "-m", "router", "--config", "/nonexistent", "--env-file", "/nonexistent", *args]
+
+
 def write_instance(directory: Path, name: str, text: str) -> Path:
     path = directory / f"{name}.yaml"
     path.write_text(text)
@@ -202,17 +219,7 @@ class DaemonProcess:
     def start(self, *args: str, stdin: Any = subprocess.DEVNULL) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "router",
-                "--config",
-                "/nonexistent",
-                "--env-file",
-                "/nonexistent",
-                "run",
-                *args,
-            ],
+            router_command("run", *args),
             env=self.env,
             stdin=stdin,
             stdout=log,

@@ -9,7 +9,9 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, hook_env, post_ingest, running
+
+ONE_EVENT = {"event": "messages.upsert", "instance": "bot", "data": {}}
 
 
 def env_dir(proc) -> str:
@@ -23,16 +25,6 @@ def stored_attempts(db: Path) -> int | None:
         return None if row is None else int(row[0])
     finally:
         conn.close()
-
-
-def hook_env(receiver, **extra: str) -> dict[str, str]:
-    return {
-        "WEBHOOK_GLOBAL_ENABLED": "true",
-        "WEBHOOK_GLOBAL_URL": f"{receiver.url}/hook",
-        "WEBHOOK_EVENTS_MESSAGES_UPSERT": "true",
-        "WEBHOOK_RETRY_JITTER_FACTOR": "0",
-        **extra,
-    }
 
 
 async def ingest_until_killed(port: int, batches: int, kill_after: int, kill) -> list[str]:
@@ -86,12 +78,7 @@ async def test_retry_schedule_survives_a_restart(receiver, daemon):
     first = daemon(**env)
     first.start()
     await first.wait_ready()
-    async with aiohttp.ClientSession() as session:
-        event = {"event": "messages.upsert", "instance": "bot", "data": {}}
-        async with session.post(
-            f"http://127.0.0.1:{first.port}/ingest", json=event, headers={"apikey": API_KEY}
-        ) as response:
-            assert response.status == 202
+    assert (await post_ingest(first.port, ONE_EVENT))[0] == 202
     [failed] = await receiver.wait_for(1)
     # Kill only once the failure and its due time are stored (before that, redelivering at
     # once is the right at-least-once outcome).
@@ -115,12 +102,7 @@ async def test_sigterm_lets_an_attempt_under_way_finish(receiver, daemon):
     proc = daemon(**hook_env(receiver), ROUTER_SHUTDOWN_GRACE_S="5")
     proc.start()
     await proc.wait_ready()
-    async with aiohttp.ClientSession() as session:
-        event = {"event": "messages.upsert", "instance": "bot", "data": {}}
-        async with session.post(
-            f"http://127.0.0.1:{proc.port}/ingest", json=event, headers={"apikey": API_KEY}
-        ) as response:
-            assert response.status == 202
+    assert (await post_ingest(proc.port, ONE_EVENT))[0] == 202
     await receiver.wait_arrived(1)
     assert await proc.terminate() == 0
     assert len(receiver.requests) == 1, "the attempt under way finished before exit"
@@ -131,3 +113,25 @@ async def test_sigterm_lets_an_attempt_under_way_finish(receiver, daemon):
     await asyncio.sleep(0.5)
     assert len(receiver.requests) == 1, "it was acknowledged, so it is not delivered again"
     assert await again.terminate() == 0
+
+
+async def test_delivered_events_are_pruned_from_the_database(receiver, make_settings):
+    settings = make_settings(**hook_env(receiver))
+    async with running(settings) as app:
+        batch = [{"event": "messages.upsert", "instance": "bot", "data": {"n": n}} for n in range(300)]
+        assert (await post_ingest(app, batch))[0] == 202
+        await receiver.wait_for(300)
+        db = Path(settings.router_state_dir) / "router.db"
+        async with asyncio.timeout(10):
+            while table_sizes(db) != (0, 0):
+                await asyncio.sleep(0.02)
+
+
+def table_sizes(db: Path) -> tuple[int, int]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        events = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        deliveries = conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
+        return int(events), int(deliveries)
+    finally:
+        conn.close()

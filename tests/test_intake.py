@@ -8,16 +8,7 @@ import subprocess
 import orjson
 import pytest
 
-from tests.conftest import API_KEY, post_ingest, running
-
-
-def hook_env(receiver) -> dict[str, str]:
-    return {
-        "WEBHOOK_GLOBAL_ENABLED": "true",
-        "WEBHOOK_GLOBAL_URL": f"{receiver.url}/hook",
-        "WEBHOOK_EVENTS_MESSAGES_UPSERT": "true",
-        "WEBHOOK_EVENTS_CONNECTION_UPDATE": "true",
-    }
+from tests.conftest import API_KEY, hook_env, post_ingest, running
 
 
 def event(n: int, name: str = "messages.upsert", instance: str = "bot") -> dict[str, object]:
@@ -25,7 +16,7 @@ def event(n: int, name: str = "messages.upsert", instance: str = "bot") -> dict[
 
 
 async def test_one_object_array_and_ndjson_are_accepted(receiver, make_settings):
-    async with running(make_settings(**hook_env(receiver))) as app:
+    async with running(make_settings(**hook_env(receiver, "MESSAGES_UPSERT", "CONNECTION_UPDATE"))) as app:
         status, one = await post_ingest(app, event(0))
         assert status == 202 and one["accepted"] == 1 and len(one["ids"]) == 1
         status, many = await post_ingest(app, [event(1), event(2)])
@@ -43,7 +34,7 @@ async def test_one_object_array_and_ndjson_are_accepted(receiver, make_settings)
 
 
 async def test_upstream_by_events_paths_and_config_names(receiver, make_settings):
-    async with running(make_settings(**hook_env(receiver))) as app:
+    async with running(make_settings(**hook_env(receiver, "MESSAGES_UPSERT", "CONNECTION_UPDATE"))) as app:
         # Upstream with byEvents posts to <url>/<suffix>; the body may omit or repeat the event.
         status, _ = await post_ingest(app, {"instance": "bot", "data": {}}, path="/ingest/connection-update")
         assert status == 202
@@ -88,7 +79,11 @@ async def test_upstream_by_events_paths_and_config_names(receiver, make_settings
 async def test_bad_input_is_400_naming_the_problem_and_nothing_is_accepted(
     receiver, make_settings, raw, message
 ):
-    async with running(make_settings(**hook_env(receiver), WEBHOOK_EVENTS_CALL="true")) as app:
+    async with running(
+        make_settings(
+            **hook_env(receiver, "MESSAGES_UPSERT", "CONNECTION_UPDATE"), WEBHOOK_EVENTS_CALL="true"
+        )
+    ) as app:
         status, body = await post_ingest(app, None, raw=raw)
         assert status == 400
         assert message in body["error"]
@@ -101,7 +96,7 @@ async def test_bad_input_is_400_naming_the_problem_and_nothing_is_accepted(
 
 
 async def test_api_key_is_required(receiver, make_settings):
-    async with running(make_settings(**hook_env(receiver))) as app:
+    async with running(make_settings(**hook_env(receiver, "MESSAGES_UPSERT", "CONNECTION_UPDATE"))) as app:
         status, body = await post_ingest(app, event(1), apikey=None)
         assert (status, body["error"]) == (401, "missing apikey header")
         status, body = await post_ingest(app, event(1), apikey="wrong")
@@ -113,7 +108,11 @@ async def test_api_key_is_required(receiver, make_settings):
 
 
 async def test_oversize_body_is_413(receiver, make_settings):
-    async with running(make_settings(**hook_env(receiver), ROUTER_INGEST_MAX_BYTES="2000")) as app:
+    async with running(
+        make_settings(
+            **hook_env(receiver, "MESSAGES_UPSERT", "CONNECTION_UPDATE"), ROUTER_INGEST_MAX_BYTES="2000"
+        )
+    ) as app:
         big = {"event": "messages.upsert", "instance": "bot", "data": {"blob": "x" * 5000}}
         status, body = await post_ingest(app, big)
         assert status == 413 and "2000" in body["error"]
@@ -128,7 +127,7 @@ async def queue_empty(app) -> None:
 
 
 async def test_an_id_sent_again_is_delivered_once(receiver, make_settings):
-    async with running(make_settings(**hook_env(receiver))) as app:
+    async with running(make_settings(**hook_env(receiver, "MESSAGES_UPSERT", "CONNECTION_UPDATE"))) as app:
         payload = {**event(1), "id": "adapter-retry-1"}
         assert (await post_ingest(app, [payload, payload]))[0] == 202  # twice in one batch
         assert (await post_ingest(app, payload))[0] == 202  # while still queued, or just sent
@@ -140,7 +139,9 @@ async def test_an_id_sent_again_is_delivered_once(receiver, make_settings):
 
 
 async def test_the_dedup_window_can_be_turned_off(receiver, make_settings):
-    async with running(make_settings(**hook_env(receiver), ROUTER_DEDUP_WINDOW_S="0")) as app:
+    async with running(
+        make_settings(**hook_env(receiver, "MESSAGES_UPSERT", "CONNECTION_UPDATE"), ROUTER_DEDUP_WINDOW_S="0")
+    ) as app:
         payload = {**event(1), "id": "no-dedup"}
         assert (await post_ingest(app, payload))[0] == 202
         await receiver.wait_for(1)
@@ -152,7 +153,9 @@ async def test_the_dedup_window_can_be_turned_off(receiver, make_settings):
 async def test_jsonl_file_is_followed_and_resumed_without_duplicates(receiver, make_settings, tmp_path):
     feed = tmp_path / "events.jsonl"
     feed.write_bytes(b"".join(orjson.dumps(event(n)) + b"\n" for n in range(3)))
-    settings = make_settings(**hook_env(receiver), ROUTER_JSONL_PATH=str(feed))
+    settings = make_settings(
+        **hook_env(receiver, "MESSAGES_UPSERT", "CONNECTION_UPDATE"), ROUTER_JSONL_PATH=str(feed)
+    )
     async with running(settings):
         await receiver.wait_for(3)
         with feed.open("ab") as f:  # the file grows while the daemon follows it
@@ -174,7 +177,7 @@ async def test_jsonl_file_is_followed_and_resumed_without_duplicates(receiver, m
 
 @pytest.mark.parametrize("kind", ["pipe", "file"])
 async def test_jsonl_from_stdin(receiver, daemon, tmp_path, kind):
-    proc = daemon(**hook_env(receiver))
+    proc = daemon(**hook_env(receiver, "MESSAGES_UPSERT", "CONNECTION_UPDATE"))
     lines = b"".join(orjson.dumps(event(n)) + b"\n" for n in range(20))
     feed = tmp_path / "stdin.jsonl"
     feed.write_bytes(lines)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import orjson
 
-from tests.conftest import API_KEY, ROOT, write_instance
+from tests.conftest import API_KEY, ROOT, router_command, write_instance
 
 
 async def wait_log(proc, message: str, count: int = 1, timeout: float = 10) -> None:
@@ -30,11 +30,7 @@ async def test_sighup_rereads_instances_and_keeps_a_valid_config_when_a_file_bre
     proc = daemon(LOG_LEVEL="ERROR,WARN,INFO")
     proc.start()
     await proc.wait_ready()
-    send = [
-        "--config",
-        "/nonexistent",
-        "--env-file",
-        "/nonexistent",
+    send = router_command(
         "send",
         "--url",
         f"http://127.0.0.1:{proc.port}",
@@ -42,12 +38,12 @@ async def test_sighup_rereads_instances_and_keeps_a_valid_config_when_a_file_bre
         API_KEY,
         "--event",
         "CALL",
-    ]
+    )
 
     async def send_call(instance: str) -> None:
         result = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "router", *send, "--instance", instance],
+            [*send, "--instance", instance],
             capture_output=True,
             text=True,
             cwd=ROOT,
@@ -96,14 +92,7 @@ def test_events_command_lists_every_event():
 
 def test_send_reports_an_unreachable_daemon_clearly():
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "router",
-            "--config",
-            "/nonexistent",
-            "--env-file",
-            "/nonexistent",
+        router_command(
             "send",
             "--url",
             "http://127.0.0.1:9",
@@ -113,7 +102,7 @@ def test_send_reports_an_unreachable_daemon_clearly():
             "x",
             "--event",
             "call",
-        ],
+        ),
         capture_output=True,
         text=True,
         cwd=ROOT,

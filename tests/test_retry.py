@@ -11,19 +11,9 @@ import pytest
 from router.app import database_path
 from router.delivery import RetryPolicy
 from router.store import dead_letters
-from tests.conftest import free_port, post_ingest, running, write_instance
+from tests.conftest import free_port, hook_env, post_ingest, running, write_instance
 
 EVENT = {"event": "messages.upsert", "instance": "bot", "data": {"key": {"id": "A"}}}
-
-
-def hook_env(receiver, **extra: str) -> dict[str, str]:
-    return {
-        "WEBHOOK_GLOBAL_ENABLED": "true",
-        "WEBHOOK_GLOBAL_URL": f"{receiver.url}/hook",
-        "WEBHOOK_EVENTS_MESSAGES_UPSERT": "true",
-        "WEBHOOK_RETRY_JITTER_FACTOR": "0",
-        **extra,
-    }
 
 
 def gaps(requests) -> list[float]:

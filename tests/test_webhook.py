@@ -226,3 +226,19 @@ async def test_instance_token_authorises_its_own_instance_only(receiver, make_se
         assert status == 401 and "other" in body["error"]
         await receiver.wait_for(1)
     assert API_KEY not in receiver.requests[0].body.decode()
+
+
+async def test_application_startup_is_emitted_once_when_the_daemon_is_up(receiver, make_settings):
+    settings = make_settings(
+        WEBHOOK_GLOBAL_ENABLED="true",
+        WEBHOOK_GLOBAL_URL=f"{receiver.url}/g",
+        WEBHOOK_EVENTS_APPLICATION_STARTUP="true",
+        SERVER_NAME="router-7",
+    )
+    async with running(settings):
+        [got] = await receiver.wait_for(1, "/g")
+        await asyncio.sleep(0.3)
+        assert len(receiver.requests) == 1
+    body = got.json()
+    assert (body["event"], body["instance"]) == ("application.startup", "router-7")
+    assert body["data"]["status"] == "started"
