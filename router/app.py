@@ -79,7 +79,7 @@ class App:
         if settings.authentication_api_key in DEFAULT_API_KEYS:
             log.warning("config.default_api_key", hint="set AUTHENTICATION_API_KEY")
 
-        store = await Store.open(database_path(settings))
+        store = await Store.open(database_path(settings), settings.router_dedup_window_s)
         try:
             async with contextlib.AsyncExitStack() as sinks_stack:
                 sinks = build_sinks(settings)

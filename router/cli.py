@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 import urllib.error
 import urllib.request
@@ -35,6 +36,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.jsonl:
         settings = settings.model_copy(update={"router_jsonl_path": args.jsonl})
     logs.configure(settings.log_level, settings.log_format, settings.log_color)
+    # Delivery allocates many short-lived objects and few cycles: move what start-up made out of
+    # the collector's way and collect the youngest generation less often (~10% more events/s).
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
     asyncio.run(App(settings).run(install_signals=True))
     return 0
 

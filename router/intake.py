@@ -47,7 +47,6 @@ class Intake:
         self.store = store
         self.settings = settings
         self.routes = routes
-        store.dedup_window_s = settings.router_dedup_window_s
         self.on_stored: Callable[[Sequence[str]], None] = lambda keys: None
         self.accepted = 0
 

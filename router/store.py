@@ -119,14 +119,14 @@ MAX_VARIABLES = 10_000  # per statement; SQLite allows 32766
 class Store:
     """The durable queue. Open with ``await Store.open(path)``; run ``run()`` as a task."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, dedup_window_s: float = 600.0) -> None:
         self.path = path
+        self.dedup_window_s = dedup_window_s  # ids sent by adapters are remembered this long
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._conn: sqlite3.Connection | None = None
         self._ops: list[tuple[Op, asyncio.Future[Any], bool]] = []  # (op, future, durable)
         self._acks: list[Lease] = []
         self._synchronous = ""
-        self.dedup_window_s = 600.0  # ids sent by adapters are remembered this long
         self._pruned_at = 0.0
         self._wake = asyncio.Event()
         self._closing = False
@@ -135,8 +135,8 @@ class Store:
     # --- lifecycle ------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: Path) -> Store:
-        store = cls(path)
+    async def open(cls, path: Path, dedup_window_s: float = 600.0) -> Store:
+        store = cls(path, dedup_window_s)
         await asyncio.get_running_loop().run_in_executor(store._executor, store._connect)
         return store
 

@@ -19,6 +19,7 @@ from router.settings import Settings
 from router.sinks import BaseSink
 
 JWT_HEADER = "jwt_key"
+BASE_HEADERS = {"Content-Type": "application/json", "User-Agent": "evolution-router"}
 JWT_LIFETIME_S = 600
 _RETRY_AFTER_STATUSES = frozenset({429, 503})
 
@@ -53,7 +54,7 @@ def request_headers(target: WebhookTarget) -> dict[str, str]:
     """Instance headers verbatim, with ``jwt_key`` turned into a bearer token."""
     if not any(name.lower() == JWT_HEADER for name, _ in target.headers):
         return _static_headers(target)
-    headers = {"Content-Type": "application/json"}
+    headers = dict(BASE_HEADERS)
     for name, value in target.headers:
         if name.lower() == JWT_HEADER:
             headers["Authorization"] = f"Bearer {bearer_token(value)}"
@@ -64,7 +65,7 @@ def request_headers(target: WebhookTarget) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=4096)
 def _static_headers(target: WebhookTarget) -> dict[str, str]:
-    return {"Content-Type": "application/json", **dict(target.headers)}
+    return {**BASE_HEADERS, **dict(target.headers)}
 
 
 class WebhookSink(BaseSink):
@@ -84,8 +85,7 @@ class WebhookSink(BaseSink):
             timeout=aiohttp.ClientTimeout(total=self.timeout_s),
             cookie_jar=aiohttp.DummyCookieJar(),  # a webhook sender keeps no cookies
             auto_decompress=False,  # the answer's body is never looked at
-            skip_auto_headers=("User-Agent",),
-            headers={"User-Agent": "evolution-router"},
+            skip_auto_headers=("User-Agent",),  # ours is in request_headers
         )
 
     async def aclose(self) -> None:
