@@ -94,7 +94,7 @@ class App:
         settings = self.settings
         dispatcher = Dispatcher(store, sinks, self.routes, settings)
         intake = Intake(store, settings, self.routes)
-        intake.on_stored = dispatcher.notify
+        intake.handoff = dispatcher
         self.dispatcher, self.intake = dispatcher, intake
 
         async with asyncio.TaskGroup() as tasks:

@@ -13,7 +13,7 @@ import collections
 import contextlib
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +79,25 @@ class TargetWorker:
         self._has_work = asyncio.Event()  # lanes: something is in ``_ready``
         self._need_more = asyncio.Event()  # leaser: ``_ready`` is running low
         self._stopping = False
+        # Nothing due is left in the store (the last lease came back short): new deliveries may
+        # then come straight from intake without overtaking older ones.
+        self.caught_up = False
+        self.reserved = 0  # places promised to intake for deliveries being stored
+
+    def claim(self, count: int) -> bool:
+        """Take ``count`` new deliveries straight from intake, if that keeps their order."""
+        room = self.concurrency * LEASE_AHEAD - len(self._ready) - self.reserved
+        if self._stopping or not self.caught_up or count > room:
+            self.caught_up = False  # they go through the store, behind what is there
+            return False
+        self.reserved += count
+        return True
+
+    def take(self, leases: Sequence[Lease], reserved: int) -> None:
+        self.reserved -= reserved
+        if leases:
+            self._ready.extend(leases)
+            self._has_work.set()
 
     def wake(self) -> None:
         self._wake.set()
@@ -116,6 +135,7 @@ class TargetWorker:
             self._wake.clear()  # before leasing: a notify during the lease is not lost
             leases = await store.lease(self.key, want)
             self.dispatcher.release(want - len(leases))
+            self.caught_up = len(leases) < want
             if leases:
                 self._ready.extend(leases)
                 self._has_work.set()
@@ -244,6 +264,7 @@ class Dispatcher:
         # Leased but not yet attempted, across all targets: bounded, so memory is too.
         self.buffer_limit = settings.router_lease_buffer
         self.buffered = 0
+        self.handed_over = 0  # deliveries given to workers by intake without a lease query
         self._budget_freed = asyncio.Event()
 
     def reserve(self, wanted: int) -> int:
@@ -264,6 +285,28 @@ class Dispatcher:
     def count(self, sink: str, outcome: str) -> None:
         key = (sink, outcome.split(" ", 1)[0])
         self.counters[key] = self.counters.get(key, 0) + 1
+
+    def claim(self, counts: Mapping[str, int]) -> frozenset[str]:
+        """Targets whose worker takes these new deliveries from intake directly (Handoff)."""
+        claimed = set()
+        for key, count in counts.items():
+            worker = self.workers.get(key)
+            if worker is None or self.buffered + count > self.buffer_limit:
+                continue
+            if worker.claim(count):
+                self.buffered += count
+                claimed.add(key)
+        return frozenset(claimed)
+
+    def hand_over(self, leases: Sequence[Lease], claimed: Mapping[str, int]) -> None:
+        by_target: dict[str, list[Lease]] = {key: [] for key in claimed}
+        for lease in leases:
+            by_target[lease.target].append(lease)
+        for key, reserved in claimed.items():
+            got = by_target[key]
+            self.handed_over += len(got)
+            self.workers[key].take(got, reserved)
+            self.release(reserved - len(got))  # ids that were duplicates
 
     def notify(self, keys: Iterable[str]) -> None:
         for key in keys:

@@ -7,8 +7,9 @@ stores events and deliveries durably, and only then returns their ids.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import orjson
 
@@ -25,10 +26,36 @@ from router.events import (
 from router.instances import check_instance_name
 from router.routing import Routes
 from router.settings import Settings
-from router.store import NewDelivery, Store
+from router.store import Lease, NewDelivery, Store
 
 log = logs.get_logger("router.intake")
 MAX_ID_LENGTH = 128
+
+
+class Handoff(Protocol):
+    """How intake tells the delivery side about stored deliveries (the dispatcher)."""
+
+    def claim(self, counts: Mapping[str, int]) -> frozenset[str]:
+        """Targets that take their new deliveries straight from intake (``counts`` per target)."""
+
+    def hand_over(self, leases: Sequence[Lease], claimed: Mapping[str, int]) -> None:
+        """The stored, leased deliveries of the claimed targets."""
+
+    def notify(self, keys: Iterable[str]) -> None:
+        """New deliveries for these targets are in the store."""
+
+
+class NoHandoff:
+    """Intake on its own: nothing claims, nobody is told."""
+
+    def claim(self, counts: Mapping[str, int]) -> frozenset[str]:
+        return frozenset()
+
+    def hand_over(self, leases: Sequence[Lease], claimed: Mapping[str, int]) -> None:
+        return None
+
+    def notify(self, keys: Iterable[str]) -> None:
+        return None
 
 
 def _optional_text(obj: dict[str, Any], key: str) -> str | None:
@@ -47,7 +74,7 @@ class Intake:
         self.store = store
         self.settings = settings
         self.routes = routes
-        self.on_stored: Callable[[Sequence[str]], None] = lambda keys: None
+        self.handoff: Handoff = NoHandoff()
         self.accepted = 0
 
     def parse(self, obj: Any, path_event: str | None = None) -> Event:
@@ -121,22 +148,28 @@ class Intake:
     async def accept(self, events: Sequence[Event], checkpoint: tuple[str, str] | None = None) -> list[str]:
         """Store ``events`` with their deliveries; return their ids once they are durable."""
         batch = []
-        keys: set[str] = set()
+        counts: Counter[str] = Counter()
         for event in events:
             targets = self.routes.targets_for(event.instance, event.event)
             if targets:
                 batch.append(NewDelivery(event, targets))
-                keys.update(targets)
+                counts.update(targets)
         if batch or checkpoint is not None:
-            duplicates = await self.store.accept(batch, checkpoint)
-            if duplicates:
-                log.info("intake.duplicates", count=len(duplicates))
+            claimed = self.handoff.claim(counts)
+            try:
+                stored = await self.store.accept(batch, checkpoint, claimed)
+            except BaseException:
+                self.handoff.hand_over([], {key: counts[key] for key in claimed})
+                raise
+            self.handoff.hand_over(stored.leases, {key: counts[key] for key in claimed})
+            if stored.duplicates:
+                log.info("intake.duplicates", count=len(stored.duplicates))
+            self.handoff.notify(key for key in counts if key not in claimed)
         self.accepted += len(events)
-        self.on_stored(sorted(keys))
         return [event.id for event in events]
 
     async def emit(self, event: Event, targets: Sequence[str]) -> None:
         """Store an event the router makes itself (``application.startup``) for ``targets``."""
         if targets:
             await self.store.accept([NewDelivery(event, tuple(targets))])
-            self.on_stored(targets)
+            self.handoff.notify(targets)

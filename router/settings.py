@@ -126,6 +126,7 @@ class Settings(BaseSettings):
     router_lease_buffer: int = Field(20_000, ge=1)
     router_dedup_window_s: float = Field(600.0, ge=0)
     router_jsonl_path: str | None = None
+    router_event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -95,6 +95,14 @@ class NewDelivery:
     targets: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """What ``accept`` stored: ids it already had, and the deliveries it stored leased."""
+
+    duplicates: set[str]
+    leases: list[Lease]
+
+
 Op = Callable[[sqlite3.Connection], Any]
 
 
@@ -226,20 +234,26 @@ class Store:
     # --- operations -----------------------------------------------------------------------
 
     async def accept(
-        self, batch: Sequence[NewDelivery], checkpoint: tuple[str, str] | None = None
-    ) -> set[str]:
+        self,
+        batch: Sequence[NewDelivery],
+        checkpoint: tuple[str, str] | None = None,
+        leased_targets: frozenset[str] = frozenset(),
+    ) -> Accepted:
         """Store events and their deliveries durably; return the ids already stored before.
 
         An id the adapter sent before (it retried) adds nothing, whether that event is still
         queued or was delivered within ``dedup_window_s``. ``checkpoint`` records an adapter's
         position in the same transaction, so a restart resumes exactly after it.
+
+        Deliveries to ``leased_targets`` are stored already leased and returned, so a worker that
+        is caught up gets them without reading them back (a restart makes them pending again).
         """
         now = time.time()
         unique = {item.event.id: item for item in reversed(batch)}  # the first of a repeated id
         if len(unique) != len(batch):
             batch = [item for item in batch if unique.get(item.event.id) is item]
 
-        def op(conn: sqlite3.Connection) -> set[str]:
+        def op(conn: sqlite3.Connection) -> Accepted:
             duplicates = self._seen_before(conn, [i.event.id for i in batch if i.event.id_from_source], now)
             fresh = [item for item in batch if item.event.id not in duplicates] if duplicates else batch
             before = conn.total_changes
@@ -254,21 +268,30 @@ class Store:
             if conn.total_changes - before != len(fresh):
                 # An id still queued but older than the dedup window: find which.
                 duplicates |= self._stored_before(conn, fresh, now)
-            conn.executemany(
-                "INSERT INTO deliveries (event_id, target, due_at, updated_at) VALUES (?, ?, ?, ?)",
-                [
-                    (item.event.id, target, now, now)
-                    for item in fresh
-                    if item.event.id not in duplicates
-                    for target in item.targets
-                ],
+            pending: list[tuple[Event, str]] = []
+            leased: list[tuple[Event, str]] = []
+            for item in fresh:
+                if item.event.id in duplicates:
+                    continue
+                for target in item.targets:
+                    (leased if target in leased_targets else pending).append((item.event, target))
+            insert = (
+                "INSERT INTO deliveries (event_id, target, state, due_at, updated_at) VALUES (?, ?, ?, ?, ?)"
             )
+            conn.executemany(insert, [(e.id, t, PENDING, now, now) for e, t in pending])
+            leases: list[Lease] = []
+            if leased:
+                conn.executemany(insert, [(e.id, t, LEASED, now, now) for e, t in leased])
+                # Rowids of one executemany on one connection in one transaction are consecutive.
+                last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+                first = last - len(leased) + 1
+                leases = [Lease(first + n, t, 0, e) for n, (e, t) in enumerate(leased)]
             if checkpoint is not None:
                 conn.execute(
                     "INSERT OR REPLACE INTO checkpoints (source, position) VALUES (?, ?)",
                     checkpoint,
                 )
-            return duplicates
+            return Accepted(duplicates, leases)
 
         return await self._submit(op, durable=True)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 
 from tests.conftest import API_KEY, hook_env, post_ingest, running
 
@@ -97,9 +98,10 @@ async def test_retry_schedule_survives_a_restart(receiver, daemon):
     assert await second.terminate() == 0
 
 
-async def test_sigterm_lets_an_attempt_under_way_finish(receiver, daemon):
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_sigterm_lets_an_attempt_under_way_finish(receiver, daemon, loop):
     receiver.script("/hook", [("sleep", 1.0)])
-    proc = daemon(**hook_env(receiver), ROUTER_SHUTDOWN_GRACE_S="5")
+    proc = daemon(**hook_env(receiver), ROUTER_SHUTDOWN_GRACE_S="5", ROUTER_EVENT_LOOP=loop)
     proc.start()
     await proc.wait_ready()
     assert (await post_ingest(proc.port, ONE_EVENT))[0] == 202

@@ -242,3 +242,25 @@ async def test_application_startup_is_emitted_once_when_the_daemon_is_up(receive
     body = got.json()
     assert (body["event"], body["instance"]) == ("application.startup", "router-7")
     assert body["data"]["status"] == "started"
+
+
+async def test_one_target_with_concurrency_1_receives_in_intake_order(receiver, make_settings):
+    # Batches outrun the receiver, so some deliveries wait in the store while others are handed
+    # to the worker directly: neither path may overtake the other.
+    receiver.script("/hook", [("sleep", 0.002)] * 1000)
+    settings = make_settings(
+        WEBHOOK_GLOBAL_ENABLED="true",
+        WEBHOOK_GLOBAL_URL=f"{receiver.url}/hook",
+        WEBHOOK_EVENTS_CALL="true",
+        ROUTER_WEBHOOK_CONCURRENCY="1",
+    )
+    async with running(settings) as app:
+        for start in range(0, 400, 10):  # batches that fit the worker's buffer (16 x concurrency)
+            batch = [{"event": "call", "instance": "bot", "data": {"n": n}} for n in range(start, start + 10)]
+            assert (await post_ingest(app, batch))[0] == 202
+            if start == 200:
+                await receiver.wait_for(210, timeout=20)  # drained: the worker is caught up again
+        got = await receiver.wait_for(400, timeout=20)
+        assert app.dispatcher is not None
+        assert 0 < app.dispatcher.handed_over < 400, "both paths were used"
+    assert [r.json()["data"]["n"] for r in got] == list(range(400))
