@@ -207,3 +207,22 @@ async def test_leased_events_in_memory_stay_within_the_buffer(receiver, make_set
         for name in ("a", "b", "c"):
             await receiver.wait_for(41, f"/{name}")  # 40 + application.startup
     assert seen and max(seen) <= 5
+
+
+async def test_redirects_are_not_followed_and_name_the_location(receiver, make_settings):
+    receiver.script("/hook", [(302, {"Location": f"{receiver.url}/moved"})])
+    settings = make_settings(
+        **hook_env(receiver, WEBHOOK_RETRY_INITIAL_DELAY_SECONDS="0.05", WEBHOOK_RETRY_MAX_ATTEMPTS="1")
+    )
+    async with running(settings) as app:
+        await post_ingest(app, EVENT)
+        await receiver.wait_for(1, "/hook")
+        async with asyncio.timeout(10):
+            while not dead_letters(database_path(settings)):
+                await asyncio.sleep(0.02)
+    assert receiver.on("/moved") == [], "followed as a GET without the event"
+    [dead] = dead_letters(database_path(settings))
+    assert (
+        dead["last_error"]
+        == f"HTTP 302 redirect to '{receiver.url}/moved' (not followed) (gave up after 1 attempts)"
+    )

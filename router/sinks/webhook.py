@@ -105,10 +105,15 @@ class WebhookSink(BaseSink):
         )
         url = target.url_for(event.event)
         try:
-            async with self._session.post(url, data=body, headers=request_headers(target)) as response:
+            # Redirects are not followed: a 301/302 would turn the POST into a GET without the
+            # event, and that would count as delivered. The failure names where it points.
+            async with self._session.post(
+                url, data=body, headers=request_headers(target), allow_redirects=False
+            ) as response:
                 await response.read()
                 status = response.status
                 retry_after = response.headers.get("Retry-After")
+                location = response.headers.get("Location")
         except TimeoutError as exc:
             raise RetryableError(f"timed out after {self.timeout_s:g} s") from exc
         except aiohttp.InvalidURL as exc:
@@ -119,6 +124,8 @@ class WebhookSink(BaseSink):
             return status
         if status in self.non_retryable:
             raise PermanentError(f"HTTP {status} (non-retryable)", status=status)
+        if 300 <= status < 400:
+            raise RetryableError(f"HTTP {status} redirect to {location!r} (not followed)", status=status)
         delay = parse_retry_after(retry_after) if status in _RETRY_AFTER_STATUSES else None
         raise RetryableError(f"HTTP {status}", status=status, retry_after_s=delay)
 
