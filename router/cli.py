@@ -18,7 +18,7 @@ from router import __version__, logs
 from router.errors import ConfigError
 from router.events import WIRE_NAMES, by_events_suffix, config_name
 from router.instances import load_instances
-from router.routing import Routes, build_routes
+from router.routing import Routes, WebhookTarget, build_routes
 from router.settings import DEFAULT_CONFIG_FILE, DEFAULT_ENV_FILE, Settings, load_settings
 
 
@@ -62,9 +62,13 @@ def describe_routes(routes: Routes, settings: Settings) -> list[str]:
     for _, target in sorted(routes.targets.items()):
         events = sorted(target.events)
         shown = "all events" if len(events) == len(WIRE_NAMES) else ", ".join(events) or "no events"
-        suffix = " (+ /<event> suffix)" if target.by_events else ""
         scope = target.instance or "global (every instance)"
-        lines.append(f"  {scope}: {target.sink} -> {target.url}{suffix}: {shown}")
+        if isinstance(target, WebhookTarget):
+            suffix = " (+ /<event> suffix)" if target.by_events else ""
+            where = f"{target.url}{suffix}"
+        else:
+            where = f"exchange {settings.rabbitmq_exchange_name}, key <instance>.<event>"
+        lines.append(f"  {scope}: {target.sink} -> {where}: {shown}")
     return lines
 
 

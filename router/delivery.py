@@ -25,6 +25,7 @@ from router.sinks import BaseSink
 from router.store import Lease, Store
 
 log = logs.get_logger("router.delivery")
+QUEUE_MAX_ATTEMPTS = 2**62  # "forever": a broker outage never turns events into dead letters
 LEASE_AHEAD = 16  # a worker keeps up to this many times its concurrency leased ahead
 
 
@@ -315,16 +316,26 @@ class Dispatcher:
                 worker.wake()
 
     def _policy(self, sink: str) -> RetryPolicy:
-        return RetryPolicy.for_webhooks(self.settings)
+        if sink == "webhook":
+            return RetryPolicy.for_webhooks(self.settings)
+        # Queues: while the broker is down, events wait in the store; retry forever, gently.
+        return RetryPolicy(
+            max_attempts=QUEUE_MAX_ATTEMPTS,
+            initial_delay_s=self.settings.router_queue_retry_initial_delay_s,
+            max_delay_s=self.settings.router_queue_retry_max_delay_s,
+        )
 
     def _start(self, key: str) -> None:
         sink_name = key.split(":", 1)[0]
         sink = self.sinks.get(sink_name)
         if sink is None or self._group is None:
             return
-        worker = TargetWorker(
-            key, self, sink, self._policy(sink_name), self.settings.router_webhook_concurrency
+        concurrency = (
+            self.settings.router_webhook_concurrency
+            if sink_name == "webhook"
+            else self.settings.router_queue_concurrency
         )
+        worker = TargetWorker(key, self, sink, self._policy(sink_name), concurrency)
         self.workers[key] = worker
         self._tasks[key] = self._group.create_task(worker.run(), name=f"worker {key}")
 

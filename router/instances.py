@@ -52,6 +52,11 @@ UPSTREAM_KEYS = frozenset(
 )
 
 
+def topic_safe(name: str) -> bool:
+    """Usable as one word of a RabbitMQ topic routing key (``{instance}.{event}``)."""
+    return not any(char in name for char in ".*#")
+
+
 def check_instance_name(name: str) -> str:
     if not _NAME.match(name) or name.startswith("."):
         raise ValueError(
@@ -184,6 +189,11 @@ def parse_instance(doc: YamlDoc) -> InstanceConfig:
         problems.append(
             f"{doc.where(['instanceName'])}: is {config.instance_name!r} but the file is named "
             f"{doc.path.name!r}; name the file after the instance"
+        )
+    if config.rabbitmq.enabled and not topic_safe(config.instance_name):
+        problems.append(
+            f"{doc.where(['instanceName'])}: {config.instance_name!r} cannot be used with RabbitMQ:"
+            " '.', '*' and '#' break its topic routing keys"
         )
     if config.webhook.enabled and not config.webhook.url:
         problems.append(f"{doc.where(['webhook', 'enabled'])}: webhook is enabled but has no url")

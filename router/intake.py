@@ -23,7 +23,7 @@ from router.events import (
     utc_timestamp,
     wire_name,
 )
-from router.instances import check_instance_name
+from router.instances import check_instance_name, topic_safe
 from router.routing import Routes
 from router.settings import Settings
 from router.store import Lease, NewDelivery, Store
@@ -101,6 +101,10 @@ class Intake:
             check_instance_name(instance)
         except ValueError as exc:
             raise IntakeError(f"invalid instance name {instance!r}: {exc}") from None
+        if self.routes.needs_topic_safe_names and not topic_safe(instance):
+            raise IntakeError(
+                f"instance name {instance!r} cannot be routed by RabbitMQ: '.', '*' and '#' break topic keys"
+            )
 
         date_time = _optional_text(obj, "date_time")
         if date_time is None:

@@ -75,6 +75,19 @@ def configure(levels: Iterable[str], fmt: str = "console", color: bool = True) -
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    root = logging.getLogger()
+    root.handlers = [_StdlibToStructlog()]
+    root.setLevel(logging.WARNING)
+
+
+class _StdlibToStructlog(logging.Handler):
+    """Client libraries (aiormq, aiohttp) log through ``logging``: same format, same switches."""
+
+    _methods = {logging.ERROR: "error", logging.WARNING: "warning", logging.INFO: "info"}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        method = self._methods.get(record.levelno, "debug" if record.levelno < logging.INFO else "error")
+        getattr(structlog.get_logger(record.name), method)(record.getMessage(), library=record.name)
 
 
 def get_logger(name: str) -> Any:

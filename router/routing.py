@@ -4,6 +4,10 @@ A *target* is one place deliveries go: the global webhook, or one instance's web
 ``key`` names it in the durable queue (``webhook:global``, ``webhook:instance:<name>``), so
 stored deliveries survive restarts and reloads. Global and instance targets are independent:
 an event can go to both.
+
+RabbitMQ is the exception: global and instance queues hang off one exchange and one routing
+key (``{instance}.{event}``), so one publish reaches both. An instance with RabbitMQ on has one
+target that declares its own queues and the global ones; other instances use the global target.
 """
 
 from __future__ import annotations
@@ -34,7 +38,29 @@ class WebhookTarget:
         return self.url.rstrip("/") + by_events_suffix(wire) if self.by_events else self.url
 
 
-Target = WebhookTarget
+@dataclass(frozen=True, slots=True)
+class RabbitmqTarget:
+    """Publishes to the exchange; declares the queues that should receive each event."""
+
+    key: str
+    instance: str | None  # None: the global target (instances without RabbitMQ of their own)
+    instance_events: frozenset[str]  # declare and bind ``{instance}.{event}``
+    global_events: frozenset[str]  # declare and bind ``{prefix}.{event}`` to ``*.{event}``
+    sink = "rabbitmq"
+
+    @property
+    def events(self) -> frozenset[str]:
+        return self.instance_events | self.global_events
+
+    @property
+    def url(self) -> str:
+        return "rabbitmq"
+
+    def url_for(self, wire: str) -> str:
+        return "rabbitmq"
+
+
+Target = WebhookTarget | RabbitmqTarget
 
 
 @dataclass(frozen=True)
@@ -51,6 +77,11 @@ class Routes:
         keys = self._by_instance.get((instance, wire))
         return keys if keys is not None else self._global.get(wire, ())
 
+    @property
+    def needs_topic_safe_names(self) -> bool:
+        """The global RabbitMQ target routes every instance's events by ``{instance}.{event}``."""
+        return global_rabbitmq_key() in self.targets
+
     def token_of(self, instance: str) -> str | None:
         config = self.instances.get(instance)
         return config.token if config is not None else None
@@ -62,6 +93,14 @@ def global_webhook_key() -> str:
 
 def instance_webhook_key(instance: str) -> str:
     return f"webhook:instance:{instance}"
+
+
+def global_rabbitmq_key() -> str:
+    return "rabbitmq:global"
+
+
+def instance_rabbitmq_key(instance: str) -> str:
+    return f"rabbitmq:instance:{instance}"
 
 
 def build_routes(settings: Settings, instances: Mapping[str, InstanceConfig]) -> Routes:
@@ -80,9 +119,26 @@ def build_routes(settings: Settings, instances: Mapping[str, InstanceConfig]) ->
         for wire in target.events:
             global_keys[wire].append(target.key)
 
+    rabbit_global = frozenset[str]()
+    if settings.rabbitmq_enabled and settings.rabbitmq_global_enabled:
+        rabbit_global = settings.events_enabled("rabbitmq")
+        shared = RabbitmqTarget(global_rabbitmq_key(), None, frozenset(), rabbit_global)
+        targets[shared.key] = shared
+        for wire in rabbit_global:
+            global_keys[wire].append(shared.key)
+
     by_instance: dict[tuple[str, str], tuple[str, ...]] = {}
     for name, config in instances.items():
         own: dict[str, list[str]] = {}
+        replaced: set[str] = set()
+        if settings.rabbitmq_enabled and config.rabbitmq.enabled:
+            rabbit = RabbitmqTarget(
+                instance_rabbitmq_key(name), name, config.rabbitmq.subscribed(), rabbit_global
+            )
+            targets[rabbit.key] = rabbit
+            replaced.add(global_rabbitmq_key())  # this instance's one publish serves both
+            for wire in rabbit.events:
+                own.setdefault(wire, []).append(rabbit.key)
         hook = config.webhook
         if hook.enabled and hook.url:
             target = WebhookTarget(
@@ -98,7 +154,7 @@ def build_routes(settings: Settings, instances: Mapping[str, InstanceConfig]) ->
             for wire in target.events:
                 own.setdefault(wire, []).append(target.key)
         for wire in WIRE_NAMES:
-            keys = global_keys[wire] + own.get(wire, [])
+            keys = [key for key in global_keys[wire] if key not in replaced] + own.get(wire, [])
             if keys:
                 by_instance[(name, wire)] = tuple(keys)
 

@@ -38,7 +38,7 @@ DEFAULT_CONFIG_FILE = Path("config/router.yaml")
 DEFAULT_ENV_FILE = Path(".env")
 
 # Per-event switches, by sink: ``<PREFIX><CONFIG NAME>=true``.
-EVENT_FLAG_PREFIXES = {"webhook": "WEBHOOK_EVENTS_"}
+EVENT_FLAG_PREFIXES = {"webhook": "WEBHOOK_EVENTS_", "rabbitmq": "RABBITMQ_EVENTS_"}
 # Upstream names under those prefixes that are settings, not events; accepted and ignored.
 IGNORED_FLAG_NAMES = frozenset({"WEBHOOK_EVENTS_ERRORS", "WEBHOOK_EVENTS_ERRORS_WEBHOOK"})
 
@@ -115,6 +115,14 @@ class Settings(BaseSettings):
         {400, 401, 403, 404, 422}
     )
 
+    # --- RabbitMQ (upstream) ---
+    rabbitmq_enabled: bool = False
+    rabbitmq_uri: str | None = None
+    rabbitmq_exchange_name: str = "evolution_exchange"
+    rabbitmq_global_enabled: bool = False
+    rabbitmq_prefix_key: str = ""
+    rabbitmq_frame_max: int = Field(8192, ge=4096)
+
     # --- ours ---
     server_host: str = "0.0.0.0"
     log_format: Literal["console", "json"] = "console"
@@ -123,6 +131,9 @@ class Settings(BaseSettings):
     router_ingest_max_bytes: int = Field(32 * 1024 * 1024, gt=0)
     router_shutdown_grace_s: float = Field(10.0, ge=0)
     router_webhook_concurrency: int = Field(64, ge=1)
+    router_queue_concurrency: int = Field(64, ge=1)
+    router_queue_retry_initial_delay_s: float = Field(1.0, ge=0)
+    router_queue_retry_max_delay_s: float = Field(30.0, ge=0)
     router_lease_buffer: int = Field(20_000, ge=1)
     router_dedup_window_s: float = Field(600.0, ge=0)
     router_jsonl_path: str | None = None
@@ -148,7 +159,9 @@ class Settings(BaseSettings):
             return frozenset(int(c) for c in codes)
         return codes
 
-    @field_validator("server_url", "webhook_global_url", "authentication_api_key", mode="before")
+    @field_validator(
+        "server_url", "webhook_global_url", "authentication_api_key", "rabbitmq_uri", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -158,6 +171,10 @@ class Settings(BaseSettings):
         if self.webhook_global_enabled and not self.webhook_global_url:
             raise ValueError("WEBHOOK_GLOBAL_ENABLED is true but WEBHOOK_GLOBAL_URL is not set")
         _check_http_url(self.webhook_global_url, "WEBHOOK_GLOBAL_URL")
+        if self.rabbitmq_enabled and not self.rabbitmq_uri:
+            raise ValueError("RABBITMQ_ENABLED is true but RABBITMQ_URI is not set")
+        if self.rabbitmq_uri and urlsplit(self.rabbitmq_uri).scheme not in ("amqp", "amqps"):
+            raise ValueError(f"RABBITMQ_URI must be an amqp:// or amqps:// URI, got {self.rabbitmq_uri!r}")
         if not self.authentication_api_key:
             raise ValueError("AUTHENTICATION_API_KEY is not set (it guards /ingest)")
         return self

@@ -65,6 +65,10 @@ class BaseSink:
 
 def build_sinks(settings: Settings) -> dict[str, BaseSink]:
     """One instance of every sink, by name (``webhook`` ...)."""
-    from router.sinks.webhook import WebhookSink  # noqa: PLC0415 - keeps the registry one place
+    from router.sinks.rabbitmq import RabbitmqSink  # noqa: PLC0415 - keeps the registry one place
+    from router.sinks.webhook import WebhookSink  # noqa: PLC0415
 
-    return {"webhook": WebhookSink(settings)}
+    sinks: dict[str, BaseSink] = {"webhook": WebhookSink(settings)}
+    if settings.rabbitmq_enabled:
+        sinks["rabbitmq"] = RabbitmqSink(settings)
+    return sinks

@@ -1,0 +1,150 @@
+"""RabbitMQ: publish the envelope to one durable topic exchange with publisher confirms.
+
+Routing key ``{instance}.{event}``. Before the first publish of an event, the queues that
+should receive it are declared (quorum, durable) and bound, so nothing published is lost
+while no consumer exists yet: ``{instance}.{event}`` bound to ``{instance}.{event}`` for an
+instance that subscribed, and ``{RABBITMQ_PREFIX_KEY}.{event}`` (or ``{event}``) bound to
+``*.{event}`` for the global subscription. Upstream's queue names, so consumers keep working.
+
+The connection is opened on first use and again after it is lost; the delivery worker's
+backoff paces the attempts, and events wait in the store meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiormq
+from aiormq.abc import AbstractChannel, AbstractConnection
+from pamqp.commands import Basic
+from pamqp.common import FieldValue
+
+from router import logs
+from router.errors import PermanentError, RetryableError
+from router.events import Event, envelope
+from router.routing import RabbitmqTarget
+from router.settings import Settings
+from router.sinks import BaseSink
+
+log = logs.get_logger("router.sinks.rabbitmq")
+CONNECT_TIMEOUT_S = 10.0
+PUBLISH_TIMEOUT_S = 30.0
+QUORUM: dict[str, FieldValue] = {"x-queue-type": "quorum"}
+
+# The broker closes the channel with these when a declaration or publish cannot work as asked
+# (a queue that exists with other arguments, missing permissions): retrying will not help.
+_REFUSED = (
+    aiormq.exceptions.ChannelPreconditionFailed,
+    aiormq.exceptions.ChannelAccessRefused,
+    aiormq.exceptions.ChannelNotFoundEntity,
+)
+
+
+def routing_key(event: Event) -> str:
+    return f"{event.instance}.{event.event}"
+
+
+class RabbitmqSink(BaseSink):
+    name = "rabbitmq"
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.rabbitmq_uri is not None
+        self.uri = settings.rabbitmq_uri
+        self.exchange = settings.rabbitmq_exchange_name
+        self.prefix = settings.rabbitmq_prefix_key
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._declared: set[tuple[str, str]] = set()  # (queue, binding key) on this channel
+        self._lock = asyncio.Lock()
+        self.connected = False
+
+    def queues_for(self, target: RabbitmqTarget, event: Event) -> list[tuple[str, str]]:
+        """(queue, binding key) pairs that must exist before ``event`` is published."""
+        wire = event.event
+        queues = []
+        if target.instance is not None and wire in target.instance_events:
+            queues.append((f"{target.instance}.{wire}", f"{target.instance}.{wire}"))
+        if wire in target.global_events:
+            queues.append((f"{self.prefix}.{wire}" if self.prefix else wire, f"*.{wire}"))
+        return queues
+
+    async def aclose(self) -> None:
+        await self._drop("closing")
+
+    async def _drop(self, reason: str) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        self._declared.clear()
+        if self.connected:
+            log.warning("rabbitmq.disconnected", reason=reason)
+        self.connected = False
+        if connection is not None and not connection.is_closed:
+            try:
+                await connection.close()
+            except Exception as exc:  # closing a broken connection may fail too
+                log.debug("rabbitmq.close_failed", error=str(exc))
+
+    async def _channel_ready(self) -> AbstractChannel:
+        channel = self._channel
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._lock:
+            if self._channel is not None and not self._channel.is_closed:
+                return self._channel
+            if self._connection is None or self._connection.is_closed:
+                self._connection = await asyncio.wait_for(aiormq.connect(self.uri), CONNECT_TIMEOUT_S)
+            channel = await self._connection.channel(publisher_confirms=True)
+            await channel.exchange_declare(exchange=self.exchange, exchange_type="topic", durable=True)
+            self._channel, self._declared = channel, set()
+            if not self.connected:
+                log.info("rabbitmq.connected", exchange=self.exchange)
+            self.connected = True
+            return channel
+
+    async def _declare(self, channel: AbstractChannel, queues: list[tuple[str, str]]) -> None:
+        for queue, key in queues:
+            if (queue, key) in self._declared:
+                continue
+            try:
+                await channel.queue_declare(queue, durable=True, arguments=QUORUM)
+                await channel.queue_bind(queue, self.exchange, routing_key=key)
+            except _REFUSED as exc:
+                log.error("rabbitmq.queue_refused", queue=queue, reason=str(exc))
+                raise PermanentError(f"queue {queue!r} refused by the broker: {exc}") from exc
+            self._declared.add((queue, key))
+
+    async def send(self, target: RabbitmqTarget, event: Event) -> int | None:
+        body = envelope(event, server_url=event.server_url, apikey=event.apikey)
+        properties = Basic.Properties(delivery_mode=2, content_type="application/json", message_id=event.id)
+        try:
+            channel = await self._channel_ready()
+            await self._declare(channel, self.queues_for(target, event))
+            await channel.basic_publish(
+                body,
+                exchange=self.exchange,
+                routing_key=routing_key(event),
+                properties=properties,
+                mandatory=True,
+                timeout=PUBLISH_TIMEOUT_S,
+            )
+        except PermanentError:
+            await self._drop("channel closed by the broker")
+            raise
+        except _REFUSED as exc:
+            await self._drop("channel closed by the broker")
+            raise PermanentError(f"publish refused by the broker: {exc}") from exc
+        except aiormq.exceptions.PublishError as exc:
+            self._declared.clear()  # a queue was deleted under us: declare again next time
+            raise RetryableError(f"unroutable: no queue bound for {routing_key(event)!r}") from exc
+        except aiormq.exceptions.DeliveryError as exc:
+            raise RetryableError("the broker did not confirm the message (nack)") from exc
+        except (
+            aiormq.exceptions.AMQPError,
+            aiormq.exceptions.ChannelInvalidStateError,
+            ConnectionError,
+            OSError,
+            TimeoutError,
+            RuntimeError,
+        ) as exc:
+            await self._drop(type(exc).__name__)
+            raise RetryableError(f"broker unavailable: {type(exc).__name__}: {exc}") from exc
+        return None

@@ -1,0 +1,257 @@
+"""The RabbitMQ sink against the broker on 127.0.0.1:5672, checked by an independent consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiormq
+import orjson
+import pytest
+from aiormq.abc import DeliveredMessage
+
+from router.app import database_path
+from router.instances import load_instances
+from router.store import dead_letters
+from tests.conftest import post_ingest, running, write_instance
+
+URI = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@dataclass
+class Broker:
+    """Names unique to one test, and a consumer; everything declared is deleted afterwards."""
+
+    exchange: str
+    prefix: str
+    instance: str
+    channel: aiormq.abc.AbstractChannel
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            "RABBITMQ_ENABLED": "true",
+            "RABBITMQ_URI": URI,
+            "RABBITMQ_EXCHANGE_NAME": self.exchange,
+            "RABBITMQ_PREFIX_KEY": self.prefix,
+            "ROUTER_QUEUE_RETRY_INITIAL_DELAY_S": "0.2",
+            "ROUTER_QUEUE_RETRY_MAX_DELAY_S": "1",
+            **extra,
+        }
+
+    async def reconnect(self) -> None:
+        """After the broker dropped every connection, the consumer's included."""
+        self.channel = await (await aiormq.connect(URI)).channel()
+
+    async def wait_queue(self, queue: str, timeout: float = 15) -> None:
+        """Until the router has declared ``queue`` (a failed declare closes its channel)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                probe = await self.channel.connection.channel()
+                try:
+                    await probe.queue_declare(queue, passive=True)
+                    await probe.close()
+                    return
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    await asyncio.sleep(0.05)
+
+    async def consume(self, queue: str, count: int, timeout: float = 30) -> list[DeliveredMessage]:
+        """The first ``count`` messages of ``queue`` (acknowledged), in the order they came."""
+        await self.wait_queue(queue)
+        got: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
+        ok = await self.channel.basic_consume(queue, got.put, no_ack=True)
+        try:
+            async with asyncio.timeout(timeout):
+                return [await got.get() for _ in range(count)]
+        finally:
+            await self.channel.basic_cancel(ok.consumer_tag)
+
+    async def depth(self, queue: str) -> int:
+        declared = await self.channel.queue_declare(queue, passive=True)
+        return int(declared.message_count or 0)
+
+
+def rabbitmqctl(*args: str) -> str:
+    return subprocess.run(
+        ["rabbitmqctl", *args], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[Broker]:
+    tag = uuid.uuid4().hex[:8]
+    connection = await aiormq.connect(URI)
+    channel = await connection.channel()
+    made = Broker(exchange=f"ex-{tag}", prefix=f"p{tag}", instance=f"bot{tag}", channel=channel)
+    yield made
+    cleanup = await (await aiormq.connect(URI)).channel()  # the test may have lost its own
+    for line in rabbitmqctl("list_queues", "name", "--quiet", "--no-table-headers").splitlines():
+        if tag in line:
+            await cleanup.queue_delete(line.strip())
+    await cleanup.exchange_delete(made.exchange)
+    await cleanup.connection.close()
+    if not connection.is_closed:
+        await connection.close()
+
+
+def upsert(instance: str, n: int) -> dict[str, object]:
+    return {"event": "messages.upsert", "instance": instance, "data": {"n": n}}
+
+
+async def test_instance_queue_gets_the_envelope_with_its_properties(broker, make_settings, tmp_path):
+    write_instance(
+        tmp_path / "instances", broker.instance, "rabbitmq: {enabled: true, events: [MESSAGES_UPSERT]}\n"
+    )
+    settings = make_settings(**broker.env(SERVER_URL="http://gw:8080"))
+    async with running(settings) as app:
+        payloads = [
+            {**upsert(broker.instance, n), "id": f"id-{n}", "date_time": "2023-12-01T10:30:00.000Z"}
+            for n in range(5)
+        ]
+        payloads.append({"event": "connection.update", "instance": broker.instance, "data": {}})
+        assert (await post_ingest(app, payloads))[0] == 202
+        queue = f"{broker.instance}.messages.upsert"
+        got = await broker.consume(queue, 5)
+    assert [orjson.loads(m.body)["data"]["n"] for m in got] == [0, 1, 2, 3, 4]
+    first = got[0]
+    assert first.body == (
+        b'{"event":"messages.upsert","instance":"' + broker.instance.encode() + b'","data":{"n":0},'
+        b'"date_time":"2023-12-01T10:30:00.000Z","server_url":"http://gw:8080","apikey":null,"id":"id-0"}'
+    )
+    assert first.routing_key == queue and first.exchange == broker.exchange
+    assert first.header.properties.delivery_mode == 2
+    assert first.header.properties.content_type == "application/json"
+    assert [m.header.properties.message_id for m in got] == [f"id-{n}" for n in range(5)]
+    queues = rabbitmqctl("list_queues", "name", "type", "durable", "--quiet", "--no-table-headers")
+    assert any(line.split() == [queue, "quorum", "true"] for line in queues.splitlines()), queues
+    exchanges = rabbitmqctl("list_exchanges", "name", "type", "durable", "--quiet", "--no-table-headers")
+    assert any(line.split() == [broker.exchange, "topic", "true"] for line in exchanges.splitlines())
+
+
+async def test_global_and_instance_queues_each_get_exactly_one_copy(broker, make_settings, tmp_path):
+    write_instance(
+        tmp_path / "instances", broker.instance, "rabbitmq: {enabled: true, events: [MESSAGES_UPSERT]}\n"
+    )
+    other = f"{broker.instance}-other"
+    settings = make_settings(
+        **broker.env(RABBITMQ_GLOBAL_ENABLED="true", RABBITMQ_EVENTS_MESSAGES_UPSERT="true")
+    )
+    async with running(settings) as app:
+        assert (await post_ingest(app, [upsert(broker.instance, 1), upsert(other, 2)]))[0] == 202
+        global_queue = f"{broker.prefix}.messages.upsert"
+        got = await broker.consume(global_queue, 2)
+        mine = await broker.consume(f"{broker.instance}.messages.upsert", 1)
+        await asyncio.sleep(0.3)  # give a duplicate the chance to show up
+        assert await broker.depth(global_queue) == 0
+        assert await broker.depth(f"{broker.instance}.messages.upsert") == 0
+    assert sorted(m.routing_key for m in got) == sorted(
+        [f"{broker.instance}.messages.upsert", f"{other}.messages.upsert"]
+    )
+    assert orjson.loads(mine[0].body)["data"] == {"n": 1}
+
+
+async def test_events_published_before_any_consumer_are_kept(broker, make_settings, tmp_path):
+    settings = make_settings(
+        **broker.env(RABBITMQ_GLOBAL_ENABLED="true", RABBITMQ_EVENTS_CALL="true", RABBITMQ_PREFIX_KEY="")
+    )
+    async with running(settings) as app:
+        calls = [{"event": "call", "instance": broker.instance, "data": {"n": n}} for n in range(3)]
+        assert (await post_ingest(app, calls))[0] == 202
+    # The daemon is gone; the queue named as upstream names it ({event} without a prefix) has them.
+    got = await broker.consume("call", 3)
+    assert sorted(orjson.loads(m.body)["data"]["n"] for m in got) == [0, 1, 2]
+
+
+async def test_a_queue_declared_with_other_arguments_is_a_dead_letter_naming_it(
+    broker, make_settings, tmp_path
+):
+    queue = f"{broker.instance}.call"
+    await broker.channel.queue_declare(queue, durable=True)  # classic, not quorum
+    write_instance(
+        tmp_path / "instances",
+        broker.instance,
+        "rabbitmq: {enabled: true, events: [CALL, MESSAGES_UPSERT]}\n",
+    )
+    settings = make_settings(**broker.env())
+    async with running(settings) as app:
+        await post_ingest(app, [{"event": "call", "instance": broker.instance, "data": {}}])
+        async with asyncio.timeout(15):
+            while not dead_letters(database_path(settings)):
+                await asyncio.sleep(0.05)
+        # The channel the broker closed is replaced: other events still go out.
+        await post_ingest(app, [upsert(broker.instance, 7)])
+        [ok] = await broker.consume(f"{broker.instance}.messages.upsert", 1)
+    [dead] = dead_letters(database_path(settings))
+    assert queue in dead["last_error"] and "PRECONDITION_FAILED" in dead["last_error"]
+    assert orjson.loads(ok.body)["data"] == {"n": 7}
+
+
+async def test_connections_closed_by_the_broker_mid_stream_lose_nothing(broker, make_settings, tmp_path):
+    write_instance(
+        tmp_path / "instances", broker.instance, "rabbitmq: {enabled: true, events: [MESSAGES_UPSERT]}\n"
+    )
+    settings = make_settings(**broker.env())
+    queue = f"{broker.instance}.messages.upsert"
+    async with running(settings) as app:
+        ids: list[str] = []
+        for batch in range(10):
+            status, body = await post_ingest(
+                app, [upsert(broker.instance, batch * 100 + n) for n in range(100)]
+            )
+            assert status == 202
+            ids += body["ids"]
+            if batch in (3, 6):
+                await asyncio.to_thread(rabbitmqctl, "close_all_connections", "closed by the test")
+        await broker.reconnect()
+        got = await broker.consume(queue, len(ids), timeout=60)
+        await asyncio.sleep(0.5)
+        extra = await broker.depth(queue)
+    received = [m.header.properties.message_id for m in got]
+    assert set(received) == set(ids), "every accepted event arrived"
+    # At least once: only publishes unconfirmed when a connection dropped may come twice.
+    duplicates = len(received) + extra - len(set(received))
+    assert duplicates <= 2 * settings.router_queue_concurrency
+
+
+async def test_broker_stopped_events_wait_in_the_store_and_arrive_after(broker, make_settings, tmp_path):
+    write_instance(
+        tmp_path / "instances", broker.instance, "rabbitmq: {enabled: true, events: [MESSAGES_UPSERT]}\n"
+    )
+    settings = make_settings(**broker.env())
+    queue = f"{broker.instance}.messages.upsert"
+    async with running(settings) as app:
+        assert (await post_ingest(app, [upsert(broker.instance, 0)]))[0] == 202
+        [first] = await broker.consume(queue, 1)
+        await asyncio.to_thread(rabbitmqctl, "stop_app")
+        try:
+            status, _ = await post_ingest(app, [upsert(broker.instance, n) for n in range(1, 51)])
+            assert status == 202, "intake does not depend on the broker"
+            async with asyncio.timeout(15):
+                while (await app.intake.store.counts())["pending"] < 50:  # type: ignore[union-attr]
+                    await asyncio.sleep(0.05)
+        finally:
+            await asyncio.to_thread(rabbitmqctl, "start_app")
+            await asyncio.to_thread(rabbitmqctl, "await_startup")
+        await broker.reconnect()
+        got = await broker.consume(queue, 50, timeout=60)
+    assert sorted({orjson.loads(m.body)["data"]["n"] for m in got}) == list(range(1, 51))
+    assert orjson.loads(first.body)["data"] == {"n": 0}
+
+
+def test_instance_names_that_break_topic_keys_are_rejected(tmp_path):
+    write_instance(tmp_path, "shop.eu", "rabbitmq: {enabled: true}\n")
+    write_instance(tmp_path, "web.only", "webhook: {enabled: false}\n")
+    loaded = load_instances(tmp_path)
+    assert set(loaded.instances) == {"web.only"}
+    assert "'shop.eu' cannot be used with RabbitMQ: '.', '*' and '#' break its topic routing keys" in (
+        "\n".join(loaded.problems)
+    )
+
+
+async def test_ingest_refuses_such_names_when_the_global_queue_routes_everything(broker, make_settings):
+    settings = make_settings(**broker.env(RABBITMQ_GLOBAL_ENABLED="true", RABBITMQ_EVENTS_CALL="true"))
+    async with running(settings) as app:
+        status, body = await post_ingest(app, {"event": "call", "instance": "a#b", "data": {}})
+    assert status == 400 and "cannot be routed by RabbitMQ" in body["error"]
