@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 
 import aiohttp
+import aiormq
 import orjson
 import uvloop
+from pamqp.commands import Basic
 
 from tests.conftest import free_port
 
@@ -193,7 +195,144 @@ async def bench_router(base: str, state_dir: str, receiver_pid: int) -> dict[str
     }
 
 
-async def main() -> None:
+RABBIT_URI = os.environ.get("BENCH_RABBITMQ_URI", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+async def rabbit_queue(tag: str) -> tuple[aiormq.abc.AbstractChannel, str, str]:
+    """A fresh exchange and quorum queue bound as the router binds its global queues."""
+    connection = await aiormq.connect(RABBIT_URI)
+    channel = await connection.channel(publisher_confirms=True)
+    exchange, queue = f"bench-{tag}", f"bench{tag}.messages.upsert"
+    await channel.exchange_declare(exchange=exchange, exchange_type="topic", durable=True)
+    await channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+    await channel.queue_bind(queue, exchange, routing_key="*.messages.upsert")
+    return channel, exchange, queue
+
+
+async def rabbit_cleanup(channel: aiormq.abc.AbstractChannel, exchange: str, queue: str) -> None:
+    await channel.queue_delete(queue)
+    await channel.exchange_delete(exchange)
+    await channel.connection.close()
+
+
+async def wait_depth(channel: aiormq.abc.AbstractChannel, queue: str, count: int) -> None:
+    deadline = time.monotonic() + 300
+    while (await channel.queue_declare(queue, passive=True)).message_count < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{queue} did not reach {count} messages")
+        await asyncio.sleep(0.02)
+
+
+async def bench_rabbit_bare(tag: str) -> dict[str, float]:
+    """aiormq with publisher confirms, CONCURRENCY publishes in flight, same 1 KB envelopes."""
+    channel, exchange, queue = await rabbit_queue(tag)
+    try:
+        next_n = iter(range(N_EVENTS))
+
+        async def worker() -> None:
+            for n in next_n:
+                body = orjson.dumps({**make_event(n, time.time()), "id": str(n)})
+                await channel.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key="bench.messages.upsert",
+                    properties=Basic.Properties(
+                        delivery_mode=2, content_type="application/json", message_id=str(n)
+                    ),
+                )
+
+        cpu0 = cpu_s()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        elapsed = time.perf_counter() - started
+        cpu = cpu_s() - cpu0
+        await wait_depth(channel, queue, N_EVENTS)
+    finally:
+        await rabbit_cleanup(channel, exchange, queue)
+    return {"events_per_s": N_EVENTS / elapsed, "cpu_us_per_event": cpu / N_EVENTS * 1e6}
+
+
+async def bench_rabbit_router(tag: str, state_dir: str) -> dict[str, float]:
+    channel, exchange, queue = await rabbit_queue(tag)
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("WEBHOOK_", "ROUTER_", "RABBITMQ_"))},
+        "AUTHENTICATION_API_KEY": API_KEY,
+        "SERVER_HOST": "127.0.0.1",
+        "SERVER_PORT": str(port),
+        "ROUTER_STATE_DIR": state_dir,
+        "ROUTER_INSTANCES_DIR": state_dir,
+        "LOG_LEVEL": "ERROR,WARN",
+        "RABBITMQ_ENABLED": "true",
+        "RABBITMQ_URI": RABBIT_URI,
+        "RABBITMQ_EXCHANGE_NAME": exchange,
+        "RABBITMQ_GLOBAL_ENABLED": "true",
+        "RABBITMQ_PREFIX_KEY": f"bench{tag}",
+        "RABBITMQ_EVENTS_MESSAGES_UPSERT": "true",
+        "ROUTER_QUEUE_CONCURRENCY": str(CONCURRENCY),
+    }
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "router", "--config", "/nonexistent", "--env-file", "/nonexistent", "run"],
+        env=env,
+    )
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/health")
+        async with aiohttp.ClientSession() as session:
+            ingest = f"http://127.0.0.1:{port}/ingest"
+
+            async def post_batches(mine: list[int]) -> None:
+                for start in mine:
+                    batch = [make_event(n, time.time()) for n in range(start, min(start + BATCH, N_EVENTS))]
+                    async with session.post(
+                        ingest,
+                        data=orjson.dumps(batch),
+                        headers={"apikey": API_KEY, "Content-Type": "application/json"},
+                    ) as response:
+                        assert response.status == 202, await response.text()
+
+            batches = list(range(0, N_EVENTS, BATCH))
+            cpu0 = cpu_s(daemon.pid)
+            started = time.perf_counter()
+            await asyncio.gather(*(post_batches(batches[i::4]) for i in range(4)))
+            await wait_depth(channel, queue, N_EVENTS)
+            elapsed = time.perf_counter() - started
+            cpu = cpu_s(daemon.pid) - cpu0
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+        await rabbit_cleanup(channel, exchange, queue)
+    return {"events_per_s": N_EVENTS / elapsed, "cpu_us_per_event": cpu / N_EVENTS * 1e6}
+
+
+async def rabbitmq_section() -> dict[str, object]:
+    bare_runs, router_runs = [], []
+    for round_no in range(ROUNDS):
+        tag = f"{os.getpid()}r{round_no}"
+        bare_runs.append(await bench_rabbit_bare(tag + "b"))
+        with tempfile.TemporaryDirectory() as state_dir:
+            router_runs.append(await bench_rabbit_router(tag + "d", state_dir))
+    ratios = [r["events_per_s"] / b["events_per_s"] for b, r in zip(bare_runs, router_runs, strict=True)]
+    bare, router = median_run(bare_runs), median_run(router_runs)
+    ratio = statistics.median(ratios)
+    print(f"\nrabbitmq, {N_EVENTS} events of ~1 KB, quorum queue, confirms, concurrency {CONCURRENCY}")
+    print(f"{'path':<40} {'events/s':>10} {'CPU us/event':>13}")
+    for name, row in (
+        ("bare aiormq publisher (confirms)", bare),
+        ("router: /ingest -> SQLite -> RabbitMQ", router),
+    ):
+        print(f"{name:<40} {row['events_per_s']:>10.0f} {row['cpu_us_per_event']:>13.0f}")
+    print(f"{'router / bare (median of rounds)':<40} {ratio:>10.2f}   (target >= 0.60)")
+    print(f"{'ratio in each round':<40} {', '.join(f'{r:.2f}' for r in ratios)}")
+    return {
+        "bare": bare,
+        "router": router,
+        "ratio": ratio,
+        "target": 0.6,
+        "rounds": {"bare": bare_runs, "router": router_runs, "ratios": ratios},
+    }
+
+
+async def webhook_section() -> dict[str, object]:
     port = free_port()
     receiver = subprocess.Popen([sys.executable, "-m", "bench.receiver", "--port", str(port)])
     base = f"http://127.0.0.1:{port}"
@@ -230,20 +369,30 @@ async def main() -> None:
     print(f"{'router / bare (median of rounds)':<40} {ratio:>10.2f}   (target >= 0.50)")
     print(f"{'ratio in each round':<40} {', '.join(f'{r:.2f}' for r in ratios)}")
     print(f"{'router intake alone (events/s)':<40} {router['ingest_events_per_s']:>10.0f}")
-    RESULTS.mkdir(exist_ok=True)
-    report = {
+    return {
+        "bare": bare,
+        "router": router,
+        "ratio": ratio,
+        "target": 0.5,
+        "rounds": {"bare": bare_runs, "router": router_runs, "ratios": ratios},
+    }
+
+
+SECTIONS = {"webhook": webhook_section, "rabbitmq": rabbitmq_section}
+
+
+async def main() -> None:
+    """Every section, or those named in BENCH_ONLY (comma-separated)."""
+    wanted = [name for name in os.environ.get("BENCH_ONLY", ",".join(SECTIONS)).split(",") if name]
+    report: dict[str, object] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
         "events": N_EVENTS,
         "concurrency": CONCURRENCY,
-        "webhook": {
-            "bare": bare,
-            "router": router,
-            "ratio": ratio,
-            "target": 0.5,
-            "rounds": {"bare": bare_runs, "router": router_runs, "ratios": ratios},
-        },
     }
+    for name in wanted:
+        report[name] = await SECTIONS[name]()
+    RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     print(f"\nwritten: {RESULTS / 'latest.json'}")
 
