@@ -24,6 +24,7 @@ from router import __version__, logs
 from router.adapters import http
 from router.adapters.jsonl import JsonlAdapter
 from router.delivery import Dispatcher
+from router.errors import DeliveryError
 from router.events import Event, new_event_id, utc_timestamp
 from router.instances import InstanceConfig, load_instances
 from router.intake import Intake
@@ -85,10 +86,22 @@ class App:
                 sinks = build_sinks(settings)
                 for sink in sinks.values():
                     await sinks_stack.enter_async_context(sink)
+                await self._check_sinks(sinks)
                 await self._serve(store, sinks)
         finally:
             store.shutdown()
         log.info("router.stopped")
+
+    async def _check_sinks(self, sinks: Mapping[str, BaseSink]) -> None:
+        """Say at start what cannot work (bad credentials); the daemon still runs and keeps events."""
+        for name, sink in sinks.items():
+            verify = getattr(sink, "verify", None)
+            if verify is None:
+                continue
+            try:
+                await verify()
+            except DeliveryError as exc:
+                log.error("sink.unusable", sink=name, error=str(exc), hint="events wait in the store")
 
     async def _serve(self, store: Store, sinks: Mapping[str, BaseSink]) -> None:
         settings = self.settings

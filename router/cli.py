@@ -18,7 +18,7 @@ from router import __version__, logs
 from router.errors import ConfigError
 from router.events import WIRE_NAMES, by_events_suffix, config_name
 from router.instances import load_instances
-from router.routing import Routes, WebhookTarget, build_routes
+from router.routing import Routes, SqsTarget, WebhookTarget, build_routes
 from router.settings import DEFAULT_CONFIG_FILE, DEFAULT_ENV_FILE, Settings, load_settings
 
 
@@ -66,6 +66,8 @@ def describe_routes(routes: Routes, settings: Settings) -> list[str]:
         if isinstance(target, WebhookTarget):
             suffix = " (+ /<event> suffix)" if target.by_events else ""
             where = f"{target.url}{suffix}"
+        elif isinstance(target, SqsTarget):
+            where = f"queues {target.instance or settings.sqs_global_prefix_name}-<event>"
         else:
             where = f"exchange {settings.rabbitmq_exchange_name}, key <instance>.<event>"
         lines.append(f"  {scope}: {target.sink} -> {where}: {shown}")
@@ -88,6 +90,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  {name}: {loaded.files[name]}")
     print("routes:")
     print("\n".join(describe_routes(routes, settings)) or "  (none: no sink is enabled)")
+    if settings.sqs_enabled:
+        problems += asyncio.run(_check_sqs(settings))
     if settings.webhook_global_enabled and not settings.events_enabled("webhook"):
         print(
             "warning: the global webhook is enabled but no WEBHOOK_EVENTS_* is true",
@@ -95,6 +99,18 @@ def cmd_check(args: argparse.Namespace) -> int:
         )
     _print_problems(problems)
     return 1 if problems else 0
+
+
+async def _check_sqs(settings: Settings) -> list[str]:
+    from router.errors import DeliveryError  # noqa: PLC0415
+    from router.sinks.sqs import SqsSink  # noqa: PLC0415
+
+    async with SqsSink(settings) as sink:
+        try:
+            await sink.verify()
+        except DeliveryError as exc:
+            return [f"SQS ({settings.sqs_endpoint_url or settings.sqs_region}): {exc}"]
+    return []
 
 
 def cmd_events(_: argparse.Namespace) -> int:

@@ -60,7 +60,24 @@ class RabbitmqTarget:
         return "rabbitmq"
 
 
-Target = WebhookTarget | RabbitmqTarget
+@dataclass(frozen=True, slots=True)
+class SqsTarget:
+    """Sends to the queue named after the instance (or the global prefix) and the event."""
+
+    key: str
+    instance: str | None  # None: global mode, queues named after SQS_GLOBAL_PREFIX_NAME
+    events: frozenset[str]
+    sink = "sqs"
+
+    @property
+    def url(self) -> str:
+        return "sqs"
+
+    def url_for(self, wire: str) -> str:
+        return "sqs"
+
+
+Target = WebhookTarget | RabbitmqTarget | SqsTarget
 
 
 @dataclass(frozen=True)
@@ -127,6 +144,12 @@ def build_routes(settings: Settings, instances: Mapping[str, InstanceConfig]) ->
         for wire in rabbit_global:
             global_keys[wire].append(shared.key)
 
+    if settings.sqs_enabled and settings.sqs_global_enabled:
+        sqs_global = SqsTarget("sqs:global", None, settings.events_enabled("sqs"))
+        targets[sqs_global.key] = sqs_global
+        for wire in sqs_global.events:
+            global_keys[wire].append(sqs_global.key)
+
     by_instance: dict[tuple[str, str], tuple[str, ...]] = {}
     for name, config in instances.items():
         own: dict[str, list[str]] = {}
@@ -139,6 +162,11 @@ def build_routes(settings: Settings, instances: Mapping[str, InstanceConfig]) ->
             replaced.add(global_rabbitmq_key())  # this instance's one publish serves both
             for wire in rabbit.events:
                 own.setdefault(wire, []).append(rabbit.key)
+        if settings.sqs_enabled and config.sqs.enabled:
+            sqs = SqsTarget(f"sqs:instance:{name}", name, config.sqs.subscribed())
+            targets[sqs.key] = sqs
+            for wire in sqs.events:
+                own.setdefault(wire, []).append(sqs.key)
         hook = config.webhook
         if hook.enabled and hook.url:
             target = WebhookTarget(

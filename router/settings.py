@@ -38,7 +38,11 @@ DEFAULT_CONFIG_FILE = Path("config/router.yaml")
 DEFAULT_ENV_FILE = Path(".env")
 
 # Per-event switches, by sink: ``<PREFIX><CONFIG NAME>=true``.
-EVENT_FLAG_PREFIXES = {"webhook": "WEBHOOK_EVENTS_", "rabbitmq": "RABBITMQ_EVENTS_"}
+EVENT_FLAG_PREFIXES = {
+    "webhook": "WEBHOOK_EVENTS_",
+    "rabbitmq": "RABBITMQ_EVENTS_",
+    "sqs": "SQS_GLOBAL_",  # upstream's name; SQS_GLOBAL_ENABLED and co. are settings, not events
+}
 # Upstream names under those prefixes that are settings, not events; accepted and ignored.
 IGNORED_FLAG_NAMES = frozenset({"WEBHOOK_EVENTS_ERRORS", "WEBHOOK_EVENTS_ERRORS_WEBHOOK"})
 
@@ -123,6 +127,19 @@ class Settings(BaseSettings):
     rabbitmq_prefix_key: str = ""
     rabbitmq_frame_max: int = Field(8192, ge=4096)
 
+    # --- Amazon SQS (upstream, plus SQS_ENDPOINT_URL and SQS_FIFO) ---
+    sqs_enabled: bool = False
+    sqs_access_key_id: str | None = None
+    sqs_secret_access_key: str | None = None
+    sqs_account_id: str | None = None
+    sqs_region: str | None = None
+    sqs_global_enabled: bool = False
+    sqs_global_force_single_queue: bool = False
+    sqs_global_prefix_name: str = "global"
+    sqs_max_payload_size: int = Field(1_048_576, gt=0)
+    sqs_endpoint_url: str | None = None
+    sqs_fifo: bool = True
+
     # --- ours ---
     server_host: str = "0.0.0.0"
     log_format: Literal["console", "json"] = "console"
@@ -175,6 +192,14 @@ class Settings(BaseSettings):
             raise ValueError("RABBITMQ_ENABLED is true but RABBITMQ_URI is not set")
         if self.rabbitmq_uri and urlsplit(self.rabbitmq_uri).scheme not in ("amqp", "amqps"):
             raise ValueError(f"RABBITMQ_URI must be an amqp:// or amqps:// URI, got {self.rabbitmq_uri!r}")
+        if self.sqs_enabled:
+            missing = [
+                name.upper()
+                for name in ("sqs_access_key_id", "sqs_secret_access_key", "sqs_region")
+                if not getattr(self, name)
+            ]
+            if missing:
+                raise ValueError(f"SQS_ENABLED is true but {', '.join(missing)} not set")
         if not self.authentication_api_key:
             raise ValueError("AUTHENTICATION_API_KEY is not set (it guards /ingest)")
         return self
@@ -224,7 +249,11 @@ def _unknown_flags(names: Iterable[str]) -> list[str]:
     for name in names:
         upper = name.upper()
         for prefix in EVENT_FLAG_PREFIXES.values():
-            known = upper in IGNORED_FLAG_NAMES or upper[len(prefix) :] in CONFIG_TO_WIRE
+            known = (
+                upper in IGNORED_FLAG_NAMES
+                or upper[len(prefix) :] in CONFIG_TO_WIRE
+                or upper.lower() in Settings.model_fields
+            )
             if upper.startswith(prefix) and not known:
                 bad.append(upper)
     return bad

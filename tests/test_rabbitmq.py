@@ -159,8 +159,12 @@ async def test_events_published_before_any_consumer_are_kept(broker, make_settin
     async with running(settings) as app:
         calls = [{"event": "call", "instance": broker.instance, "data": {"n": n}} for n in range(3)]
         assert (await post_ingest(app, calls))[0] == 202
+        async with asyncio.timeout(15):  # published and confirmed: nothing left in the store
+            while (await app.intake.store.counts())["pending"]:  # type: ignore[union-attr]
+                await asyncio.sleep(0.05)
     # The daemon is gone; the queue named as upstream names it ({event} without a prefix) has them.
     got = await broker.consume("call", 3)
+    await broker.channel.queue_delete("call")  # upstream's unprefixed name: shared, so remove it
     assert sorted(orjson.loads(m.body)["data"]["n"] for m in got) == [0, 1, 2]
 
 

@@ -66,9 +66,12 @@ class BaseSink:
 def build_sinks(settings: Settings) -> dict[str, BaseSink]:
     """One instance of every sink, by name (``webhook`` ...)."""
     from router.sinks.rabbitmq import RabbitmqSink  # noqa: PLC0415 - keeps the registry one place
+    from router.sinks.sqs import SqsSink  # noqa: PLC0415
     from router.sinks.webhook import WebhookSink  # noqa: PLC0415
 
     sinks: dict[str, BaseSink] = {"webhook": WebhookSink(settings)}
     if settings.rabbitmq_enabled:
         sinks["rabbitmq"] = RabbitmqSink(settings)
+    if settings.sqs_enabled:
+        sinks["sqs"] = SqsSink(settings)
     return sinks

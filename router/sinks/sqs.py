@@ -1,0 +1,207 @@
+"""Amazon SQS: one queue per instance and event, FIFO by default, sends batched.
+
+Queue names are upstream's: ``{instance}-{event}`` with the event in its by-events form
+(``my-instance-messages-upsert``); global mode uses ``SQS_GLOBAL_PREFIX_NAME`` in place of the
+instance, and ``SQS_GLOBAL_FORCE_SINGLE_QUEUE`` one ``{prefix}-singlequeue``. Names are made
+legal for SQS (letters, digits, ``-``, ``_``; at most 80 characters with ``.fifo``).
+
+FIFO queues get ``MessageGroupId`` = instance (order per instance) and
+``MessageDeduplicationId`` = event id, so a retried send is not stored twice within SQS's
+five-minute window. Queues are created when missing; their URLs are cached.
+
+Batching: every attempt is one ``send`` call, as for any sink. Attempts for one queue that
+arrive together wait for each other, and the first of them sends them in ``SendMessageBatch``
+requests of up to ten entries. Each entry's outcome goes back to its own attempt, so a failed
+entry is retried on its own by the delivery worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from router import logs
+from router.errors import DeliveryError, PermanentError, RetryableError
+from router.events import Event, by_events_suffix, envelope
+from router.routing import SqsTarget
+from router.settings import Settings
+from router.sinks import BaseSink
+
+log = logs.get_logger("router.sinks.sqs")
+BATCH_LIMIT = 10  # entries per SendMessageBatch (an SQS limit)
+MAX_NAME = 80
+_ILLEGAL = re.compile(r"[^A-Za-z0-9_-]")
+_MISSING_QUEUE = {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"}
+_BAD_CREDENTIALS = {
+    "InvalidClientTokenId",
+    "SignatureDoesNotMatch",
+    "UnrecognizedClientException",
+    "AccessDenied",
+    "AccessDeniedException",
+    "MissingAuthenticationToken",
+}
+
+
+def queue_name(base: str, wire: str | None, fifo: bool) -> str:
+    """``base-event`` made legal; too long a name keeps a hash of the full one, to stay unique."""
+    name = _ILLEGAL.sub("-", f"{base}{by_events_suffix(wire).replace('/', '-')}" if wire else base)
+    suffix = ".fifo" if fifo else ""
+    limit = MAX_NAME - len(suffix)
+    if len(name) > limit:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]  # a name, not a secret
+        name = f"{name[: limit - 9]}-{digest}"
+    return name + suffix
+
+
+@dataclass
+class _Entry:
+    event: Event
+    body: bytes
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class SqsSink(BaseSink):
+    name = "sqs"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.fifo = settings.sqs_fifo
+        self.max_payload = settings.sqs_max_payload_size
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+        self._urls: dict[str, str] = {}
+        self._pending: dict[str, list[_Entry]] = {}
+        self._sending: set[str] = set()
+        self.requests = 0  # SQS API calls made, for the benchmark's requests per message
+
+    async def open(self) -> None:
+        settings = self.settings
+        self._client = await self._stack.enter_async_context(
+            get_session().create_client(
+                "sqs",
+                region_name=settings.sqs_region,
+                endpoint_url=settings.sqs_endpoint_url,
+                aws_access_key_id=settings.sqs_access_key_id,
+                aws_secret_access_key=settings.sqs_secret_access_key,
+                # The delivery worker owns retries and backoff; botocore must not add its own.
+                config=AioConfig(retries={"total_max_attempts": 1}, connect_timeout=10, read_timeout=30),
+            )
+        )
+
+    async def aclose(self) -> None:
+        await self._stack.aclose()
+        self._client = None
+
+    async def verify(self) -> None:
+        """One cheap authenticated call: raises DeliveryError naming bad credentials or endpoint."""
+        try:
+            await self._client.list_queues(MaxResults=1)
+        except ClientError as exc:
+            raise PermanentError(f"SQS refused the credentials: {exc}") from exc
+        except BotoCoreError as exc:
+            raise RetryableError(f"SQS unreachable: {exc}") from exc
+
+    def queue_for(self, target: SqsTarget, event: Event) -> str:
+        settings = self.settings
+        if target.instance is not None:
+            return queue_name(target.instance, event.event, self.fifo)
+        if settings.sqs_global_force_single_queue:
+            return queue_name(f"{settings.sqs_global_prefix_name}-singlequeue", None, self.fifo)
+        return queue_name(settings.sqs_global_prefix_name, event.event, self.fifo)
+
+    async def send(self, target: SqsTarget, event: Event) -> int | None:
+        body = envelope(
+            event,
+            server_url=event.server_url,
+            apikey=event.apikey,
+            extra={"dataType": "json", "server": self.settings.server_name},
+        )
+        if len(body) > self.max_payload:
+            raise PermanentError(
+                f"message of {len(body)} bytes is over SQS_MAX_PAYLOAD_SIZE ({self.max_payload} bytes)"
+            )
+        queue = self.queue_for(target, event)
+        entry = _Entry(event, body)
+        self._pending.setdefault(queue, []).append(entry)
+        if queue not in self._sending:
+            await self._send_pending(queue)
+        await entry.done
+        return None
+
+    async def _send_pending(self, queue: str) -> None:
+        """Send what waits for ``queue``, ten at a time, in order; then step aside."""
+        self._sending.add(queue)
+        try:
+            await asyncio.sleep(0)  # let the attempts started together join this batch
+            while pending := self._pending.get(queue):
+                batch, self._pending[queue] = pending[:BATCH_LIMIT], pending[BATCH_LIMIT:]
+                try:
+                    await self._send_batch(queue, batch)
+                except DeliveryError as exc:
+                    for entry in batch:
+                        if not entry.done.done():
+                            entry.done.set_exception(exc)
+                except BaseException as exc:  # never leave an attempt waiting
+                    for entry in batch:
+                        if not entry.done.done():
+                            entry.done.set_exception(RetryableError(f"SQS send failed: {exc!r}"))
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+        finally:
+            self._sending.discard(queue)
+            if not self._pending.get(queue):
+                self._pending.pop(queue, None)
+
+    async def _send_batch(self, queue: str, batch: list[_Entry]) -> None:
+        entries = []
+        for index, entry in enumerate(batch):
+            item: dict[str, Any] = {"Id": str(index), "MessageBody": entry.body.decode()}
+            if self.fifo:
+                item["MessageGroupId"] = entry.event.instance
+                item["MessageDeduplicationId"] = entry.event.id
+            entries.append(item)
+        try:
+            url = await self._queue_url(queue)
+            self.requests += 1
+            answer = await self._client.send_message_batch(QueueUrl=url, Entries=entries)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _MISSING_QUEUE:
+                self._urls.pop(queue, None)  # deleted under us: create it again next time
+            if code in _BAD_CREDENTIALS:
+                log.error("sqs.credentials_refused", queue=queue, code=code)
+            raise RetryableError(f"SQS {code or 'error'} on queue {queue!r}: {exc}", status=status) from exc
+        except BotoCoreError as exc:
+            raise RetryableError(f"SQS unreachable: {exc}") from exc
+        for ok in answer.get("Successful", []):
+            batch[int(ok["Id"])].done.set_result(None)
+        for failed in answer.get("Failed", []):
+            entry = batch[int(failed["Id"])]
+            message = f"SQS refused the message ({failed.get('Code')}): {failed.get('Message', '')}"
+            error = PermanentError(message) if failed.get("SenderFault") else RetryableError(message)
+            entry.done.set_exception(error)
+
+    async def _queue_url(self, queue: str) -> str:
+        if queue in self._urls:
+            return self._urls[queue]
+        try:
+            self.requests += 1
+            url = (await self._client.get_queue_url(QueueName=queue))["QueueUrl"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code", "") not in _MISSING_QUEUE:
+                raise
+            attributes = {"FifoQueue": "true", "ContentBasedDeduplication": "false"} if self.fifo else {}
+            self.requests += 1
+            url = (await self._client.create_queue(QueueName=queue, Attributes=attributes))["QueueUrl"]
+            log.info("sqs.queue_created", queue=queue)
+        self._urls[queue] = str(url)
+        return str(url)
