@@ -6,11 +6,18 @@
     through POST /ingest in batches and delivers them to the same receiver with the same
     concurrency. Its rate is measured from the first POST to the last event received.
 Both use the same receiver process, in the same run, on this machine.
+
+rabbitmq: the same pairing, a bare aiormq publisher with confirms against the daemon, both
+    publishing to a quorum queue on the local broker.
+sqs: the local SQS server (moto) answers only a few dozen requests/s, so the rate says little;
+    what the daemon controls is how many requests a burst costs. A counting proxy in front of
+    the server counts every request the daemon makes, by API action.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import platform
 import resource
@@ -25,6 +32,9 @@ import aiohttp
 import aiormq
 import orjson
 import uvloop
+from aiobotocore.session import get_session
+from aiohttp import web
+from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from pamqp.commands import Basic
 
 from tests.conftest import free_port
@@ -35,6 +45,8 @@ CONCURRENCY = 64
 BATCH = 500
 API_KEY = "bench-key"
 RESULTS = Path(__file__).parent / "results"
+# The daemon on its embedded defaults plus the environment each section gives it.
+DAEMON = [sys.executable, "-m", "router", "--config", "/nonexistent", "--env-file", "/nonexistent", "run"]
 
 
 def make_event(n: int, sent_at: float) -> dict[str, object]:
@@ -151,7 +163,7 @@ async def bench_router(base: str, state_dir: str, receiver_pid: int) -> dict[str
         "ROUTER_WEBHOOK_CONCURRENCY": str(CONCURRENCY),
     }
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "router", "--config", "/nonexistent", "--env-file", "/nonexistent", "run"],
+        DAEMON,
         env=env,
     )
     try:
@@ -272,7 +284,7 @@ async def bench_rabbit_router(tag: str, state_dir: str) -> dict[str, float]:
         "ROUTER_QUEUE_CONCURRENCY": str(CONCURRENCY),
     }
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "router", "--config", "/nonexistent", "--env-file", "/nonexistent", "run"],
+        DAEMON,
         env=env,
     )
     try:
@@ -378,7 +390,154 @@ async def webhook_section() -> dict[str, object]:
     }
 
 
-SECTIONS = {"webhook": webhook_section, "rabbitmq": rabbitmq_section}
+# The local server slows as a FIFO queue grows (about 9 messages/s at 2,000); 600 keep the
+# section to seconds while still 60 full batches.
+SQS_EVENTS = int(os.environ.get("BENCH_SQS_EVENTS", "600"))
+
+
+class CountingProxy:
+    """Forwards every request to the SQS server and counts them by API action.
+
+    The daemon is its own process, so the requests it makes are counted here, on the wire.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.actions: dict[str, int] = {}
+        self.entries = 0
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application(client_max_size=4 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self.forward)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        return f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def forward(self, request: web.Request) -> web.Response:
+        assert self._session is not None
+        body = await request.read()
+        action = request.headers.get("X-Amz-Target", "").rpartition(".")[2] or "other"
+        self.actions[action] = self.actions.get(action, 0) + 1
+        async with self._session.request(
+            request.method, self.upstream + request.path_qs, data=body, headers=request.headers
+        ) as answer:
+            payload = await answer.read()
+            if answer.status == 200 and action in ("SendMessageBatch", "SendMessage"):
+                self.entries += len(orjson.loads(payload).get("Successful", [None]))
+            framing = {"content-length", "transfer-encoding"}
+            headers = {k: v for k, v in answer.headers.items() if k.lower() not in framing}
+            return web.Response(status=answer.status, body=payload, headers=headers)
+
+
+async def sqs_section() -> dict[str, object]:
+    """A burst of SQS_EVENTS through the daemon to a local SQS server: requests per message."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's access log
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, moto_port = server.get_host_and_port()
+    proxy = CountingProxy(f"http://{host}:{moto_port}")
+    endpoint = await proxy.start()
+    prefix = f"bench{os.getpid()}"
+    queue = f"{prefix}-messages-upsert.fifo"
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("WEBHOOK_", "ROUTER_", "SQS_"))},
+        "AUTHENTICATION_API_KEY": API_KEY,
+        "SERVER_HOST": "127.0.0.1",
+        "SERVER_PORT": str(port),
+        "LOG_LEVEL": "ERROR,WARN",
+        "SQS_ENABLED": "true",
+        "SQS_ACCESS_KEY_ID": "bench",
+        "SQS_SECRET_ACCESS_KEY": "bench",
+        "SQS_ACCOUNT_ID": "123456789012",
+        "SQS_REGION": "us-east-1",
+        "SQS_ENDPOINT_URL": endpoint,
+        "SQS_GLOBAL_ENABLED": "true",
+        "SQS_GLOBAL_PREFIX_NAME": prefix,
+        "SQS_GLOBAL_MESSAGES_UPSERT": "true",
+        "ROUTER_QUEUE_CONCURRENCY": str(CONCURRENCY),
+    }
+    try:
+        with tempfile.TemporaryDirectory() as state_dir:
+            env |= {"ROUTER_STATE_DIR": state_dir, "ROUTER_INSTANCES_DIR": state_dir}
+            daemon = subprocess.Popen(
+                DAEMON,
+                env=env,
+            )
+            try:
+                await wait_http(f"http://127.0.0.1:{port}/health")
+                # The daemon looks its queues up at start; count only what the burst costs.
+                before = dict(proxy.actions)
+                async with aiohttp.ClientSession() as session:
+                    started = time.perf_counter()
+                    for start in range(0, SQS_EVENTS, BATCH):
+                        numbers = range(start, min(start + BATCH, SQS_EVENTS))
+                        batch = [make_event(n, time.time()) for n in numbers]
+                        async with session.post(
+                            f"http://127.0.0.1:{port}/ingest",
+                            data=orjson.dumps(batch),
+                            headers={"apikey": API_KEY, "Content-Type": "application/json"},
+                        ) as response:
+                            assert response.status == 202, await response.text()
+                    deadline = time.monotonic() + 600
+                    while proxy.entries < SQS_EVENTS:
+                        if time.monotonic() > deadline:
+                            raise TimeoutError(f"only {proxy.entries} of {SQS_EVENTS} messages were sent")
+                        await asyncio.sleep(0.05)
+                    elapsed = time.perf_counter() - started
+            finally:
+                daemon.terminate()
+                daemon.wait(30)
+        async with get_session().create_client(
+            "sqs",
+            region_name="us-east-1",
+            endpoint_url=f"http://{host}:{moto_port}",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
+        ) as client:
+            url = (await client.get_queue_url(QueueName=queue))["QueueUrl"]
+            depth = "ApproximateNumberOfMessages"
+            attributes = await client.get_queue_attributes(QueueUrl=url, AttributeNames=[depth])
+            stored = int(attributes["Attributes"][depth])
+    finally:
+        await proxy.stop()
+        server.stop()
+    burst = {
+        action: n - before.get(action, 0) for action, n in proxy.actions.items() if n > before.get(action, 0)
+    }
+    sends = burst.get("SendMessageBatch", 0) + burst.get("SendMessage", 0)
+    all_requests = sum(burst.values())
+    ratio = sends / SQS_EVENTS
+    print(f"\nsqs, a burst of {SQS_EVENTS} events of ~1 KB to one FIFO queue on a local SQS server (moto)")
+    print(f"{'messages stored in the queue':<40} {stored:>10}")
+    print(f"{'send requests (SendMessage[Batch])':<40} {sends:>10}")
+    print(f"{'all SQS requests during the burst':<40} {all_requests:>10}   {burst}")
+    print(f"{'send requests per message':<40} {ratio:>10.3f}   (target <= 0.15)")
+    print(f"{'all requests per message':<40} {all_requests / SQS_EVENTS:>10.3f}")
+    print(f"{'events/s (bounded by the local server)':<40} {SQS_EVENTS / elapsed:>10.0f}")
+    return {
+        "events": SQS_EVENTS,
+        "stored": stored,
+        "requests": burst,
+        "send_requests_per_message": ratio,
+        "all_requests_per_message": all_requests / SQS_EVENTS,
+        "events_per_s": SQS_EVENTS / elapsed,
+        "target": 0.15,
+    }
+
+
+SECTIONS = {"webhook": webhook_section, "rabbitmq": rabbitmq_section, "sqs": sqs_section}
 
 
 async def main() -> None:

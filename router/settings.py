@@ -195,11 +195,14 @@ class Settings(BaseSettings):
         if self.sqs_enabled:
             missing = [
                 name.upper()
-                for name in ("sqs_access_key_id", "sqs_secret_access_key", "sqs_region")
+                for name in ("sqs_access_key_id", "sqs_secret_access_key", "sqs_account_id", "sqs_region")
                 if not getattr(self, name)
             ]
             if missing:
                 raise ValueError(f"SQS_ENABLED is true but {', '.join(missing)} not set")
+            account = self.sqs_account_id or ""
+            if not re.fullmatch(r"\d{12}", account):
+                raise ValueError(f"SQS_ACCOUNT_ID must be a 12-digit AWS account id, got {account!r}")
         if not self.authentication_api_key:
             raise ValueError("AUTHENTICATION_API_KEY is not set (it guards /ingest)")
         return self

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import subprocess
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -19,6 +24,18 @@ from router.store import dead_letters
 from tests.conftest import ROOT, free_port, post_ingest, router_command, running, write_instance
 
 REGION = "us-east-1"
+
+
+def wait_for_port(port: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 @pytest.fixture
@@ -171,18 +188,21 @@ def test_queue_names_are_made_legal_and_short_enough():
     assert long != queue_name("x" * 91, "messages.upsert", fifo=True), "a hash keeps them apart"
 
 
-def test_check_reports_an_unreachable_sqs(tmp_path):
+def check_sqs(tmp_path: Path, endpoint_url: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    """``evolution-router check`` with SQS on, against ``endpoint_url``."""
     env = {
         "AUTHENTICATION_API_KEY": "k",
         "SQS_ENABLED": "true",
         "SQS_ACCESS_KEY_ID": "a",
         "SQS_SECRET_ACCESS_KEY": "b",
+        "SQS_ACCOUNT_ID": "123456789012",
         "SQS_REGION": REGION,
-        "SQS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+        "SQS_ENDPOINT_URL": endpoint_url,
         "ROUTER_INSTANCES_DIR": str(tmp_path),
         "PATH": "/usr/bin:/bin",
+        **extra,
     }
-    result = subprocess.run(
+    return subprocess.run(
         router_command("check"),
         capture_output=True,
         text=True,
@@ -191,5 +211,42 @@ def test_check_reports_an_unreachable_sqs(tmp_path):
         timeout=120,
         check=False,
     )
+
+
+def test_check_reports_an_unreachable_sqs(tmp_path):
+    result = check_sqs(tmp_path, f"http://127.0.0.1:{free_port()}")
     assert result.returncode == 1
     assert "SQS (http://127.0.0.1:" in result.stderr and "unreachable" in result.stderr
+
+
+def test_check_reports_refused_credentials(tmp_path):
+    """A server that checks signatures (moto with authentication on) refuses unknown keys."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        result = check_sqs(tmp_path, f"http://127.0.0.1:{port}")
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert result.returncode == 1
+    assert "SQS refused the credentials" in result.stderr
+    assert "InvalidClientTokenId" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("account", "expected"),
+    [
+        ("", "SQS_ACCOUNT_ID not set"),
+        ("12345", "SQS_ACCOUNT_ID must be a 12-digit AWS account id, got '12345'"),
+    ],
+)
+def test_a_missing_or_malformed_account_is_a_configuration_error(tmp_path, account, expected):
+    result = check_sqs(tmp_path, "http://127.0.0.1:1", SQS_ACCOUNT_ID=account)
+    assert result.returncode == 1
+    assert expected in result.stderr, result.stderr

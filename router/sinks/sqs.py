@@ -7,7 +7,8 @@ legal for SQS (letters, digits, ``-``, ``_``; at most 80 characters with ``.fifo
 
 FIFO queues get ``MessageGroupId`` = instance (order per instance) and
 ``MessageDeduplicationId`` = event id, so a retried send is not stored twice within SQS's
-five-minute window. Queues are created when missing; their URLs are cached.
+five-minute window. Queues are looked up in ``SQS_ACCOUNT_ID``'s account, created when
+missing, and their URLs cached.
 
 Batching: every attempt is one ``send`` call, as for any sink. Attempts for one queue that
 arrive together wait for each other, and the first of them sends them in ``SendMessageBatch``
@@ -195,7 +196,10 @@ class SqsSink(BaseSink):
             return self._urls[queue]
         try:
             self.requests += 1
-            url = (await self._client.get_queue_url(QueueName=queue))["QueueUrl"]
+            answer = await self._client.get_queue_url(
+                QueueName=queue, QueueOwnerAWSAccountId=self.settings.sqs_account_id
+            )
+            url = answer["QueueUrl"]
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code", "") not in _MISSING_QUEUE:
                 raise
