@@ -217,7 +217,7 @@ class TargetWorker:
                 event_id=lease.event.id,
                 sink=self.sink.name,
                 target=self.key,
-                url=target.url_for(lease.event.event) if target else None,
+                **(self.sink.where(target, lease.event) if target else {}),
                 attempt=lease.attempts + 1,
                 status=status,
                 outcome=outcome,

@@ -52,12 +52,6 @@ class RabbitmqTarget:
     def events(self) -> frozenset[str]:
         return self.instance_events | self.global_events
 
-    @property
-    def url(self) -> str:
-        return "rabbitmq"
-
-    def url_for(self, wire: str) -> str:
-        return "rabbitmq"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +63,6 @@ class SqsTarget:
     events: frozenset[str]
     sink = "sqs"
 
-    @property
-    def url(self) -> str:
-        return "sqs"
-
-    def url_for(self, wire: str) -> str:
-        return "sqs"
 
 
 Target = WebhookTarget | RabbitmqTarget | SqsTarget

@@ -259,3 +259,31 @@ async def test_ingest_refuses_such_names_when_the_global_queue_routes_everything
     async with running(settings) as app:
         status, body = await post_ingest(app, {"event": "call", "instance": "a#b", "data": {}})
     assert status == 400 and "cannot be routed by RabbitMQ" in body["error"]
+
+
+async def test_webhooks_level_lines_name_the_exchange_and_routing_key(broker, daemon, tmp_path):
+    write_instance(
+        tmp_path / "instances", broker.instance, "rabbitmq: {enabled: true, events: [MESSAGES_UPSERT]}\n"
+    )
+    proc = daemon(LOG_LEVEL="ERROR,WARN,INFO,WEBHOOKS", **broker.env())
+    proc.start()
+    await proc.wait_ready()
+    assert (await post_ingest(proc.port, [upsert(broker.instance, 0)]))[0] == 202
+    await broker.consume(f"{broker.instance}.messages.upsert", 1)
+    assert await proc.terminate() == 0
+    lines = [orjson.loads(line) for line in proc.logs().splitlines() if line.startswith("{")]
+    attempts = [line for line in lines if line.get("msg") == "delivery.attempt"]
+    assert len(attempts) == 1, attempts
+    fields = ("kind", "instance", "event", "sink", "target", "exchange", "routing_key", "attempt", "outcome")
+    assert {name: attempts[0].get(name) for name in fields} == {
+        "kind": "WEBHOOKS",
+        "instance": broker.instance,
+        "event": "messages.upsert",
+        "sink": "rabbitmq",
+        "target": f"rabbitmq:instance:{broker.instance}",
+        "exchange": broker.exchange,
+        "routing_key": f"{broker.instance}.messages.upsert",
+        "attempt": 1,
+        "outcome": "delivered",
+    }
+    assert "url" not in attempts[0]

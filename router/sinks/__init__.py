@@ -50,6 +50,10 @@ class BaseSink:
     async def aclose(self) -> None:
         return None
 
+    def where(self, target: Any, event: Event) -> dict[str, str]:
+        """Where an attempt of ``event`` goes, as log fields (``url``, ``queue`` ...)."""
+        return {}
+
     async def __aenter__(self) -> Self:
         await self.open()
         return self

@@ -58,6 +58,9 @@ class RabbitmqSink(BaseSink):
         self._lock = asyncio.Lock()
         self.connected = False
 
+    def where(self, target: RabbitmqTarget, event: Event) -> dict[str, str]:
+        return {"exchange": self.exchange, "routing_key": routing_key(event)}
+
     def queues_for(self, target: RabbitmqTarget, event: Event) -> list[tuple[str, str]]:
         """(queue, binding key) pairs that must exist before ``event`` is published."""
         wire = event.event

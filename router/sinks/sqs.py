@@ -118,6 +118,9 @@ class SqsSink(BaseSink):
             return queue_name(f"{settings.sqs_global_prefix_name}-singlequeue", None, self.fifo)
         return queue_name(settings.sqs_global_prefix_name, event.event, self.fifo)
 
+    def where(self, target: SqsTarget, event: Event) -> dict[str, str]:
+        return {"queue": self.queue_for(target, event)}
+
     async def send(self, target: SqsTarget, event: Event) -> int | None:
         body = envelope(
             event,

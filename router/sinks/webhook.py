@@ -93,6 +93,9 @@ class WebhookSink(BaseSink):
             await self._session.close()
             self._session = None
 
+    def where(self, target: WebhookTarget, event: Event) -> dict[str, str]:
+        return {"url": target.url_for(event.event)}
+
     async def send(self, target: WebhookTarget, event: Event) -> int:
         assert self._session is not None, "WebhookSink.send before open"
         data = event.data if target.base64 else strip_message_base64(event.data)
