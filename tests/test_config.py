@@ -18,7 +18,7 @@ from tests.conftest import ROOT, write_instance
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     for key in list(os.environ):
-        if key.startswith(("WEBHOOK_", "ROUTER_", "SERVER_", "AUTHENTICATION_", "LOG_")):
+        if key.startswith(("WEBHOOK_", "ROUTER_", "SERVER_", "AUTHENTICATION_", "LOG_", "RABBITMQ_", "SQS_")):
             monkeypatch.delenv(key)
     return monkeypatch
 
@@ -187,3 +187,14 @@ def test_run_with_bad_settings_exits_1_without_starting(tmp_path: Path):
     result = run_cli("run", cwd=tmp_path, env={"AUTHENTICATION_API_KEY": "k", "SERVER_PORT": "http"})
     assert result.returncode == 1
     assert "SERVER_PORT (environment): Input should be a valid integer" in result.stderr
+
+
+def test_every_example_file_is_valid(clean_env, tmp_path: Path):
+    loaded = load_instances(ROOT / "examples" / "instances")
+    assert loaded.problems == []
+    assert set(loaded.instances) == {"production-bot", "signed-webhook", "queue-consumer"}
+    assert loaded.instances["queue-consumer"].sqs.subscribed() == {"messages.upsert"}
+    settings = load_settings(None, ROOT / "examples" / "env.example")
+    assert settings.rabbitmq_uri == "amqp://guest:guest@localhost:5672/"
+    assert settings.sqs_account_id == "123456789012" and settings.sqs_fifo
+    assert settings.events_enabled("rabbitmq") == {"messages.upsert", "connection.update"}
