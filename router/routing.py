@@ -53,7 +53,6 @@ class RabbitmqTarget:
         return self.instance_events | self.global_events
 
 
-
 @dataclass(frozen=True, slots=True)
 class SqsTarget:
     """Sends to the queue named after the instance (or the global prefix) and the event."""
@@ -62,7 +61,6 @@ class SqsTarget:
     instance: str | None  # None: global mode, queues named after SQS_GLOBAL_PREFIX_NAME
     events: frozenset[str]
     sink = "sqs"
-
 
 
 Target = WebhookTarget | RabbitmqTarget | SqsTarget
