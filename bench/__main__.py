@@ -17,6 +17,7 @@ sqs: the local SQS server (moto) answers only a few dozen requests/s, so the rat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import platform
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -46,6 +48,7 @@ BATCH = 500
 API_KEY = "bench-key"
 RESULTS = Path(__file__).parent / "results"
 # The daemon on its embedded defaults plus the environment each section gives it.
+SETTING_PREFIXES = ("WEBHOOK_", "ROUTER_", "RABBITMQ_", "SQS_", "PUSHER_", "WEBSOCKET_")
 DAEMON = [sys.executable, "-m", "router", "--config", "/nonexistent", "--env-file", "/nonexistent", "run"]
 
 
@@ -147,55 +150,65 @@ async def bench_bare(base: str, receiver_pid: int) -> dict[str, float]:
     }
 
 
-async def bench_router(base: str, state_dir: str, receiver_pid: int) -> dict[str, float]:
+@contextlib.asynccontextmanager
+async def daemon(**sink_env: str) -> AsyncIterator[tuple[int, int]]:
+    """The daemon as its own process, with a fresh state directory: yields (port, pid)."""
     port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("WEBHOOK_", "ROUTER_"))},
-        "AUTHENTICATION_API_KEY": API_KEY,
-        "SERVER_HOST": "127.0.0.1",
-        "SERVER_PORT": str(port),
-        "ROUTER_STATE_DIR": state_dir,
-        "ROUTER_INSTANCES_DIR": state_dir,
-        "LOG_LEVEL": "ERROR,WARN",
+    with tempfile.TemporaryDirectory() as state_dir:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(SETTING_PREFIXES)},
+            "AUTHENTICATION_API_KEY": API_KEY,
+            "SERVER_HOST": "127.0.0.1",
+            "SERVER_PORT": str(port),
+            "ROUTER_STATE_DIR": state_dir,
+            "ROUTER_INSTANCES_DIR": state_dir,
+            "LOG_LEVEL": "ERROR,WARN",
+            **sink_env,
+        }
+        process = subprocess.Popen(DAEMON, env=env)
+        try:
+            await wait_http(f"http://127.0.0.1:{port}/health")
+            yield port, process.pid
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
+async def ingest_all(session: aiohttp.ClientSession, port: int, count: int, posters: int = 4) -> None:
+    """POST events 0..count-1 to the daemon in batches of BATCH, ``posters`` requests at a time."""
+    batches = list(range(0, count, BATCH))
+
+    async def post_batches(mine: list[int]) -> None:
+        for start in mine:
+            now = time.time()
+            batch = [make_event(n, now) for n in range(start, min(start + BATCH, count))]
+            async with session.post(
+                f"http://127.0.0.1:{port}/ingest",
+                data=orjson.dumps(batch),
+                headers={"apikey": API_KEY, "Content-Type": "application/json"},
+            ) as response:
+                assert response.status == 202, await response.text()
+
+    await asyncio.gather(*(post_batches(batches[i::posters]) for i in range(posters)))
+
+
+async def bench_router(base: str, receiver_pid: int) -> dict[str, float]:
+    hook = {
         "WEBHOOK_GLOBAL_ENABLED": "true",
         "WEBHOOK_GLOBAL_URL": f"{base}/hook",
         "WEBHOOK_EVENTS_MESSAGES_UPSERT": "true",
         "ROUTER_WEBHOOK_CONCURRENCY": str(CONCURRENCY),
     }
-    daemon = subprocess.Popen(
-        DAEMON,
-        env=env,
-    )
-    try:
-        await wait_http(f"http://127.0.0.1:{port}/health")
-        async with aiohttp.ClientSession() as session:
-            await session.post(f"{base}/reset")
-            ingest = f"http://127.0.0.1:{port}/ingest"
-            batches = list(range(0, N_EVENTS, BATCH))
-            ingest_done = 0.0
-
-            async def post_batches(mine: list[int]) -> None:
-                for start in mine:
-                    now = time.time()
-                    batch = [make_event(n, now) for n in range(start, min(start + BATCH, N_EVENTS))]
-                    async with session.post(
-                        ingest,
-                        data=orjson.dumps(batch),
-                        headers={"apikey": API_KEY, "Content-Type": "application/json"},
-                    ) as response:
-                        assert response.status == 202, await response.text()
-
-            cpu0, rcpu0 = cpu_s(daemon.pid), cpu_s(receiver_pid)
-            started = time.perf_counter()
-            await asyncio.gather(*(post_batches(batches[i::4]) for i in range(4)))
-            ingest_done = time.perf_counter() - started
-            await wait_count(session, base, N_EVENTS)
-            elapsed = time.perf_counter() - started
-            cpu, rcpu = cpu_s(daemon.pid) - cpu0, cpu_s(receiver_pid) - rcpu0
-            result = await stats(session, base)
-    finally:
-        daemon.terminate()
-        daemon.wait(30)
+    async with daemon(**hook) as (port, pid), aiohttp.ClientSession() as session:
+        await session.post(f"{base}/reset")
+        cpu0, rcpu0 = cpu_s(pid), cpu_s(receiver_pid)
+        started = time.perf_counter()
+        await ingest_all(session, port, N_EVENTS)
+        ingest_done = time.perf_counter() - started
+        await wait_count(session, base, N_EVENTS)
+        elapsed = time.perf_counter() - started
+        cpu, rcpu = cpu_s(pid) - cpu0, cpu_s(receiver_pid) - rcpu0
+        result = await stats(session, base)
     lat: list[float] = result["latencies_ms"]  # type: ignore[assignment]
     return {
         "events_per_s": N_EVENTS / elapsed,
@@ -264,17 +277,9 @@ async def bench_rabbit_bare(tag: str) -> dict[str, float]:
     return {"events_per_s": N_EVENTS / elapsed, "cpu_us_per_event": cpu / N_EVENTS * 1e6}
 
 
-async def bench_rabbit_router(tag: str, state_dir: str) -> dict[str, float]:
+async def bench_rabbit_router(tag: str) -> dict[str, float]:
     channel, exchange, queue = await rabbit_queue(tag)
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("WEBHOOK_", "ROUTER_", "RABBITMQ_"))},
-        "AUTHENTICATION_API_KEY": API_KEY,
-        "SERVER_HOST": "127.0.0.1",
-        "SERVER_PORT": str(port),
-        "ROUTER_STATE_DIR": state_dir,
-        "ROUTER_INSTANCES_DIR": state_dir,
-        "LOG_LEVEL": "ERROR,WARN",
+    rabbit = {
         "RABBITMQ_ENABLED": "true",
         "RABBITMQ_URI": RABBIT_URI,
         "RABBITMQ_EXCHANGE_NAME": exchange,
@@ -283,35 +288,15 @@ async def bench_rabbit_router(tag: str, state_dir: str) -> dict[str, float]:
         "RABBITMQ_EVENTS_MESSAGES_UPSERT": "true",
         "ROUTER_QUEUE_CONCURRENCY": str(CONCURRENCY),
     }
-    daemon = subprocess.Popen(
-        DAEMON,
-        env=env,
-    )
     try:
-        await wait_http(f"http://127.0.0.1:{port}/health")
-        async with aiohttp.ClientSession() as session:
-            ingest = f"http://127.0.0.1:{port}/ingest"
-
-            async def post_batches(mine: list[int]) -> None:
-                for start in mine:
-                    batch = [make_event(n, time.time()) for n in range(start, min(start + BATCH, N_EVENTS))]
-                    async with session.post(
-                        ingest,
-                        data=orjson.dumps(batch),
-                        headers={"apikey": API_KEY, "Content-Type": "application/json"},
-                    ) as response:
-                        assert response.status == 202, await response.text()
-
-            batches = list(range(0, N_EVENTS, BATCH))
-            cpu0 = cpu_s(daemon.pid)
+        async with daemon(**rabbit) as (port, pid), aiohttp.ClientSession() as session:
+            cpu0 = cpu_s(pid)
             started = time.perf_counter()
-            await asyncio.gather(*(post_batches(batches[i::4]) for i in range(4)))
+            await ingest_all(session, port, N_EVENTS)
             await wait_depth(channel, queue, N_EVENTS)
             elapsed = time.perf_counter() - started
-            cpu = cpu_s(daemon.pid) - cpu0
+            cpu = cpu_s(pid) - cpu0
     finally:
-        daemon.terminate()
-        daemon.wait(30)
         await rabbit_cleanup(channel, exchange, queue)
     return {"events_per_s": N_EVENTS / elapsed, "cpu_us_per_event": cpu / N_EVENTS * 1e6}
 
@@ -321,8 +306,7 @@ async def rabbitmq_section() -> dict[str, object]:
     for round_no in range(ROUNDS):
         tag = f"{os.getpid()}r{round_no}"
         bare_runs.append(await bench_rabbit_bare(tag + "b"))
-        with tempfile.TemporaryDirectory() as state_dir:
-            router_runs.append(await bench_rabbit_router(tag + "d", state_dir))
+        router_runs.append(await bench_rabbit_router(tag + "d"))
     ratios = [r["events_per_s"] / b["events_per_s"] for b, r in zip(bare_runs, router_runs, strict=True)]
     bare, router = median_run(bare_runs), median_run(router_runs)
     ratio = statistics.median(ratios)
@@ -353,8 +337,7 @@ async def webhook_section() -> dict[str, object]:
         bare_runs, router_runs = [], []
         for _ in range(ROUNDS):
             bare_runs.append(await bench_bare(base, receiver.pid))
-            with tempfile.TemporaryDirectory() as state_dir:
-                router_runs.append(await bench_router(base, state_dir, receiver.pid))
+            router_runs.append(await bench_router(base, receiver.pid))
     finally:
         receiver.terminate()
         receiver.wait(10)
@@ -450,13 +433,7 @@ async def sqs_section() -> dict[str, object]:
     endpoint = await proxy.start()
     prefix = f"bench{os.getpid()}"
     queue = f"{prefix}-messages-upsert.fifo"
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("WEBHOOK_", "ROUTER_", "SQS_"))},
-        "AUTHENTICATION_API_KEY": API_KEY,
-        "SERVER_HOST": "127.0.0.1",
-        "SERVER_PORT": str(port),
-        "LOG_LEVEL": "ERROR,WARN",
+    sqs = {
         "SQS_ENABLED": "true",
         "SQS_ACCESS_KEY_ID": "bench",
         "SQS_SECRET_ACCESS_KEY": "bench",
@@ -469,36 +446,17 @@ async def sqs_section() -> dict[str, object]:
         "ROUTER_QUEUE_CONCURRENCY": str(CONCURRENCY),
     }
     try:
-        with tempfile.TemporaryDirectory() as state_dir:
-            env |= {"ROUTER_STATE_DIR": state_dir, "ROUTER_INSTANCES_DIR": state_dir}
-            daemon = subprocess.Popen(
-                DAEMON,
-                env=env,
-            )
-            try:
-                await wait_http(f"http://127.0.0.1:{port}/health")
-                # The daemon looks its queues up at start; count only what the burst costs.
-                before = dict(proxy.actions)
-                async with aiohttp.ClientSession() as session:
-                    started = time.perf_counter()
-                    for start in range(0, SQS_EVENTS, BATCH):
-                        numbers = range(start, min(start + BATCH, SQS_EVENTS))
-                        batch = [make_event(n, time.time()) for n in numbers]
-                        async with session.post(
-                            f"http://127.0.0.1:{port}/ingest",
-                            data=orjson.dumps(batch),
-                            headers={"apikey": API_KEY, "Content-Type": "application/json"},
-                        ) as response:
-                            assert response.status == 202, await response.text()
-                    deadline = time.monotonic() + 600
-                    while proxy.entries < SQS_EVENTS:
-                        if time.monotonic() > deadline:
-                            raise TimeoutError(f"only {proxy.entries} of {SQS_EVENTS} messages were sent")
-                        await asyncio.sleep(0.05)
-                    elapsed = time.perf_counter() - started
-            finally:
-                daemon.terminate()
-                daemon.wait(30)
+        async with daemon(**sqs) as (port, _), aiohttp.ClientSession() as session:
+            # The daemon checks SQS at start; count only what the burst costs.
+            before = dict(proxy.actions)
+            started = time.perf_counter()
+            await ingest_all(session, port, SQS_EVENTS, posters=1)
+            deadline = time.monotonic() + 600
+            while proxy.entries < SQS_EVENTS:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"only {proxy.entries} of {SQS_EVENTS} messages were sent")
+                await asyncio.sleep(0.05)
+            elapsed = time.perf_counter() - started
         async with get_session().create_client(
             "sqs",
             region_name="us-east-1",

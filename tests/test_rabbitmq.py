@@ -7,6 +7,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiormq
 import orjson
@@ -40,6 +41,11 @@ class Broker:
             "ROUTER_QUEUE_RETRY_MAX_DELAY_S": "1",
             **extra,
         }
+
+    def subscribe(self, instances_dir: Path) -> str:
+        """An instance file for this test's instance with RabbitMQ on for messages.upsert."""
+        write_instance(instances_dir, self.instance, "rabbitmq: {enabled: true, events: [MESSAGES_UPSERT]}\n")
+        return f"{self.instance}.messages.upsert"
 
     async def reconnect(self) -> None:
         """After the broker dropped every connection, the consumer's included."""
@@ -101,9 +107,7 @@ def upsert(instance: str, n: int) -> dict[str, object]:
 
 
 async def test_instance_queue_gets_the_envelope_with_its_properties(broker, make_settings, tmp_path):
-    write_instance(
-        tmp_path / "instances", broker.instance, "rabbitmq: {enabled: true, events: [MESSAGES_UPSERT]}\n"
-    )
+    broker.subscribe(tmp_path / "instances")
     settings = make_settings(**broker.env(SERVER_URL="http://gw:8080"))
     async with running(settings) as app:
         payloads = [
@@ -131,9 +135,7 @@ async def test_instance_queue_gets_the_envelope_with_its_properties(broker, make
 
 
 async def test_global_and_instance_queues_each_get_exactly_one_copy(broker, make_settings, tmp_path):
-    write_instance(
-        tmp_path / "instances", broker.instance, "rabbitmq: {enabled: true, events: [MESSAGES_UPSERT]}\n"
-    )
+    broker.subscribe(tmp_path / "instances")
     other = f"{broker.instance}-other"
     settings = make_settings(
         **broker.env(RABBITMQ_GLOBAL_ENABLED="true", RABBITMQ_EVENTS_MESSAGES_UPSERT="true")
@@ -193,11 +195,8 @@ async def test_a_queue_declared_with_other_arguments_is_a_dead_letter_naming_it(
 
 
 async def test_connections_closed_by_the_broker_mid_stream_lose_nothing(broker, make_settings, tmp_path):
-    write_instance(
-        tmp_path / "instances", broker.instance, "rabbitmq: {enabled: true, events: [MESSAGES_UPSERT]}\n"
-    )
+    queue = broker.subscribe(tmp_path / "instances")
     settings = make_settings(**broker.env())
-    queue = f"{broker.instance}.messages.upsert"
     async with running(settings) as app:
         ids: list[str] = []
         for batch in range(10):
@@ -220,11 +219,8 @@ async def test_connections_closed_by_the_broker_mid_stream_lose_nothing(broker, 
 
 
 async def test_broker_stopped_events_wait_in_the_store_and_arrive_after(broker, make_settings, tmp_path):
-    write_instance(
-        tmp_path / "instances", broker.instance, "rabbitmq: {enabled: true, events: [MESSAGES_UPSERT]}\n"
-    )
+    queue = broker.subscribe(tmp_path / "instances")
     settings = make_settings(**broker.env())
-    queue = f"{broker.instance}.messages.upsert"
     async with running(settings) as app:
         assert (await post_ingest(app, [upsert(broker.instance, 0)]))[0] == 202
         [first] = await broker.consume(queue, 1)
@@ -262,9 +258,7 @@ async def test_ingest_refuses_such_names_when_the_global_queue_routes_everything
 
 
 async def test_webhooks_level_lines_name_the_exchange_and_routing_key(broker, daemon, tmp_path):
-    write_instance(
-        tmp_path / "instances", broker.instance, "rabbitmq: {enabled: true, events: [MESSAGES_UPSERT]}\n"
-    )
+    broker.subscribe(tmp_path / "instances")
     proc = daemon(LOG_LEVEL="ERROR,WARN,INFO,WEBHOOKS", **broker.env())
     proc.start()
     await proc.wait_ready()
