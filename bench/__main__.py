@@ -301,31 +301,49 @@ async def bench_rabbit_router(tag: str) -> dict[str, float]:
     return {"events_per_s": N_EVENTS / elapsed, "cpu_us_per_event": cpu / N_EVENTS * 1e6}
 
 
+class Paired:
+    """Bare and router runs of one section, alternated round by round.
+
+    Each round runs bare then router back to back: their ratio is paired, so a machine that
+    speeds up or slows down during the run does not skew it. The median of those is reported,
+    and the median run of each side is shown (its latencies belong to it).
+    """
+
+    def __init__(self, bare_runs: list[dict[str, float]], router_runs: list[dict[str, float]]) -> None:
+        self.bare_runs, self.router_runs = bare_runs, router_runs
+        self.ratios = [
+            r["events_per_s"] / b["events_per_s"] for b, r in zip(bare_runs, router_runs, strict=True)
+        ]
+        self.bare, self.router = median_run(bare_runs), median_run(router_runs)
+
+    def report(self, target: float) -> dict[str, object]:
+        ratio = statistics.median(self.ratios)
+        print(f"{'router / bare (median of rounds)':<40} {ratio:>10.2f}   (target >= {target:.2f})")
+        print(f"{'ratio in each round':<40} {', '.join(f'{r:.2f}' for r in self.ratios)}")
+        return {
+            "bare": self.bare,
+            "router": self.router,
+            "ratio": ratio,
+            "target": target,
+            "rounds": {"bare": self.bare_runs, "router": self.router_runs, "ratios": self.ratios},
+        }
+
+
 async def rabbitmq_section() -> dict[str, object]:
     bare_runs, router_runs = [], []
     for round_no in range(ROUNDS):
         tag = f"{os.getpid()}r{round_no}"
         bare_runs.append(await bench_rabbit_bare(tag + "b"))
         router_runs.append(await bench_rabbit_router(tag + "d"))
-    ratios = [r["events_per_s"] / b["events_per_s"] for b, r in zip(bare_runs, router_runs, strict=True)]
-    bare, router = median_run(bare_runs), median_run(router_runs)
-    ratio = statistics.median(ratios)
+    paired = Paired(bare_runs, router_runs)
     print(f"\nrabbitmq, {N_EVENTS} events of ~1 KB, quorum queue, confirms, concurrency {CONCURRENCY}")
     print(f"{'path':<40} {'events/s':>10} {'CPU us/event':>13}")
     for name, row in (
-        ("bare aiormq publisher (confirms)", bare),
-        ("router: /ingest -> SQLite -> RabbitMQ", router),
+        ("bare aiormq publisher (confirms)", paired.bare),
+        ("router: /ingest -> SQLite -> RabbitMQ", paired.router),
     ):
         print(f"{name:<40} {row['events_per_s']:>10.0f} {row['cpu_us_per_event']:>13.0f}")
-    print(f"{'router / bare (median of rounds)':<40} {ratio:>10.2f}   (target >= 0.60)")
-    print(f"{'ratio in each round':<40} {', '.join(f'{r:.2f}' for r in ratios)}")
-    return {
-        "bare": bare,
-        "router": router,
-        "ratio": ratio,
-        "target": 0.6,
-        "rounds": {"bare": bare_runs, "router": router_runs, "ratios": ratios},
-    }
+    return paired.report(target=0.6)
 
 
 async def webhook_section() -> dict[str, object]:
@@ -341,40 +359,24 @@ async def webhook_section() -> dict[str, object]:
     finally:
         receiver.terminate()
         receiver.wait(10)
-
-    bare, router = median_run(bare_runs), median_run(router_runs)
-    # Each round runs bare then router back to back: their ratio is paired, so a machine that
-    # speeds up or slows down during the run does not skew it. The median of those is reported.
-    ratios = [r["events_per_s"] / b["events_per_s"] for b, r in zip(bare_runs, router_runs, strict=True)]
-    ratio = statistics.median(ratios)
-    rows = [
-        ("bare aiohttp client -> receiver", bare),
-        ("router: /ingest -> SQLite -> webhook", router),
-    ]
+    paired = Paired(bare_runs, router_runs)
     print(
         f"\nwebhook, {N_EVENTS} events of ~1 KB, concurrency {CONCURRENCY}, {os.cpu_count()} cores,"
         f" median of {ROUNDS} alternating rounds"
     )
     print(f"{'path':<40} {'events/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'CPU us/event':>13}")
-    for name, row in rows:
+    for name, row in (
+        ("bare aiohttp client -> receiver", paired.bare),
+        ("router: /ingest -> SQLite -> webhook", paired.router),
+    ):
         print(
             f"{name:<40} {row['events_per_s']:>10.0f} {row['p50_ms']:>9.1f} {row['p99_ms']:>9.1f}"
             f" {row['cpu_us_per_event']:>13.0f}"
         )
-    print(f"{'router / bare (median of rounds)':<40} {ratio:>10.2f}   (target >= 0.50)")
-    print(f"{'ratio in each round':<40} {', '.join(f'{r:.2f}' for r in ratios)}")
-    print(f"{'router intake alone (events/s)':<40} {router['ingest_events_per_s']:>10.0f}")
-    return {
-        "bare": bare,
-        "router": router,
-        "ratio": ratio,
-        "target": 0.5,
-        "rounds": {"bare": bare_runs, "router": router_runs, "ratios": ratios},
-    }
+    print(f"{'router intake alone (events/s)':<40} {paired.router['ingest_events_per_s']:>10.0f}")
+    return paired.report(target=0.5)
 
 
-# The local server slows as a FIFO queue grows (about 9 messages/s at 2,000); 600 keep the
-# section to seconds while still 60 full batches.
 SQS_EVENTS = int(os.environ.get("BENCH_SQS_EVENTS", "600"))
 
 
