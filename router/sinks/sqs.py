@@ -10,7 +10,7 @@ FIFO queues get ``MessageGroupId`` = instance (order per instance) and
 five-minute window. Queues are looked up in ``SQS_ACCOUNT_ID``'s account, created when
 missing, and their URLs cached.
 
-Batching: every attempt is one ``send`` call, as for any sink. Attempts for one queue that
+Batching (``router.sinks.batching``): every attempt is one ``send`` call. Attempts for one queue that
 arrive together wait for each other, and the first of them sends them in ``SendMessageBatch``
 requests of up to ten entries. Each entry's outcome goes back to its own attempt, so a failed
 entry is retried on its own by the delivery worker.
@@ -18,11 +18,10 @@ entry is retried on its own by the delivery worker.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiobotocore.config import AioConfig
@@ -30,11 +29,12 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from router import logs
-from router.errors import DeliveryError, PermanentError, RetryableError
+from router.errors import PermanentError, RetryableError
 from router.events import Event, by_events_suffix, envelope
 from router.routing import SqsTarget
 from router.settings import Settings
 from router.sinks import BaseSink
+from router.sinks.batching import Batcher, Item
 
 log = logs.get_logger("router.sinks.sqs")
 BATCH_LIMIT = 10  # entries per SendMessageBatch (an SQS limit)
@@ -62,11 +62,10 @@ def queue_name(base: str, wire: str | None, fifo: bool) -> str:
     return name + suffix
 
 
-@dataclass
-class _Entry:
+@dataclass(frozen=True, slots=True)
+class _Message:
     event: Event
     body: bytes
-    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class SqsSink(BaseSink):
@@ -79,8 +78,7 @@ class SqsSink(BaseSink):
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
         self._urls: dict[str, str] = {}
-        self._pending: dict[str, list[_Entry]] = {}
-        self._sending: set[str] = set()
+        self._batcher: Batcher[_Message] = Batcher(BATCH_LIMIT, self._send_batch, "SQS send")
         self.requests = 0  # SQS API calls made, for the benchmark's requests per message
 
     async def open(self) -> None:
@@ -132,46 +130,18 @@ class SqsSink(BaseSink):
             raise PermanentError(
                 f"message of {len(body)} bytes is over SQS_MAX_PAYLOAD_SIZE ({self.max_payload} bytes)"
             )
-        queue = self.queue_for(target, event)
-        entry = _Entry(event, body)
-        self._pending.setdefault(queue, []).append(entry)
-        if queue not in self._sending:
-            await self._send_pending(queue)
-        await entry.done
+        await self._batcher.submit(self.queue_for(target, event), _Message(event, body))
         return None
 
-    async def _send_pending(self, queue: str) -> None:
-        """Send what waits for ``queue``, ten at a time, in order; then step aside."""
-        self._sending.add(queue)
-        try:
-            await asyncio.sleep(0)  # let the attempts started together join this batch
-            while pending := self._pending.get(queue):
-                batch, self._pending[queue] = pending[:BATCH_LIMIT], pending[BATCH_LIMIT:]
-                try:
-                    await self._send_batch(queue, batch)
-                except DeliveryError as exc:
-                    for entry in batch:
-                        if not entry.done.done():
-                            entry.done.set_exception(exc)
-                except BaseException as exc:  # never leave an attempt waiting
-                    for entry in batch:
-                        if not entry.done.done():
-                            entry.done.set_exception(RetryableError(f"SQS send failed: {exc!r}"))
-                    if isinstance(exc, asyncio.CancelledError):
-                        raise
-        finally:
-            self._sending.discard(queue)
-            if not self._pending.get(queue):
-                self._pending.pop(queue, None)
-
-    async def _send_batch(self, queue: str, batch: list[_Entry]) -> None:
+    async def _send_batch(self, queue: str, batch: list[Item[_Message]]) -> None:
         entries = []
-        for index, entry in enumerate(batch):
-            item: dict[str, Any] = {"Id": str(index), "MessageBody": entry.body.decode()}
+        for index, item in enumerate(batch):
+            message = item.payload
+            entry: dict[str, Any] = {"Id": str(index), "MessageBody": message.body.decode()}
             if self.fifo:
-                item["MessageGroupId"] = entry.event.instance
-                item["MessageDeduplicationId"] = entry.event.id
-            entries.append(item)
+                entry["MessageGroupId"] = message.event.instance
+                entry["MessageDeduplicationId"] = message.event.id
+            entries.append(entry)
         try:
             url = await self._queue_url(queue)
             self.requests += 1
@@ -187,12 +157,11 @@ class SqsSink(BaseSink):
         except BotoCoreError as exc:
             raise RetryableError(f"SQS unreachable: {exc}") from exc
         for ok in answer.get("Successful", []):
-            batch[int(ok["Id"])].done.set_result(None)
+            batch[int(ok["Id"])].succeed()
         for failed in answer.get("Failed", []):
-            entry = batch[int(failed["Id"])]
-            message = f"SQS refused the message ({failed.get('Code')}): {failed.get('Message', '')}"
-            error = PermanentError(message) if failed.get("SenderFault") else RetryableError(message)
-            entry.done.set_exception(error)
+            reason = f"SQS refused the message ({failed.get('Code')}): {failed.get('Message', '')}"
+            error = PermanentError(reason) if failed.get("SenderFault") else RetryableError(reason)
+            batch[int(failed["Id"])].fail(error)
 
     async def _queue_url(self, queue: str) -> str:
         if queue in self._urls:
