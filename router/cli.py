@@ -18,7 +18,7 @@ from router import __version__, logs
 from router.errors import ConfigError
 from router.events import WIRE_NAMES, by_events_suffix, config_name
 from router.instances import load_instances
-from router.routing import Routes, SqsTarget, WebhookTarget, build_routes
+from router.routing import PusherTarget, Routes, SqsTarget, WebhookTarget, build_routes
 from router.settings import DEFAULT_CONFIG_FILE, DEFAULT_ENV_FILE, Settings, load_settings
 
 
@@ -68,6 +68,8 @@ def describe_routes(routes: Routes, settings: Settings) -> list[str]:
             where = f"{target.url}{suffix}"
         elif isinstance(target, SqsTarget):
             where = f"queues {target.instance or settings.sqs_global_prefix_name}-<event>"
+        elif isinstance(target, PusherTarget):
+            where = f"app {target.app_id}, channel <instance>"
         else:
             where = f"exchange {settings.rabbitmq_exchange_name}, key <instance>.<event>"
         lines.append(f"  {scope}: {target.sink} -> {where}: {shown}")

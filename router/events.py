@@ -204,13 +204,17 @@ def envelope(
     return b"".join(parts)
 
 
-def strip_message_base64(data: bytes) -> bytes:
-    """``data`` without ``message.base64``; unchanged bytes when there is none."""
+def strip_message_base64(data: bytes, parents: tuple[str, ...] = ("message",)) -> bytes:
+    """``data`` without ``<parent>.base64`` for each of ``parents``; the same bytes when none is there."""
     if b'"base64"' not in data:
         return data
     parsed = orjson.loads(data)
-    message = parsed.get("message") if isinstance(parsed, dict) else None
-    if not isinstance(message, dict) or "base64" not in message:
+    if not isinstance(parsed, dict):
         return data
-    del message["base64"]
-    return orjson.dumps(parsed)
+    stripped = False
+    for parent in parents:
+        holder = parsed.get(parent)
+        if isinstance(holder, dict) and "base64" in holder:
+            del holder["base64"]
+            stripped = True
+    return orjson.dumps(parsed) if stripped else data

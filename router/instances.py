@@ -195,6 +195,10 @@ def parse_instance(doc: YamlDoc) -> InstanceConfig:
             f"{doc.where(['instanceName'])}: {config.instance_name!r} cannot be used with RabbitMQ:"
             " '.', '*' and '#' break its topic routing keys"
         )
+    if config.pusher.enabled:
+        for field_name, alias in (("app_id", "appId"), ("key", "key"), ("secret", "secret")):
+            if not getattr(config.pusher, field_name):
+                problems.append(f"{doc.where(['pusher', 'enabled'])}: pusher is enabled but has no {alias}")
     if config.webhook.enabled and not config.webhook.url:
         problems.append(f"{doc.where(['webhook', 'enabled'])}: webhook is enabled but has no url")
     if problems:

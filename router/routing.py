@@ -63,7 +63,22 @@ class SqsTarget:
     sink = "sqs"
 
 
-Target = WebhookTarget | RabbitmqTarget | SqsTarget
+@dataclass(frozen=True, slots=True)
+class PusherTarget:
+    """One Pusher app (global credentials, or an instance's own): channel = instance."""
+
+    key: str
+    instance: str | None
+    events: frozenset[str]
+    app_id: str
+    app_key: str
+    secret: str
+    cluster: str
+    use_tls: bool
+    sink = "pusher"
+
+
+Target = WebhookTarget | RabbitmqTarget | SqsTarget | PusherTarget
 
 
 @dataclass(frozen=True)
@@ -136,6 +151,21 @@ def build_routes(settings: Settings, instances: Mapping[str, InstanceConfig]) ->
         for wire in sqs_global.events:
             global_keys[wire].append(sqs_global.key)
 
+    if settings.pusher_enabled and settings.pusher_global_enabled:
+        pusher_global = PusherTarget(
+            key="pusher:global",
+            instance=None,
+            events=settings.events_enabled("pusher"),
+            app_id=settings.pusher_global_app_id or "",
+            app_key=settings.pusher_global_key or "",
+            secret=settings.pusher_global_secret or "",
+            cluster=settings.pusher_global_cluster or "mt1",
+            use_tls=settings.pusher_global_use_tls,
+        )
+        targets[pusher_global.key] = pusher_global
+        for wire in pusher_global.events:
+            global_keys[wire].append(pusher_global.key)
+
     by_instance: dict[tuple[str, str], tuple[str, ...]] = {}
     for name, config in instances.items():
         own: dict[str, list[str]] = {}
@@ -153,6 +183,21 @@ def build_routes(settings: Settings, instances: Mapping[str, InstanceConfig]) ->
             targets[sqs.key] = sqs
             for wire in sqs.events:
                 own.setdefault(wire, []).append(sqs.key)
+        push = config.pusher
+        if settings.pusher_enabled and push.enabled and push.app_id and push.key and push.secret:
+            pusher = PusherTarget(
+                key=f"pusher:instance:{name}",
+                instance=name,
+                events=push.subscribed(),
+                app_id=push.app_id,
+                app_key=push.key,
+                secret=push.secret,
+                cluster=push.cluster or "mt1",
+                use_tls=push.use_tls,
+            )
+            targets[pusher.key] = pusher
+            for wire in pusher.events:
+                own.setdefault(wire, []).append(pusher.key)
         hook = config.webhook
         if hook.enabled and hook.url:
             target = WebhookTarget(

@@ -42,6 +42,7 @@ EVENT_FLAG_PREFIXES = {
     "webhook": "WEBHOOK_EVENTS_",
     "rabbitmq": "RABBITMQ_EVENTS_",
     "sqs": "SQS_GLOBAL_",  # upstream's name; SQS_GLOBAL_ENABLED and co. are settings, not events
+    "pusher": "PUSHER_EVENTS_",
 }
 # Upstream names under those prefixes that are settings, not events; accepted and ignored.
 IGNORED_FLAG_NAMES = frozenset({"WEBHOOK_EVENTS_ERRORS", "WEBHOOK_EVENTS_ERRORS_WEBHOOK"})
@@ -140,6 +141,16 @@ class Settings(BaseSettings):
     sqs_endpoint_url: str | None = None
     sqs_fifo: bool = True
 
+    pusher_enabled: bool = False
+    pusher_global_enabled: bool = False
+    pusher_global_app_id: str | None = None
+    pusher_global_key: str | None = None
+    pusher_global_secret: str | None = None
+    pusher_global_cluster: str | None = None
+    pusher_global_use_tls: bool = True
+    pusher_host: str | None = None  # ours: a Pusher-protocol server other than api-<cluster>.pusher.com
+    pusher_port: int | None = Field(None, ge=1, le=65535)
+
     # --- ours ---
     server_host: str = "0.0.0.0"
     log_format: Literal["console", "json"] = "console"
@@ -177,11 +188,27 @@ class Settings(BaseSettings):
         return codes
 
     @field_validator(
-        "server_url", "webhook_global_url", "authentication_api_key", "rabbitmq_uri", mode="before"
+        "server_url",
+        "webhook_global_url",
+        "authentication_api_key",
+        "rabbitmq_uri",
+        "sqs_endpoint_url",
+        "pusher_global_app_id",
+        "pusher_global_key",
+        "pusher_global_secret",
+        "pusher_global_cluster",
+        "pusher_host",
+        "pusher_port",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("pusher_global_app_id", mode="before")
+    @classmethod
+    def _app_id_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
@@ -203,6 +230,16 @@ class Settings(BaseSettings):
             account = self.sqs_account_id or ""
             if not re.fullmatch(r"\d{12}", account):
                 raise ValueError(f"SQS_ACCOUNT_ID must be a 12-digit AWS account id, got {account!r}")
+        if self.pusher_enabled and self.pusher_global_enabled:
+            missing = [
+                name.upper()
+                for name in ("pusher_global_app_id", "pusher_global_key", "pusher_global_secret")
+                if not getattr(self, name)
+            ]
+            if not (self.pusher_global_cluster or self.pusher_host):
+                missing.append("PUSHER_GLOBAL_CLUSTER (or PUSHER_HOST)")
+            if missing:
+                raise ValueError(f"PUSHER_GLOBAL_ENABLED is true but {', '.join(missing)} not set")
         if not self.authentication_api_key:
             raise ValueError("AUTHENTICATION_API_KEY is not set (it guards /ingest)")
         return self

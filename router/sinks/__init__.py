@@ -69,7 +69,8 @@ class BaseSink:
 
 def build_sinks(settings: Settings) -> dict[str, BaseSink]:
     """One instance of every sink, by name (``webhook`` ...)."""
-    from router.sinks.rabbitmq import RabbitmqSink  # noqa: PLC0415 - keeps the registry one place
+    from router.sinks.pusher import PusherSink  # noqa: PLC0415 - keeps the registry one place
+    from router.sinks.rabbitmq import RabbitmqSink  # noqa: PLC0415
     from router.sinks.sqs import SqsSink  # noqa: PLC0415
     from router.sinks.webhook import WebhookSink  # noqa: PLC0415
 
@@ -78,4 +79,6 @@ def build_sinks(settings: Settings) -> dict[str, BaseSink]:
         sinks["rabbitmq"] = RabbitmqSink(settings)
     if settings.sqs_enabled:
         sinks["sqs"] = SqsSink(settings)
+    if settings.pusher_enabled:
+        sinks["pusher"] = PusherSink(settings)
     return sinks
