@@ -198,3 +198,5 @@ def test_every_example_file_is_valid(clean_env, tmp_path: Path):
     assert settings.rabbitmq_uri == "amqp://guest:guest@localhost:5672/"
     assert settings.sqs_account_id == "123456789012" and settings.sqs_fifo
     assert settings.events_enabled("rabbitmq") == {"messages.upsert", "connection.update"}
+    assert settings.events_enabled("pusher") == {"messages.upsert", "connection.update"}
+    assert settings.pusher_global_app_id == "1234567" and settings.pusher_host is None
