@@ -31,6 +31,7 @@ from router.intake import Intake
 from router.routing import Routes, build_routes, startup_targets
 from router.settings import Settings
 from router.sinks import BaseSink, build_sinks
+from router.sinks.websocket import WebSocketHub
 from router.store import Store
 
 log = logs.get_logger("router.app")
@@ -61,6 +62,7 @@ class App:
         self.port: int | None = None
         self.intake: Intake | None = None
         self.dispatcher: Dispatcher | None = None
+        self.websocket: WebSocketHub | None = None
         self._stopping = asyncio.Event()
         self._reload = asyncio.Event()
 
@@ -109,6 +111,9 @@ class App:
         intake = Intake(store, settings, self.routes)
         intake.handoff = dispatcher
         self.dispatcher, self.intake = dispatcher, intake
+        if settings.websocket_enabled:
+            self.websocket = WebSocketHub(settings, lambda: self.routes)
+            intake.live = self.websocket.publish
 
         async with asyncio.TaskGroup() as tasks:
             store_task = tasks.create_task(store.run(), name="store")
@@ -135,6 +140,8 @@ class App:
 
             log.info("router.stopping")
             # 1. Stop intake; requests under way finish (the store still runs for them).
+            if self.websocket is not None:
+                await self.websocket.close_all()
             await runner.cleanup()
             if jsonl is not None:
                 jsonl.stop()
@@ -151,6 +158,8 @@ class App:
         app = web.Application(client_max_size=settings.router_ingest_max_bytes)
         http.add_routes(app, intake)
         app.router.add_get("/health", health)
+        if self.websocket is not None:
+            self.websocket.add_routes(app)  # last: /{instance} must not shadow the paths above
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.router_shutdown_grace_s)
         await runner.setup()
         site = web.TCPSite(runner, settings.server_host, settings.server_port, reuse_address=True)

@@ -8,7 +8,7 @@ stores events and deliveries durably, and only then returns their ids.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -75,6 +75,7 @@ class Intake:
         self.settings = settings
         self.routes = routes
         self.handoff: Handoff = NoHandoff()
+        self.live: Callable[[Sequence[Event]], None] | None = None  # WebSocket fan-out, after commit
         self.accepted = 0
 
     def parse(self, obj: Any, path_event: str | None = None) -> Event:
@@ -168,7 +169,10 @@ class Intake:
             self.handoff.hand_over(stored.leases, {key: counts[key] for key in claimed})
             if stored.duplicates:
                 log.info("intake.duplicates", count=len(stored.duplicates))
+                events = [event for event in events if event.id not in stored.duplicates]
             self.handoff.notify(key for key in counts if key not in claimed)
+        if self.live is not None:
+            self.live(events)
         self.accepted += len(events)
         return [event.id for event in events]
 
@@ -177,3 +181,5 @@ class Intake:
         if targets:
             await self.store.accept([NewDelivery(event, tuple(targets))])
             self.handoff.notify(targets)
+        if self.live is not None:
+            self.live([event])

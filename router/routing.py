@@ -100,6 +100,11 @@ class Routes:
         """The global RabbitMQ target routes every instance's events by ``{instance}.{event}``."""
         return global_rabbitmq_key() in self.targets
 
+    def websocket_events(self, instance: str) -> frozenset[str]:
+        """What ``ws://host/{instance}`` streams: the instance's ``websocket`` subscription."""
+        config = self.instances.get(instance)
+        return config.websocket.subscribed() if config is not None else frozenset()
+
     def token_of(self, instance: str) -> str | None:
         config = self.instances.get(instance)
         return config.token if config is not None else None

@@ -151,6 +151,11 @@ class Settings(BaseSettings):
     pusher_host: str | None = None  # ours: a Pusher-protocol server other than api-<cluster>.pusher.com
     pusher_port: int | None = Field(None, ge=1, le=65535)
 
+    websocket_enabled: bool = False
+    websocket_global_events: bool = False
+    websocket_allowed_hosts: str = "127.0.0.1,::1,::ffff:127.0.0.1"
+    cors_origin: str = "*"
+
     # --- ours ---
     server_host: str = "0.0.0.0"
     log_format: Literal["console", "json"] = "console"
@@ -166,6 +171,7 @@ class Settings(BaseSettings):
     router_dedup_window_s: float = Field(600.0, ge=0)
     router_jsonl_path: str | None = None
     router_event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    router_websocket_buffer: int = Field(1000, ge=1)  # messages waiting per client before it is dropped
 
     @field_validator("log_level", mode="before")
     @classmethod

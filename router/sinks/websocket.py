@@ -1,0 +1,201 @@
+"""WebSocket: live streams of events to connected clients, on the daemon's own port.
+
+``ws://host:PORT/`` streams every instance's events (when ``WEBSOCKET_GLOBAL_EVENTS`` is on);
+``ws://host:PORT/{instance}`` streams the events that instance subscribed to in its
+``websocket`` settings. ``?events=messages.upsert,connection.update`` narrows a stream further.
+Each message is the envelope as JSON text.
+
+Delivery is live only: an event goes to the clients connected when it is accepted, without
+replay and without the store, so a client never holds up another sink. Every client has a
+bounded buffer (``ROUTER_WEBSOCKET_BUFFER`` messages); a client that falls that far behind is
+disconnected with the reason, and counted, so the daemon's memory stays flat.
+
+Auth: the ``apikey`` query parameter or header must be the global key, or that instance's
+token for its own stream, unless the client's address is in ``WEBSOCKET_ALLOWED_HOSTS``.
+Refused clients are closed with code 1008 and a reason that says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+from collections.abc import Callable, Iterable, Sequence
+
+from aiohttp import WSCloseCode, web
+
+from router import logs
+from router.events import WIRE_NAMES, Event, envelope
+from router.routing import Routes
+from router.settings import Settings
+
+log = logs.get_logger("router.sinks.websocket")
+
+
+class Client:
+    """One connected client: its stream, its filter and its bounded send buffer."""
+
+    def __init__(
+        self, ws: web.WebSocketResponse, instance: str | None, events: frozenset[str] | None, limit: int
+    ):
+        self.ws = ws
+        self.instance = instance  # None: the global stream
+        self.events = events  # None: no narrowing
+        self.limit = limit
+        self.buffer: collections.deque[str] = collections.deque()
+        self.ready = asyncio.Event()
+        self.dropped: str | None = None  # why the hub disconnected it
+
+    def offer(self, text: str) -> bool:
+        """Queue ``text``; False when the client is too far behind (the caller drops it)."""
+        if len(self.buffer) >= self.limit:
+            return False
+        self.buffer.append(text)
+        self.ready.set()
+        return True
+
+    async def pump(self) -> None:
+        """Send what is buffered, in order, until the connection ends."""
+        while not self.ws.closed:
+            if not self.buffer:
+                self.ready.clear()
+                await self.ready.wait()
+                continue
+            await self.ws.send_str(self.buffer.popleft())
+
+
+class WebSocketHub:
+    """Accepts clients and fans accepted events out to them."""
+
+    def __init__(self, settings: Settings, routes: Callable[[], Routes]) -> None:
+        self.settings = settings
+        self._routes = routes
+        self.allowed_hosts = {h.strip() for h in settings.websocket_allowed_hosts.split(",") if h.strip()}
+        self.clients: set[Client] = set()
+        self.sent = 0  # messages handed to clients
+        self.slow_disconnects = 0  # clients dropped for falling behind
+        self._closing: set[asyncio.Task[bool]] = set()
+
+    def add_routes(self, app: web.Application) -> None:
+        """``/`` and ``/{instance}``; add them last, after the daemon's own paths."""
+        app.router.add_get("/", self.handle)
+        app.router.add_get("/{instance}", self.handle)
+
+    def _refusal(self, request: web.Request, instance: str | None) -> str | None:
+        """Why this client may not connect, or None."""
+        if instance is None and not self.settings.websocket_global_events:
+            return "global events are off (WEBSOCKET_GLOBAL_EVENTS=false); connect to /<instance>"
+        origin = request.headers.get("Origin")
+        allowed_origins = {o.strip() for o in self.settings.cors_origin.split(",")}
+        if origin and "*" not in allowed_origins and origin not in allowed_origins:
+            return f"origin {origin!r} is not in CORS_ORIGIN"
+        if request.remote in self.allowed_hosts:
+            return None
+        given = request.query.get("apikey") or request.headers.get("apikey")
+        if not given:
+            return "missing apikey (query parameter or header)"
+        if hmac.compare_digest(given, self.settings.authentication_api_key or ""):
+            return None
+        token = self._routes().token_of(instance) if instance is not None else None
+        if token and hmac.compare_digest(given, token):
+            return None
+        return "invalid apikey" + (f" for instance {instance!r}" if instance is not None else "")
+
+    @staticmethod
+    def _narrowing(request: web.Request) -> tuple[frozenset[str] | None, str | None]:
+        raw = request.query.get("events")
+        if not raw:
+            return None, None
+        names = frozenset(name.strip() for name in raw.split(",") if name.strip())
+        unknown = sorted(names - set(WIRE_NAMES))
+        if unknown:
+            return None, f"unknown event {', '.join(repr(u) for u in unknown)} in ?events="
+        return names, None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        instance = request.match_info.get("instance")
+        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=64 * 1024)
+        if not ws.can_prepare(request).ok:
+            return web.json_response(
+                {"error": "this path serves WebSocket clients; connect with a WebSocket upgrade"}, status=400
+            )
+        await ws.prepare(request)
+        events, bad_filter = self._narrowing(request)
+        reason = self._refusal(request, instance) or bad_filter
+        if reason is not None:
+            log.warning(
+                "websocket.refused", kind="WEBSOCKET", instance=instance, remote=request.remote, reason=reason
+            )
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=reason.encode()[:120])
+            return ws
+        client = Client(ws, instance, events, self.settings.router_websocket_buffer)
+        self.clients.add(client)
+        log.info("websocket.connected", kind="WEBSOCKET", instance=instance, remote=request.remote)
+        pump = asyncio.create_task(client.pump())
+        try:
+            async for _ in ws:  # clients only listen; reading keeps pings and closes flowing
+                pass
+        finally:
+            self.clients.discard(client)
+            pump.cancel()
+            log.info(
+                "websocket.disconnected",
+                kind="WEBSOCKET",
+                instance=instance,
+                remote=request.remote,
+                reason=client.dropped or "closed",
+            )
+        return ws
+
+    def publish(self, events: Iterable[Event]) -> None:
+        """Hand ``events`` to every client whose stream includes them (never waits)."""
+        if not self.clients:
+            return
+        routes = self._routes()
+        global_on = self.settings.websocket_global_events
+        for event in events:
+            subscribed = routes.websocket_events(event.instance)
+            text: str | None = None
+            sent = 0
+            for client in list(self.clients):
+                if client.instance is None:
+                    if not global_on:
+                        continue
+                elif client.instance != event.instance or event.event not in subscribed:
+                    continue
+                if client.events is not None and event.event not in client.events:
+                    continue
+                if text is None:
+                    text = envelope(event, server_url=event.server_url, apikey=event.apikey).decode()
+                if client.offer(text):
+                    sent += 1
+                else:
+                    self._drop_slow(client)
+            self.sent += sent
+            if sent and logs.is_enabled("WEBSOCKET"):
+                log.info(
+                    "websocket.sent",
+                    kind="WEBSOCKET",
+                    instance=event.instance,
+                    _event=event.event,
+                    event_id=event.id,
+                    clients=sent,
+                )
+
+    def _drop_slow(self, client: Client) -> None:
+        self.clients.discard(client)
+        self.slow_disconnects += 1
+        client.dropped = f"too slow: more than {client.limit} messages waiting"
+        client.buffer.clear()
+        log.warning(
+            "websocket.slow_client", kind="WEBSOCKET", instance=client.instance, reason=client.dropped
+        )
+        closing = asyncio.get_running_loop().create_task(
+            client.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=client.dropped.encode())
+        )
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    async def close_all(self, clients: Sequence[Client] | None = None) -> None:
+        for client in list(clients if clients is not None else self.clients):
+            await client.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")

@@ -1,0 +1,135 @@
+"""The WebSocket streams, with real clients: aiohttp's client and a raw socket that never reads."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.conftest import API_KEY, post_ingest, running, write_instance
+
+
+def ws_env(**extra: str) -> dict[str, str]:
+    return {"WEBSOCKET_ENABLED": "true", **extra}
+
+
+def upsert(instance: str, n: int, **data: object) -> dict[str, object]:
+    return {"event": "messages.upsert", "instance": instance, "data": {"n": n, **data}}
+
+
+async def next_text(ws: aiohttp.ClientWebSocketResponse, timeout: float = 10) -> str:
+    message = await ws.receive(timeout=timeout)
+    assert message.type == aiohttp.WSMsgType.TEXT, message
+    return str(message.data)
+
+
+async def refusal(session: aiohttp.ClientSession, url: str) -> tuple[int | None, str]:
+    """Connect and read until the server closes: (close code, reason)."""
+    async with session.ws_connect(url) as ws:
+        message = await ws.receive(timeout=10)
+        assert message.type == aiohttp.WSMsgType.CLOSE, message
+        return ws.close_code, str(message.extra or "")
+
+
+async def test_instance_stream_gets_its_subscribed_events_as_envelopes(make_settings, tmp_path):
+    write_instance(tmp_path / "instances", "bot", "websocket: {enabled: true, events: [MESSAGES_UPSERT]}\n")
+    async with (
+        running(make_settings(**ws_env())) as app,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"http://127.0.0.1:{app.port}/bot") as ws,
+    ):
+        event = {**upsert("bot", 1), "id": "id-1", "date_time": "2023-12-01T10:30:00.000Z"}
+        others = [upsert("other", 2), {"event": "call", "instance": "bot", "data": {}}]
+        assert (await post_ingest(app, [*others, event]))[0] == 202
+        text = await next_text(ws)
+        assert text == (
+            '{"event":"messages.upsert","instance":"bot","data":{"n":1},'
+            '"date_time":"2023-12-01T10:30:00.000Z","apikey":null,"id":"id-1"}'
+        )
+        with pytest.raises(asyncio.TimeoutError):
+            await ws.receive(timeout=0.3)  # neither the other instance's event nor an unsubscribed one
+
+
+async def test_global_stream_and_narrowing_by_events(make_settings, tmp_path):
+    async with (
+        running(make_settings(**ws_env(WEBSOCKET_GLOBAL_EVENTS="true"))) as app,
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"http://127.0.0.1:{app.port}/") as everything,
+        session.ws_connect(f"http://127.0.0.1:{app.port}/?events=call") as calls,
+    ):
+        await post_ingest(app, [upsert("a", 1), {"event": "call", "instance": "b", "data": {}}])
+        got = [orjson.loads(await next_text(everything)) for _ in range(2)]
+        assert [(e["instance"], e["event"]) for e in got] == [("a", "messages.upsert"), ("b", "call")]
+        assert orjson.loads(await next_text(calls))["event"] == "call"
+        code, reason = await refusal(session, f"http://127.0.0.1:{app.port}/?events=nope")
+        assert code == 1008 and reason == "unknown event 'nope' in ?events="
+
+
+async def test_global_stream_needs_global_events(make_settings):
+    async with running(make_settings(**ws_env())) as app, aiohttp.ClientSession() as session:
+        code, reason = await refusal(session, f"http://127.0.0.1:{app.port}/")
+    assert code == 1008 and "WEBSOCKET_GLOBAL_EVENTS=false" in reason
+
+
+async def test_api_key_or_instance_token_unless_the_host_is_allowed(make_settings, tmp_path):
+    for name in ("bot", "shop"):
+        write_instance(tmp_path / "instances", name, f"token: {name}-token\nwebsocket: {{enabled: true}}\n")
+    settings = make_settings(**ws_env(WEBSOCKET_ALLOWED_HOSTS=""))
+    async with running(settings) as app, aiohttp.ClientSession() as session:
+        base = f"http://127.0.0.1:{app.port}"
+        assert await refusal(session, f"{base}/bot") == (1008, "missing apikey (query parameter or header)")
+        assert await refusal(session, f"{base}/bot?apikey=shop-token") == (
+            1008,
+            "invalid apikey for instance 'bot'",
+        )
+        async with (
+            session.ws_connect(f"{base}/bot?apikey=bot-token") as by_token,
+            session.ws_connect(f"{base}/shop", headers={"apikey": API_KEY}) as by_key,
+        ):
+            await post_ingest(app, [upsert("bot", 1), upsert("shop", 2)])
+            assert orjson.loads(await next_text(by_token))["instance"] == "bot"
+            assert orjson.loads(await next_text(by_key))["instance"] == "shop"
+
+
+def raw_client_that_never_reads(port: int, path: str) -> socket.socket:
+    """A real WebSocket handshake on a socket with a tiny receive buffer, then never a read."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(1)  # only the handshake answer
+    assert answer.startswith(b"HTTP/1.1 101"), answer
+    return sock
+
+
+async def test_a_client_that_cannot_keep_up_is_dropped_and_others_get_everything(make_settings, tmp_path):
+    write_instance(tmp_path / "instances", "bot", "websocket: {enabled: true}\n")
+    settings = make_settings(**ws_env(ROUTER_WEBSOCKET_BUFFER="20"))
+    async with running(settings) as app, aiohttp.ClientSession() as session:
+        slow = await asyncio.to_thread(raw_client_that_never_reads, app.port, "/bot")
+        async with session.ws_connect(f"http://127.0.0.1:{app.port}/bot", max_msg_size=0) as fast:
+            async with asyncio.timeout(10):
+                while len(app.websocket.clients) < 2:  # type: ignore[union-attr]
+                    await asyncio.sleep(0.01)
+            received = 0
+            for batch in range(20):
+                events = [upsert("bot", batch * 10 + n, text="x" * 50_000) for n in range(10)]
+                assert (await post_ingest(app, events))[0] == 202
+                for _ in range(10):
+                    assert orjson.loads(await next_text(fast))["data"]["n"] == received
+                    received += 1
+            hub = app.websocket
+            assert hub is not None and hub.slow_disconnects == 1
+            assert len(hub.clients) == 1
+        slow.close()
