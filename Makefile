@@ -27,8 +27,14 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check router tests bench
 	$(BIN)/mypy
 
+# The real Node.js clients (ws, socket.io-client) the WebSocket tests drive.
+NODE_CLIENTS := tests/node/node_modules/.installed
+$(NODE_CLIENTS): tests/node/package.json tests/node/package-lock.json
+	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+	touch $@
+
 ## test: lint, then the whole suite against real servers on loopback
-test: lint
+test: lint $(NODE_CLIENTS)
 	$(BIN)/pytest -q
 
 ## bench: throughput and latency against a bare client, in one run (not a test)
@@ -36,4 +42,4 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) var bench/results
+	rm -rf $(VENV) var bench/results tests/node/node_modules

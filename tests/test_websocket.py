@@ -6,6 +6,7 @@ import asyncio
 import base64
 import os
 import socket
+from pathlib import Path
 
 import aiohttp
 import orjson
@@ -133,3 +134,100 @@ async def test_a_client_that_cannot_keep_up_is_dropped_and_others_get_everything
             assert hub is not None and hub.slow_disconnects == 1
             assert len(hub.clients) == 1
         slow.close()
+
+
+class NodeClient:
+    """A Node.js client from tests/node as a subprocess; its stdout lines, one at a time."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    @classmethod
+    async def start(cls, script: str, *args: str) -> NodeClient:
+        process = await asyncio.create_subprocess_exec(
+            "node", str(NODE_DIR / script), *args, stdout=asyncio.subprocess.PIPE, cwd=NODE_DIR
+        )
+        return cls(process)
+
+    async def line(self, timeout: float = 15) -> str:
+        assert self.process.stdout is not None
+        raw = await asyncio.wait_for(self.process.stdout.readline(), timeout)
+        assert raw, "the client exited"
+        return raw.decode().rstrip("\n")
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+        await self.process.wait()
+
+
+NODE_DIR = Path(__file__).parent / "node"
+
+
+async def test_node_ws_client_as_in_upstreams_example(make_settings, tmp_path):
+    write_instance(tmp_path / "instances", "bot", "websocket: {enabled: true, events: []}\n")
+    async with running(make_settings(**ws_env())) as app:
+        client = await NodeClient.start("ws_client.js", f"ws://127.0.0.1:{app.port}/bot")
+        try:
+            assert await client.line() == "open"
+            await post_ingest(app, [upsert("bot", n) for n in range(3)])
+            got = [orjson.loads(await client.line()) for _ in range(3)]
+        finally:
+            await client.stop()
+    assert [(e["event"], e["instance"], e["data"]["n"]) for e in got] == [
+        ("messages.upsert", "bot", n) for n in range(3)
+    ]
+
+
+@pytest.mark.parametrize("transport", ["", "websocket"])
+async def test_socketio_client_on_an_instance_namespace(make_settings, tmp_path, transport):
+    write_instance(
+        tmp_path / "instances",
+        "bot",
+        "token: bot-token\nwebsocket: {enabled: true, events: [MESSAGES_UPSERT, CONNECTION_UPDATE]}\n",
+    )
+    settings = make_settings(**ws_env(WEBSOCKET_ALLOWED_HOSTS=""))
+    async with running(settings) as app:
+        base = f"http://127.0.0.1:{app.port}"
+        client = await NodeClient.start("sio_client.js", f"{base}/bot", "bot-token", transport)
+        refused = await NodeClient.start("sio_client.js", f"{base}/bot", "wrong", transport)
+        try:
+            assert await client.line() == "connected"  # before the instance's first event
+            assert await refused.line() == "refused invalid apikey for instance 'bot'"
+            event = {**upsert("bot", 1), "id": "id-1", "date_time": "2023-12-01T10:30:00.000Z"}
+            await post_ingest(app, [event, {"event": "call", "instance": "bot", "data": {}}])
+            await post_ingest(
+                app, [{"event": "connection.update", "instance": "bot", "data": {"state": "open"}}]
+            )
+            first, second = orjson.loads(await client.line()), orjson.loads(await client.line())
+        finally:
+            await client.stop()
+            await refused.stop()
+    assert first == {
+        "name": "messages.upsert",
+        "data": {
+            "event": "messages.upsert",
+            "instance": "bot",
+            "data": {"n": 1},
+            "date_time": "2023-12-01T10:30:00.000Z",
+            "apikey": None,
+            "id": "id-1",
+        },
+    }
+    assert second["name"] == "connection.update" and second["data"]["data"] == {"state": "open"}
+
+
+async def test_socketio_global_namespace_with_the_global_key(make_settings):
+    settings = make_settings(**ws_env(WEBSOCKET_GLOBAL_EVENTS="true", WEBSOCKET_ALLOWED_HOSTS=""))
+    async with running(settings) as app:
+        client = await NodeClient.start("sio_client.js", f"http://127.0.0.1:{app.port}/", API_KEY)
+        try:
+            assert await client.line() == "connected"
+            await post_ingest(app, [upsert("a", 1), upsert("b", 2)])
+            got = [orjson.loads(await client.line()) for _ in range(2)]
+        finally:
+            await client.stop()
+    assert [(g["name"], g["data"]["instance"]) for g in got] == [
+        ("messages.upsert", "a"),
+        ("messages.upsert", "b"),
+    ]

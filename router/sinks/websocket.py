@@ -13,6 +13,13 @@ disconnected with the reason, and counted, so the daemon's memory stays flat.
 Auth: the ``apikey`` query parameter or header must be the global key, or that instance's
 token for its own stream, unless the client's address is in ``WEBSOCKET_ALLOWED_HOSTS``.
 Refused clients are closed with code 1008 and a reason that says why.
+
+socket.io v4, as upstream serves it, on the same port (``/socket.io/``): namespace
+``/{instance}`` for an instance, ``/`` for global, socket.io event name = wire name, the
+envelope as the event's argument. Existing clients (``io("http://host:8080/my-instance")``)
+work unchanged. The same auth applies (query, header, or ``auth: {apikey}``); a refused
+client gets ``connect_error`` with the reason. A socket.io client whose queue holds more than
+``ROUTER_WEBSOCKET_BUFFER`` packets is disconnected, as a plain one is.
 """
 
 from __future__ import annotations
@@ -20,9 +27,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import hmac
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
+import orjson
+import socketio
 from aiohttp import WSCloseCode, web
+from socketio.exceptions import ConnectionRefusedError as SocketIoRefused
 
 from router import logs
 from router.events import WIRE_NAMES, Event, envelope
@@ -74,14 +85,26 @@ class WebSocketHub:
         self.clients: set[Client] = set()
         self.sent = 0  # messages handed to clients
         self.slow_disconnects = 0  # clients dropped for falling behind
-        self._closing: set[asyncio.Task[bool]] = set()
+        self._closing: set[asyncio.Task[Any]] = set()
+        origins = [o.strip() for o in settings.cors_origin.split(",") if o.strip()]
+        self.sio = socketio.AsyncServer(
+            async_mode="aiohttp",
+            namespaces="*",
+            cors_allowed_origins="*" if "*" in origins else origins,
+            logger=False,
+            engineio_logger=False,
+        )
+        self.sio.on("connect", self._sio_connect, namespace="*")
+        self.sio.on("disconnect", self._sio_disconnect, namespace="*")
+        self._sio_clients: collections.Counter[str] = collections.Counter()  # by namespace
 
     def add_routes(self, app: web.Application) -> None:
-        """``/`` and ``/{instance}``; add them last, after the daemon's own paths."""
+        """socket.io, ``/`` and ``/{instance}``; add them last, after the daemon's own paths."""
+        self.sio.attach(app)
         app.router.add_get("/", self.handle)
         app.router.add_get("/{instance}", self.handle)
 
-    def _refusal(self, request: web.Request, instance: str | None) -> str | None:
+    def _refusal(self, request: web.Request, instance: str | None, auth: Any = None) -> str | None:
         """Why this client may not connect, or None."""
         if instance is None and not self.settings.websocket_global_events:
             return "global events are off (WEBSOCKET_GLOBAL_EVENTS=false); connect to /<instance>"
@@ -92,6 +115,8 @@ class WebSocketHub:
         if request.remote in self.allowed_hosts:
             return None
         given = request.query.get("apikey") or request.headers.get("apikey")
+        if not given and isinstance(auth, dict) and isinstance(auth.get("apikey"), str):
+            given = auth["apikey"]
         if not given:
             return "missing apikey (query parameter or header)"
         if hmac.compare_digest(given, self.settings.authentication_api_key or ""):
@@ -147,8 +172,65 @@ class WebSocketHub:
             )
         return ws
 
-    def publish(self, events: Iterable[Event]) -> None:
+    async def _sio_connect(self, namespace: str, sid: str, environ: dict[str, Any], auth: Any) -> None:
+        request: web.Request = environ["aiohttp.request"]
+        instance = None if namespace == "/" else namespace.removeprefix("/")
+        reason = self._refusal(request, instance, auth)
+        if reason is not None:
+            log.warning(
+                "websocket.refused", kind="WEBSOCKET", instance=instance, remote=request.remote, reason=reason
+            )
+            raise SocketIoRefused(reason)
+        self._sio_clients[namespace] += 1
+        log.info(
+            "websocket.connected", kind="WEBSOCKET", instance=instance, remote=request.remote, socketio=True
+        )
+
+    async def _sio_disconnect(self, namespace: str, sid: str, *_: Any) -> None:
+        self._sio_clients[namespace] -= 1
+        if self._sio_clients[namespace] <= 0:
+            del self._sio_clients[namespace]
+
+    def _publish_socketio(self, events: Sequence[Event]) -> None:
+        routes = self._routes()
+        emits: list[tuple[str, str, Any]] = []
+        for event in events:
+            namespaces = []
+            if self.settings.websocket_global_events and "/" in self._sio_clients:
+                namespaces.append("/")
+            own = f"/{event.instance}"
+            if own in self._sio_clients and event.event in routes.websocket_events(event.instance):
+                namespaces.append(own)
+            if namespaces:
+                data = orjson.loads(envelope(event, server_url=event.server_url, apikey=event.apikey))
+                emits += [(namespace, event.event, data) for namespace in namespaces]
+        if emits:
+            self._background(self._emit_all(emits))
+
+    async def _emit_all(self, emits: list[tuple[str, str, Any]]) -> None:
+        for socket in list(self.sio.eio.sockets.values()):
+            if socket.queue.qsize() > self.settings.router_websocket_buffer:
+                self.slow_disconnects += 1
+                log.warning(
+                    "websocket.slow_client",
+                    kind="WEBSOCKET",
+                    socketio=True,
+                    reason=f"too slow: more than {self.settings.router_websocket_buffer} packets waiting",
+                )
+                await socket.close(wait=False, abort=True)
+        for namespace, name, data in emits:
+            await self.sio.emit(name, data, namespace=namespace)
+            self.sent += 1
+
+    def _background(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def publish(self, events: Sequence[Event]) -> None:
         """Hand ``events`` to every client whose stream includes them (never waits)."""
+        if self._sio_clients:
+            self._publish_socketio(events)
         if not self.clients:
             return
         routes = self._routes()
@@ -190,12 +272,9 @@ class WebSocketHub:
         log.warning(
             "websocket.slow_client", kind="WEBSOCKET", instance=client.instance, reason=client.dropped
         )
-        closing = asyncio.get_running_loop().create_task(
-            client.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=client.dropped.encode())
-        )
-        self._closing.add(closing)
-        closing.add_done_callback(self._closing.discard)
+        self._background(client.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=client.dropped.encode()))
 
-    async def close_all(self, clients: Sequence[Client] | None = None) -> None:
-        for client in list(clients if clients is not None else self.clients):
+    async def close_all(self) -> None:
+        for client in list(self.clients):
             await client.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        await self.sio.shutdown()
