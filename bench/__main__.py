@@ -40,6 +40,7 @@ from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from pamqp.commands import Basic
 
 from tests.conftest import free_port
+from tests.pusher_server import PusherServer
 
 N_EVENTS = int(os.environ.get("BENCH_EVENTS", "20000"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))  # bare and router alternate; medians reported
@@ -497,7 +498,117 @@ async def sqs_section() -> dict[str, object]:
     }
 
 
-SECTIONS = {"webhook": webhook_section, "rabbitmq": rabbitmq_section, "sqs": sqs_section}
+WS_CLIENTS = int(os.environ.get("BENCH_WS_CLIENTS", "1000"))
+WS_EVENTS = int(os.environ.get("BENCH_WS_EVENTS", "200"))
+
+
+async def websocket_section() -> dict[str, object]:
+    """WS_EVENTS events broadcast by the daemon to WS_CLIENTS clients of the global stream."""
+    received = 0
+    everyone = WS_CLIENTS * WS_EVENTS
+    all_in = asyncio.Event()
+
+    async def listen(ws: aiohttp.ClientWebSocketResponse) -> None:
+        nonlocal received
+        async for _ in ws:
+            received += 1
+            if received == everyone:
+                all_in.set()
+
+    env = {
+        "WEBSOCKET_ENABLED": "true",
+        "WEBSOCKET_GLOBAL_EVENTS": "true",
+        "ROUTER_WEBSOCKET_BUFFER": "100000",
+    }
+    async with daemon(**env) as (port, pid):
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            sockets = []
+            for start in range(0, WS_CLIENTS, 100):  # connect in waves, not all at once
+                sockets += await asyncio.gather(
+                    *(
+                        session.ws_connect(f"http://127.0.0.1:{port}/", max_msg_size=0)
+                        for _ in range(start, min(start + 100, WS_CLIENTS))
+                    )
+                )
+            listeners = [asyncio.create_task(listen(ws)) for ws in sockets]
+            cpu0 = cpu_s(pid)
+            started = time.perf_counter()
+            await ingest_all(session, port, WS_EVENTS, posters=1)
+            await asyncio.wait_for(all_in.wait(), 300)
+            elapsed = time.perf_counter() - started
+            cpu = cpu_s(pid) - cpu0
+            for ws in sockets:
+                await ws.close()
+            await asyncio.gather(*listeners, return_exceptions=True)
+    row = {
+        "clients": WS_CLIENTS,
+        "events": WS_EVENTS,
+        "events_per_s": WS_EVENTS / elapsed,
+        "messages_per_s": everyone / elapsed,
+        "daemon_cpu_us_per_message": cpu / everyone * 1e6,
+    }
+    print(f"\nwebsocket, {WS_EVENTS} events of ~1 KB broadcast to {WS_CLIENTS} clients of ws://host/")
+    print(f"{'events/s broadcast':<40} {row['events_per_s']:>10.0f}")
+    print(f"{'messages/s delivered':<40} {row['messages_per_s']:>10.0f}")
+    print(f"{'daemon CPU us/message':<40} {row['daemon_cpu_us_per_message']:>10.1f}")
+    print("(the clients run in this one bench process; its own receive loop is part of the limit)")
+    return row
+
+
+PUSHER_EVENTS = int(os.environ.get("BENCH_PUSHER_EVENTS", "5000"))
+
+
+async def pusher_section() -> dict[str, object]:
+    """PUSHER_EVENTS events through the daemon to a local Pusher-protocol server that checks
+    every signature (the test suite's), counting events and requests."""
+    server = PusherServer()
+    server.add_app("1", "bench-key", "bench-secret")
+    await server.start()
+    env = {
+        "PUSHER_ENABLED": "true",
+        "PUSHER_GLOBAL_ENABLED": "true",
+        "PUSHER_GLOBAL_APP_ID": "1",
+        "PUSHER_GLOBAL_KEY": "bench-key",
+        "PUSHER_GLOBAL_SECRET": "bench-secret",
+        "PUSHER_GLOBAL_USE_TLS": "false",
+        "PUSHER_HOST": "127.0.0.1",
+        "PUSHER_PORT": str(server.port),
+        "PUSHER_EVENTS_MESSAGES_UPSERT": "true",
+        "ROUTER_QUEUE_CONCURRENCY": str(CONCURRENCY),
+    }
+    try:
+        async with daemon(**env) as (port, pid), aiohttp.ClientSession() as session:
+            cpu0 = cpu_s(pid)
+            started = time.perf_counter()
+            await ingest_all(session, port, PUSHER_EVENTS)
+            await server.wait_for(PUSHER_EVENTS, timeout=300)
+            elapsed = time.perf_counter() - started
+            cpu = cpu_s(pid) - cpu0
+    finally:
+        await server.stop()
+    assert not server.refused, server.refused
+    row = {
+        "events": PUSHER_EVENTS,
+        "events_per_s": PUSHER_EVENTS / elapsed,
+        "requests": len(server.requests),
+        "requests_per_event": len(server.requests) / PUSHER_EVENTS,
+        "daemon_cpu_us_per_event": cpu / PUSHER_EVENTS * 1e6,
+    }
+    print(f"\npusher, {PUSHER_EVENTS} events of ~1 KB to a local Pusher-protocol server (signatures checked)")
+    print(f"{'events/s':<40} {row['events_per_s']:>10.0f}")
+    print(f"{'requests per event (batch_events)':<40} {row['requests_per_event']:>10.3f}")
+    print(f"{'daemon CPU us/event':<40} {row['daemon_cpu_us_per_event']:>10.0f}")
+    return row
+
+
+SECTIONS = {
+    "webhook": webhook_section,
+    "rabbitmq": rabbitmq_section,
+    "sqs": sqs_section,
+    "websocket": websocket_section,
+    "pusher": pusher_section,
+}
 
 
 async def main() -> None:

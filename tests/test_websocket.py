@@ -231,3 +231,17 @@ async def test_socketio_global_namespace_with_the_global_key(make_settings):
         ("messages.upsert", "a"),
         ("messages.upsert", "b"),
     ]
+
+
+async def test_browser_origins_outside_cors_origin_are_refused(make_settings, tmp_path):
+    write_instance(tmp_path / "instances", "bot", "websocket: {enabled: true}\n")
+    settings = make_settings(**ws_env(CORS_ORIGIN="https://app.example.com"))
+    async with running(settings) as app, aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{app.port}/bot"
+        async with session.ws_connect(url, headers={"Origin": "https://app.example.com"}) as ws:
+            await post_ingest(app, [upsert("bot", 1)])
+            assert orjson.loads(await next_text(ws))["data"] == {"n": 1}
+        async with session.ws_connect(url, headers={"Origin": "https://evil.example"}) as ws:
+            message = await ws.receive(timeout=10)
+    assert message.type == aiohttp.WSMsgType.CLOSE
+    assert message.data == 1008 and message.extra == "origin 'https://evil.example' is not in CORS_ORIGIN"
