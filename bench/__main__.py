@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import aiohttp
@@ -193,6 +193,17 @@ async def ingest_all(session: aiohttp.ClientSession, port: int, count: int, post
     await asyncio.gather(*(post_batches(batches[i::posters]) for i in range(posters)))
 
 
+async def timed_burst(
+    session: aiohttp.ClientSession, port: int, pid: int, count: int, arrived: Awaitable[object]
+) -> tuple[float, float]:
+    """Post ``count`` events and wait for ``arrived``: (seconds, daemon CPU seconds)."""
+    cpu0 = cpu_s(pid)
+    started = time.perf_counter()
+    await ingest_all(session, port, count)
+    await arrived
+    return time.perf_counter() - started, cpu_s(pid) - cpu0
+
+
 async def bench_router(base: str, receiver_pid: int) -> dict[str, float]:
     hook = {
         "WEBHOOK_GLOBAL_ENABLED": "true",
@@ -291,12 +302,9 @@ async def bench_rabbit_router(tag: str) -> dict[str, float]:
     }
     try:
         async with daemon(**rabbit) as (port, pid), aiohttp.ClientSession() as session:
-            cpu0 = cpu_s(pid)
-            started = time.perf_counter()
-            await ingest_all(session, port, N_EVENTS)
-            await wait_depth(channel, queue, N_EVENTS)
-            elapsed = time.perf_counter() - started
-            cpu = cpu_s(pid) - cpu0
+            elapsed, cpu = await timed_burst(
+                session, port, pid, N_EVENTS, wait_depth(channel, queue, N_EVENTS)
+            )
     finally:
         await rabbit_cleanup(channel, exchange, queue)
     return {"events_per_s": N_EVENTS / elapsed, "cpu_us_per_event": cpu / N_EVENTS * 1e6}
@@ -579,12 +587,8 @@ async def pusher_section() -> dict[str, object]:
     }
     try:
         async with daemon(**env) as (port, pid), aiohttp.ClientSession() as session:
-            cpu0 = cpu_s(pid)
-            started = time.perf_counter()
-            await ingest_all(session, port, PUSHER_EVENTS)
-            await server.wait_for(PUSHER_EVENTS, timeout=300)
-            elapsed = time.perf_counter() - started
-            cpu = cpu_s(pid) - cpu0
+            arrived = server.wait_for(PUSHER_EVENTS, timeout=300)
+            elapsed, cpu = await timed_burst(session, port, pid, PUSHER_EVENTS, arrived)
     finally:
         await server.stop()
     assert not server.refused, server.refused

@@ -93,17 +93,14 @@ class PusherSink(BaseSink):
 
     def data(self, target: PusherTarget, event: Event) -> str:
         """The envelope as Pusher's ``data`` string, within Pusher's size limit."""
-        body = envelope(event, destination=target.app_id, server_url=event.server_url, apikey=event.apikey)
+
+        def build(data: bytes) -> bytes:
+            app_id, server_url, apikey = target.app_id, event.server_url, event.apikey
+            return envelope(event, destination=app_id, server_url=server_url, apikey=apikey, data=data)
+
+        body = build(event.data)
         if len(body) > MAX_DATA_BYTES:
-            stripped = strip_message_base64(event.data, MEDIA)
-            if stripped is not event.data:
-                body = envelope(
-                    event,
-                    destination=target.app_id,
-                    server_url=event.server_url,
-                    apikey=event.apikey,
-                    data=stripped,
-                )
+            body = build(strip_message_base64(event.data, MEDIA))
         if len(body) > MAX_DATA_BYTES:
             raise PermanentError(
                 f"message of {len(body)} bytes is over Pusher's {MAX_DATA_BYTES}-byte limit"
