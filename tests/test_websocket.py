@@ -245,3 +245,15 @@ async def test_browser_origins_outside_cors_origin_are_refused(make_settings, tm
             message = await ws.receive(timeout=10)
     assert message.type == aiohttp.WSMsgType.CLOSE
     assert message.data == 1008 and message.extra == "origin 'https://evil.example' is not in CORS_ORIGIN"
+
+
+async def test_node_ws_client_on_the_global_stream_exactly_as_the_seed_connects(make_settings):
+    async with running(make_settings(**ws_env(WEBSOCKET_GLOBAL_EVENTS="true"))) as app:
+        client = await NodeClient.start("ws_client.js", f"ws://127.0.0.1:{app.port}")  # no path at all
+        try:
+            assert await client.line() == "open"
+            await post_ingest(app, [upsert("a", 1), {"event": "qrcode.updated", "instance": "b", "data": {}}])
+            got = [orjson.loads(await client.line()) for _ in range(2)]
+        finally:
+            await client.stop()
+    assert [(e["instance"], e["event"]) for e in got] == [("a", "messages.upsert"), ("b", "qrcode.updated")]
