@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Coroutine
@@ -152,6 +153,48 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from router import deadletters  # noqa: PLC0415
+    from router.app import database_path  # noqa: PLC0415
+
+    path = database_path(_settings(args))
+    selection = deadletters.Selection(
+        ids=tuple(getattr(args, "ids", ()) or ()),
+        instance=args.instance,
+        sink=args.sink,
+        event=args.event,
+        since=deadletters.parse_time(args.since) if args.since else None,
+        until=deadletters.parse_time(args.until) if args.until else None,
+    )
+    if args.action == "show":
+        for delivery_id in selection.ids:
+            print(orjson.dumps(deadletters.show(path, delivery_id), option=orjson.OPT_INDENT_2).decode())
+        return 0
+    if args.action == "list":
+        rows = deadletters.list_dead(path, selection)
+        print(
+            f"{'ID':>8}  {'DIED (UTC)':<20} {'INSTANCE':<20} {'EVENT':<24}"
+            f" {'TARGET':<32} {'TRIES':>5}  LAST ERROR"
+        )
+        for row in rows:
+            died = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["updated_at"]))
+            print(
+                f"{row['id']:>8}  {died:<20} {row['instance']:<20} {row['event']:<24} {row['target']:<32}"
+                f" {row['attempts']:>5}  {row['last_error']}"
+            )
+        print(f"{len(rows)} dead letter(s)", file=sys.stderr)
+        return 0
+    if not selection.narrows and not getattr(args, "all", False):
+        raise ConfigError([f"dlq {args.action}: name ids or a filter, or pass --all for every dead letter"])
+    if args.action == "replay":
+        count = deadletters.replay(path, selection)
+        print(f"replayed {count} dead letter(s): pending again, due now")
+    else:
+        count = deadletters.purge(path, selection)
+        print(f"purged {count} dead letter(s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evolution-router", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -183,6 +226,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     events = commands.add_parser("events", help="list every event and its names")
     events.set_defaults(func=cmd_events)
+
+    dlq = commands.add_parser("dlq", help="dead letters: list, show, replay, purge")
+    actions = dlq.add_subparsers(dest="action", required=True)
+    for action, helptext in (
+        ("list", "list dead letters (filters narrow)"),
+        ("show", "a dead letter's envelope and every attempt's error"),
+        ("replay", "make dead letters pending again; they go through the normal retry path"),
+        ("purge", "delete dead letters"),
+    ):
+        sub = actions.add_parser(action, help=helptext)
+        if action == "show":
+            sub.add_argument("ids", nargs="+", type=int, metavar="ID")
+        elif action != "list":
+            sub.add_argument("ids", nargs="*", type=int, metavar="ID")
+            sub.add_argument("--all", action="store_true", help="every dead letter the filters leave")
+        sub.add_argument("--instance")
+        sub.add_argument("--sink", choices=["webhook", "rabbitmq", "sqs", "pusher"])
+        sub.add_argument("--event", help="wire name, e.g. messages.upsert")
+        sub.add_argument("--since", help="died at or after (ISO-8601 or unix seconds)")
+        sub.add_argument("--until", help="died before (ISO-8601 or unix seconds)")
+        sub.set_defaults(func=cmd_dlq)
     return parser
 
 

@@ -27,6 +27,7 @@ from router.store import Lease, Store
 log = logs.get_logger("router.delivery")
 QUEUE_MAX_ATTEMPTS = 2**62  # "forever": a broker outage never turns events into dead letters
 LEASE_AHEAD = 16  # a worker keeps up to this many times its concurrency leased ahead
+IDLE_POLL_S = 2.0  # an idle worker looks for due deliveries at least this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +162,9 @@ class TargetWorker:
                 self.in_flight -= 1
 
     async def _sleep_until(self, due_at: float | None) -> None:
-        timeout = None if due_at is None else max(0.0, due_at - time.time())
+        # Look again at least every IDLE_POLL_S: another process (``dlq replay``) may have
+        # made deliveries due that this one was not told about.
+        timeout = IDLE_POLL_S if due_at is None else min(IDLE_POLL_S, max(0.0, due_at - time.time()))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 

@@ -158,6 +158,13 @@ def router_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "router", "--config", "/nonexistent", "--env-file", "/nonexistent", *args]
 
 
+def run_router(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``evolution-router ARGS`` to completion, with exactly ``env``; its output as text."""
+    return subprocess.run(
+        router_command(*args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
 def write_instance(directory: Path, name: str, text: str) -> Path:
     path = directory / f"{name}.yaml"
     path.write_text(text)

@@ -21,7 +21,7 @@ from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from router.app import database_path
 from router.sinks.sqs import queue_name
 from router.store import dead_letters
-from tests.conftest import ROOT, free_port, post_ingest, router_command, running, write_instance
+from tests.conftest import free_port, post_ingest, run_router, running, write_instance
 
 REGION = "us-east-1"
 
@@ -202,15 +202,7 @@ def check_sqs(tmp_path: Path, endpoint_url: str, **extra: str) -> subprocess.Com
         "PATH": "/usr/bin:/bin",
         **extra,
     }
-    return subprocess.run(
-        router_command("check"),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+    return run_router(env, "check")
 
 
 def test_check_reports_an_unreachable_sqs(tmp_path):
