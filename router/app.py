@@ -19,6 +19,7 @@ from pathlib import Path
 
 import orjson
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from router import __version__, logs
 from router.adapters import http
@@ -28,6 +29,7 @@ from router.errors import DeliveryError
 from router.events import Event, new_event_id, utc_timestamp
 from router.instances import InstanceConfig, load_instances
 from router.intake import Intake
+from router.metrics import Metrics
 from router.routing import Routes, build_routes, startup_targets
 from router.settings import Settings
 from router.sinks import BaseSink, build_sinks
@@ -63,6 +65,8 @@ class App:
         self.intake: Intake | None = None
         self.dispatcher: Dispatcher | None = None
         self.websocket: WebSocketHub | None = None
+        self.store: Store | None = None
+        self.metrics = Metrics()
         self._stopping = asyncio.Event()
         self._reload = asyncio.Event()
 
@@ -110,7 +114,8 @@ class App:
         dispatcher = Dispatcher(store, sinks, self.routes, settings)
         intake = Intake(store, settings, self.routes)
         intake.handoff = dispatcher
-        self.dispatcher, self.intake = dispatcher, intake
+        dispatcher.metrics = intake.metrics = self.metrics
+        self.dispatcher, self.intake, self.store = dispatcher, intake, store
         if settings.websocket_enabled:
             self.websocket = WebSocketHub(settings, lambda: self.routes)
             intake.live = self.websocket.publish
@@ -158,6 +163,7 @@ class App:
         app = web.Application(client_max_size=settings.router_ingest_max_bytes)
         http.add_routes(app, intake)
         app.router.add_get("/health", health)
+        app.router.add_get("/metrics", self._metrics)
         if self.websocket is not None:
             self.websocket.add_routes(app)  # last: /{instance} must not shadow the paths above
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.router_shutdown_grace_s)
@@ -168,6 +174,19 @@ class App:
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else settings.server_port
         return runner
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        metrics = self.metrics
+        if self.store is not None:
+            metrics.set_store_state(await self.store.sink_state())
+        if self.websocket is not None:
+            hub = self.websocket
+            metrics.websocket_clients.set(len(hub.clients) + sum(hub.sio_clients.values()))
+            metrics.websocket_slow_disconnects.set(hub.slow_disconnects)
+        rabbit = self.dispatcher.sinks.get("rabbitmq") if self.dispatcher is not None else None
+        if rabbit is not None:
+            metrics.broker_connected.set(1 if getattr(rabbit, "connected", False) else 0)
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _emit_startup(self, intake: Intake) -> None:
         data = {

@@ -19,6 +19,7 @@ from typing import Any
 
 from router import logs
 from router.errors import PermanentError, RetryableError
+from router.metrics import Metrics
 from router.routing import Routes
 from router.settings import Settings
 from router.sinks import BaseSink
@@ -209,8 +210,9 @@ class TargetWorker:
             self._wake.set()
         else:
             store.ack(lease)
-        elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
-        self.dispatcher.count(self.sink.name, outcome)
+        elapsed = time.perf_counter() - started
+        elapsed_ms = round(elapsed * 1000, 1)
+        self.dispatcher.count(self.sink.name, lease.event.event, outcome, elapsed)
         if logs.is_enabled("WEBHOOKS"):
             log.info(
                 "delivery.attempt",
@@ -262,6 +264,7 @@ class Dispatcher:
         self.settings = settings
         self.workers: dict[str, TargetWorker] = {}
         self.counters: dict[tuple[str, str], int] = {}
+        self.metrics: Metrics | None = None
         self._group: asyncio.TaskGroup | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stopped = asyncio.Event()
@@ -286,9 +289,13 @@ class Dispatcher:
         self._budget_freed.clear()
         await self._budget_freed.wait()
 
-    def count(self, sink: str, outcome: str) -> None:
-        key = (sink, outcome.split(" ", 1)[0])
+    def count(self, sink: str, event: str, outcome: str, seconds: float) -> None:
+        """One attempt ended: ``delivered``, ``retry in ...`` or ``dead``."""
+        kind = outcome.split(" ", 1)[0]
+        key = (sink, kind)
         self.counters[key] = self.counters.get(key, 0) + 1
+        if self.metrics is not None:
+            self.metrics.attempt(sink, event, "retried" if kind == "retry" else kind, seconds)
 
     def claim(self, counts: Mapping[str, int]) -> frozenset[str]:
         """Targets whose worker takes these new deliveries from intake directly (Handoff)."""

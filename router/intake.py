@@ -24,6 +24,7 @@ from router.events import (
     wire_name,
 )
 from router.instances import check_instance_name, topic_safe
+from router.metrics import Metrics
 from router.routing import Routes
 from router.settings import Settings
 from router.store import Lease, NewDelivery, Store
@@ -77,6 +78,7 @@ class Intake:
         self.handoff: Handoff = NoHandoff()
         self.live: Callable[[Sequence[Event]], None] | None = None  # WebSocket fan-out, after commit
         self.accepted = 0
+        self.metrics: Metrics | None = None
 
     def parse(self, obj: Any, path_event: str | None = None) -> Event:
         """One ingested envelope -> Event; raise IntakeError naming what is wrong."""
@@ -150,7 +152,9 @@ class Intake:
             raise IntakeError("; ".join(problems))
         return events
 
-    async def accept(self, events: Sequence[Event], checkpoint: tuple[str, str] | None = None) -> list[str]:
+    async def accept(
+        self, events: Sequence[Event], checkpoint: tuple[str, str] | None = None, adapter: str = "http"
+    ) -> list[str]:
         """Store ``events`` with their deliveries; return their ids once they are durable."""
         batch = []
         counts: Counter[str] = Counter()
@@ -174,6 +178,8 @@ class Intake:
         if self.live is not None:
             self.live(events)
         self.accepted += len(events)
+        if self.metrics is not None:
+            self.metrics.accepted.labels(adapter).inc(len(events))
         return [event.id for event in events]
 
     async def emit(self, event: Event, targets: Sequence[str]) -> None:

@@ -440,6 +440,28 @@ class Store:
 
         return await self._submit(op)
 
+    async def sink_state(self) -> dict[str, tuple[int, int, float | None]]:
+        """By sink: (deliveries waiting or in flight, dead letters, age of the oldest waiting)."""
+
+        def op(conn: sqlite3.Connection) -> dict[str, tuple[int, int, float | None]]:
+            now = time.time()
+            rows = conn.execute(
+                "SELECT substr(d.target, 1, instr(d.target, ':') - 1), d.state = ?, COUNT(*),"
+                " MIN(e.accepted_at) FROM deliveries d JOIN events e ON e.id = d.event_id GROUP BY 1, 2",
+                (DEAD,),
+            )
+            state: dict[str, tuple[int, int, float | None]] = {}
+            for sink, dead, count, oldest in rows:
+                waiting, dead_count, age = state.get(sink, (0, 0, None))
+                if dead:
+                    dead_count = count
+                else:
+                    waiting, age = count, max(0.0, now - oldest)
+                state[sink] = (waiting, dead_count, age)
+            return state
+
+        return await self._submit(op)
+
     async def counts(self) -> dict[str, int]:
         """Deliveries by state: ``pending`` (incl. in flight) and ``dead``."""
 

@@ -82,7 +82,7 @@ class JsonlAdapter:
                 )
             except IntakeError as exc:
                 log.error("jsonl.bad_line", source=self.path, line=number, offset=offset, error=str(exc))
-        await self.intake.accept(objects, checkpoint)
+        await self.intake.accept(objects, checkpoint, adapter="jsonl")
 
     async def _read_stdin(self) -> None:
         loop = asyncio.get_running_loop()

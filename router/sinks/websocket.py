@@ -96,7 +96,7 @@ class WebSocketHub:
         )
         self.sio.on("connect", self._sio_connect, namespace="*")
         self.sio.on("disconnect", self._sio_disconnect, namespace="*")
-        self._sio_clients: collections.Counter[str] = collections.Counter()  # by namespace
+        self.sio_clients: collections.Counter[str] = collections.Counter()  # by namespace
 
     def add_routes(self, app: web.Application) -> None:
         """socket.io, ``/`` and ``/{instance}``; add them last, after the daemon's own paths."""
@@ -181,25 +181,25 @@ class WebSocketHub:
                 "websocket.refused", kind="WEBSOCKET", instance=instance, remote=request.remote, reason=reason
             )
             raise SocketIoRefused(reason)
-        self._sio_clients[namespace] += 1
+        self.sio_clients[namespace] += 1
         log.info(
             "websocket.connected", kind="WEBSOCKET", instance=instance, remote=request.remote, socketio=True
         )
 
     async def _sio_disconnect(self, namespace: str, sid: str, *_: Any) -> None:
-        self._sio_clients[namespace] -= 1
-        if self._sio_clients[namespace] <= 0:
-            del self._sio_clients[namespace]
+        self.sio_clients[namespace] -= 1
+        if self.sio_clients[namespace] <= 0:
+            del self.sio_clients[namespace]
 
     def _publish_socketio(self, events: Sequence[Event]) -> None:
         routes = self._routes()
         emits: list[tuple[str, str, Any]] = []
         for event in events:
             namespaces = []
-            if self.settings.websocket_global_events and "/" in self._sio_clients:
+            if self.settings.websocket_global_events and "/" in self.sio_clients:
                 namespaces.append("/")
             own = f"/{event.instance}"
-            if own in self._sio_clients and event.event in routes.websocket_events(event.instance):
+            if own in self.sio_clients and event.event in routes.websocket_events(event.instance):
                 namespaces.append(own)
             if namespaces:
                 data = orjson.loads(envelope(event, server_url=event.server_url, apikey=event.apikey))
@@ -229,7 +229,7 @@ class WebSocketHub:
 
     def publish(self, events: Sequence[Event]) -> None:
         """Hand ``events`` to every client whose stream includes them (never waits)."""
-        if self._sio_clients:
+        if self.sio_clients:
             self._publish_socketio(events)
         if not self.clients:
             return

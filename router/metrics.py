@@ -1,0 +1,71 @@
+"""Prometheus metrics, served at ``GET /metrics`` (prometheus-client's text format).
+
+Counters and histograms are updated as events are accepted and attempts end; queue depth,
+dead letters and the oldest waiting delivery's age are read from the store at each scrape.
+Each ``App`` has its own registry, so several daemons in one process (the tests) stay apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+ATTEMPT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+SINKS = ("webhook", "rabbitmq", "sqs", "pusher")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.accepted = Counter(
+            "router_events_accepted", "Events accepted at intake", ["adapter"], registry=registry
+        )
+        self.deliveries = Counter(
+            "router_deliveries",
+            "Delivery attempts by how they ended: delivered, retried or dead (a dead letter)",
+            ["sink", "event", "outcome"],
+            registry=registry,
+        )
+        self.attempt_seconds = Histogram(
+            "router_delivery_attempt_seconds",
+            "How long one delivery attempt took (for webhooks: the receiver's response time)",
+            ["sink"],
+            buckets=ATTEMPT_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "router_queue_depth", "Deliveries waiting or in flight", ["sink"], registry=registry
+        )
+        self.dead_letters = Gauge("router_dead_letters", "Dead letters kept", ["sink"], registry=registry)
+        self.oldest_pending = Gauge(
+            "router_oldest_pending_age_seconds",
+            "Age of the oldest event with a delivery still waiting",
+            ["sink"],
+            registry=registry,
+        )
+        self.websocket_clients = Gauge(
+            "router_websocket_clients", "WebSocket and socket.io clients connected", registry=registry
+        )
+        self.websocket_slow_disconnects = Gauge(
+            "router_websocket_slow_disconnects", "Clients dropped for falling behind", registry=registry
+        )
+        self.broker_connected = Gauge(
+            "router_rabbitmq_connected", "1 while the RabbitMQ connection is open", registry=registry
+        )
+
+    def attempt(self, sink: str, event: str, outcome: str, seconds: float) -> None:
+        self.deliveries.labels(sink, event, outcome).inc()
+        self.attempt_seconds.labels(sink).observe(seconds)
+
+    def set_store_state(self, state: Mapping[str, tuple[int, int, float | None]]) -> None:
+        """``sink -> (waiting, dead, oldest waiting age in seconds)``, as the store reports it."""
+        for sink in sorted(set(SINKS) | set(state)):
+            waiting, dead, oldest = state.get(sink, (0, 0, None))
+            self.queue_depth.labels(sink).set(waiting)
+            self.dead_letters.labels(sink).set(dead)
+            self.oldest_pending.labels(sink).set(oldest or 0.0)
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))

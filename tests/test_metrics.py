@@ -1,0 +1,61 @@
+"""``GET /metrics``, parsed with Prometheus' own text parser and checked against deliveries made."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import hook_env, post_ingest, running
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        assert response.status == 200 and response.content_type == "text/plain"
+        text = await response.text()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_counters_follow_the_deliveries_made(receiver, make_settings):
+    receiver.script("/hook", [500, 200, 404])
+    env = hook_env(
+        receiver,
+        "MESSAGES_UPSERT",
+        "CALL",
+        WEBHOOK_RETRY_INITIAL_DELAY_SECONDS="0.05",
+        WEBHOOK_RETRY_JITTER_FACTOR="0",
+        ROUTER_WEBHOOK_CONCURRENCY="1",
+    )
+    async with running(make_settings(**env)) as app:
+        assert (await post_ingest(app, [{"event": "messages.upsert", "instance": "bot", "data": {}}]))[
+            0
+        ] == 202
+        await receiver.wait_for(2)
+        assert (await post_ingest(app, [{"event": "call", "instance": "bot", "data": {}}]))[0] == 202
+        await receiver.wait_for(3)
+        async with asyncio.timeout(10):  # the dead letter is written just after the attempt
+            while (metrics := await scrape(app.port)).get(
+                ("router_dead_letters", (("sink", "webhook"),))
+            ) != 1:
+                await asyncio.sleep(0.05)
+
+    def delivered(event: str, outcome: str) -> float:
+        return metrics.get(
+            ("router_deliveries_total", (("event", event), ("outcome", outcome), ("sink", "webhook"))), 0
+        )
+
+    assert metrics[("router_events_accepted_total", (("adapter", "http"),))] == 2
+    assert delivered("messages.upsert", "retried") == 1
+    assert delivered("messages.upsert", "delivered") == 1
+    assert delivered("call", "dead") == 1
+    assert metrics[("router_delivery_attempt_seconds_count", (("sink", "webhook"),))] == 3
+    assert metrics[("router_queue_depth", (("sink", "webhook"),))] == 0
+    assert metrics[("router_oldest_pending_age_seconds", (("sink", "webhook"),))] == 0
