@@ -158,6 +158,7 @@ class Intake:
         """Store ``events`` with their deliveries; return their ids once they are durable."""
         batch = []
         counts: Counter[str] = Counter()
+        duplicates: set[str] = set()
         for event in events:
             targets = self.routes.targets_for(event.instance, event.event)
             if targets:
@@ -173,10 +174,10 @@ class Intake:
             self.handoff.hand_over(stored.leases, {key: counts[key] for key in claimed})
             if stored.duplicates:
                 log.info("intake.duplicates", count=len(stored.duplicates))
-                events = [event for event in events if event.id not in stored.duplicates]
             self.handoff.notify(key for key in counts if key not in claimed)
-        if self.live is not None:
-            self.live(events)
+            duplicates = stored.duplicates
+        if self.live is not None:  # live streams get each event once, like the stored sinks
+            self.live([event for event in events if event.id not in duplicates] if duplicates else events)
         self.accepted += len(events)
         if self.metrics is not None:
             self.metrics.accepted.labels(adapter).inc(len(events))
