@@ -89,6 +89,7 @@ class Routes:
     _global: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     _by_instance: Mapping[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
     instances: Mapping[str, InstanceConfig] = field(default_factory=dict)
+    _websocket: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def targets_for(self, instance: str, wire: str) -> tuple[str, ...]:
         """Keys of every target subscribed to ``wire`` for ``instance``, global ones first."""
@@ -102,8 +103,7 @@ class Routes:
 
     def websocket_events(self, instance: str) -> frozenset[str]:
         """What ``ws://host/{instance}`` streams: the instance's ``websocket`` subscription."""
-        config = self.instances.get(instance)
-        return config.websocket.subscribed() if config is not None else frozenset()
+        return self._websocket.get(instance, frozenset())
 
     def token_of(self, instance: str) -> str | None:
         config = self.instances.get(instance)
@@ -227,6 +227,7 @@ def build_routes(settings: Settings, instances: Mapping[str, InstanceConfig]) ->
         _global={wire: tuple(keys) for wire, keys in global_keys.items() if keys},
         _by_instance=by_instance,
         instances=dict(instances),
+        _websocket={name: config.websocket.subscribed() for name, config in instances.items()},
     )
 
 

@@ -191,22 +191,6 @@ class WebSocketHub:
         if self.sio_clients[namespace] <= 0:
             del self.sio_clients[namespace]
 
-    def _publish_socketio(self, events: Sequence[Event]) -> None:
-        routes = self._routes()
-        emits: list[tuple[str, str, Any]] = []
-        for event in events:
-            namespaces = []
-            if self.settings.websocket_global_events and "/" in self.sio_clients:
-                namespaces.append("/")
-            own = f"/{event.instance}"
-            if own in self.sio_clients and event.event in routes.websocket_events(event.instance):
-                namespaces.append(own)
-            if namespaces:
-                data = orjson.loads(envelope(event, server_url=event.server_url, apikey=event.apikey))
-                emits += [(namespace, event.event, data) for namespace in namespaces]
-        if emits:
-            self._background(self._emit_all(emits))
-
     async def _emit_all(self, emits: list[tuple[str, str, Any]]) -> None:
         for socket in list(self.sio.eio.sockets.values()):
             if socket.queue.qsize() > self.settings.router_websocket_buffer:
@@ -229,30 +213,38 @@ class WebSocketHub:
 
     def publish(self, events: Sequence[Event]) -> None:
         """Hand ``events`` to every client whose stream includes them (never waits)."""
-        if self.sio_clients:
-            self._publish_socketio(events)
-        if not self.clients:
+        if not self.clients and not self.sio_clients:
             return
         routes = self._routes()
         global_on = self.settings.websocket_global_events
+        emits: list[tuple[str, str, Any]] = []  # socket.io: (namespace, event name, envelope)
         for event in events:
-            subscribed = routes.websocket_events(event.instance)
-            text: str | None = None
+            subscribed = event.event in routes.websocket_events(event.instance)
+            receivers = [
+                client
+                for client in self.clients
+                if (
+                    global_on if client.instance is None else client.instance == event.instance and subscribed
+                )
+                and (client.events is None or event.event in client.events)
+            ]
+            namespaces = [
+                namespace
+                for namespace, wanted in (("/", global_on), (f"/{event.instance}", subscribed))
+                if wanted and namespace in self.sio_clients
+            ]
+            if not receivers and not namespaces:
+                continue
+            text = envelope(event, server_url=event.server_url, apikey=event.apikey).decode()
             sent = 0
-            for client in list(self.clients):
-                if client.instance is None:
-                    if not global_on:
-                        continue
-                elif client.instance != event.instance or event.event not in subscribed:
-                    continue
-                if client.events is not None and event.event not in client.events:
-                    continue
-                if text is None:
-                    text = envelope(event, server_url=event.server_url, apikey=event.apikey).decode()
+            for client in receivers:
                 if client.offer(text):
                     sent += 1
                 else:
                     self._drop_slow(client)
+            if namespaces:
+                data = orjson.loads(text)
+                emits += [(namespace, event.event, data) for namespace in namespaces]
             self.sent += sent
             if sent and logs.is_enabled("WEBSOCKET"):
                 log.info(
@@ -263,6 +255,8 @@ class WebSocketHub:
                     event_id=event.id,
                     clients=sent,
                 )
+        if emits:
+            self._background(self._emit_all(emits))
 
     def _drop_slow(self, client: Client) -> None:
         self.clients.discard(client)
