@@ -171,7 +171,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             print(orjson.dumps(deadletters.show(path, delivery_id), option=orjson.OPT_INDENT_2).decode())
         return 0
     if args.action == "list":
-        rows = deadletters.list_dead(path, selection)
+        rows = deadletters.dead_letters(path, selection)
         print(
             f"{'ID':>8}  {'DIED (UTC)':<20} {'INSTANCE':<20} {'EVENT':<24}"
             f" {'TARGET':<32} {'TRIES':>5}  LAST ERROR"

@@ -102,8 +102,9 @@ _COLUMNS = (
 _SELECTED = "SELECT d.id, d.event_id FROM deliveries d JOIN events e ON e.id = d.event_id"
 
 
-def list_dead(path: Path, selection: Selection) -> list[dict[str, Any]]:
-    where, params = selection.where()
+def dead_letters(path: Path, selection: Selection | None = None) -> list[dict[str, Any]]:
+    """The selected dead letters (all of them by default), oldest first."""
+    where, params = (selection or Selection()).where()
     with connect(path) as conn:
         return [dict(row) for row in conn.execute(f"{_COLUMNS} WHERE {where} ORDER BY d.id", params)]
 

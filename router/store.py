@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -473,23 +473,3 @@ class Store:
             }
 
         return await self._submit(op)
-
-
-def dead_letters(path: Path, targets: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """Read dead letters straight from the database file (safe while the daemon runs)."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        conn.row_factory = sqlite3.Row
-        query = (
-            "SELECT d.id, d.event_id, d.target, d.attempts, d.last_error, d.updated_at,"
-            " e.instance, e.event FROM deliveries d JOIN events e ON e.id = d.event_id"
-            " WHERE d.state = ?"
-        )
-        params: list[Any] = [DEAD]
-        wanted = list(targets or [])
-        if wanted:
-            query += f" AND d.target IN ({','.join('?' * len(wanted))})"
-            params += wanted
-        return [dict(row) for row in conn.execute(query + " ORDER BY d.id", params)]
-    finally:
-        conn.close()

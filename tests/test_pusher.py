@@ -9,8 +9,8 @@ import orjson
 import pytest
 
 from router.app import database_path
+from router.deadletters import dead_letters
 from router.instances import load_instances
-from router.store import dead_letters
 from tests.conftest import post_ingest, running, write_instance
 from tests.pusher_server import PusherServer
 

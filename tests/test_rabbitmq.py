@@ -15,8 +15,8 @@ import pytest
 from aiormq.abc import DeliveredMessage
 
 from router.app import database_path
+from router.deadletters import dead_letters
 from router.instances import load_instances
-from router.store import dead_letters
 from tests.conftest import post_ingest, running, write_instance
 
 URI = "amqp://guest:guest@127.0.0.1:5672/"

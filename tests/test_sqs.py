@@ -19,8 +19,8 @@ from aiobotocore.session import get_session
 from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 
 from router.app import database_path
+from router.deadletters import dead_letters
 from router.sinks.sqs import queue_name
-from router.store import dead_letters
 from tests.conftest import free_port, post_ingest, run_router, running, write_instance
 
 REGION = "us-east-1"
