@@ -2,9 +2,9 @@
 
 These work on the queue database directly, with their own connection, so they run while the
 daemon runs (SQLite in WAL mode; a busy database is waited for). Replay makes a dead delivery
-pending again, due now, with its attempt count reset: the daemon's worker for that target
-picks it up within ``IDLE_POLL_S`` and it goes through the normal retry path. Every earlier
-attempt's error is kept.
+pending again, due now, with its attempt count reset: the daemon notices the other writer
+within ``EXTERNAL_POLL_S``, wakes its workers, and the delivery goes through the normal retry
+path. Every earlier attempt's error is kept.
 """
 
 from __future__ import annotations

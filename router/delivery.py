@@ -28,7 +28,7 @@ from router.store import Lease, Store
 log = logs.get_logger("router.delivery")
 QUEUE_MAX_ATTEMPTS = 2**62  # "forever": a broker outage never turns events into dead letters
 LEASE_AHEAD = 16  # a worker keeps up to this many times its concurrency leased ahead
-IDLE_POLL_S = 2.0  # an idle worker looks for due deliveries at least this often
+EXTERNAL_POLL_S = 2.0  # how often the dispatcher looks for writes by other processes
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,9 +163,7 @@ class TargetWorker:
                 self.in_flight -= 1
 
     async def _sleep_until(self, due_at: float | None) -> None:
-        # Look again at least every IDLE_POLL_S: another process (``dlq replay``) may have
-        # made deliveries due that this one was not told about.
-        timeout = IDLE_POLL_S if due_at is None else min(IDLE_POLL_S, max(0.0, due_at - time.time()))
+        timeout = None if due_at is None else max(0.0, due_at - time.time())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
@@ -361,13 +359,24 @@ class Dispatcher:
                 # operator can replay them once the target exists again.
                 self.workers[key].wake()
 
+    async def _watch_other_writers(self) -> None:
+        """Wake every worker when another process (``dlq replay``) changed the database, so
+        deliveries it made due are picked up without a signal."""
+        while True:
+            await asyncio.sleep(EXTERNAL_POLL_S)
+            if await self.store.changed_elsewhere():
+                for worker in self.workers.values():
+                    worker.wake()
+
     async def run(self, grace_s: float) -> None:
         """Run every worker until ``stop``; then give attempts under way ``grace_s`` to finish."""
         async with asyncio.TaskGroup() as group:
             self._group = group
             for key in set(self.routes.targets) | await self.store.pending_targets():
                 self._start(key)
+            watcher = group.create_task(self._watch_other_writers(), name="external writes")
             await self._stopped.wait()
+            watcher.cancel()
             for worker in self.workers.values():
                 worker.stop()
             if self._tasks:

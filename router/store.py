@@ -139,6 +139,7 @@ class Store:
         self._wake = asyncio.Event()
         self._closing = False
         self.transactions = 0  # written so far, for tests and metrics
+        self._data_version: int | None = None  # PRAGMA data_version last seen (writes by others)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -338,6 +339,17 @@ class Store:
                     [LEASED, *(r[0] for r in rows)],
                 )
             return [Lease(r[0], target, r[1], _event_from_row(r[2:])) for r in rows]
+
+        return await self._submit(op)
+
+    async def changed_elsewhere(self) -> bool:
+        """Whether another connection (another process) committed since the last call."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+            changed = self._data_version is not None and version != self._data_version
+            self._data_version = version
+            return changed
 
         return await self._submit(op)
 
