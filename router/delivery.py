@@ -20,7 +20,7 @@ from typing import Any
 from router import logs
 from router.errors import PermanentError, RetryableError
 from router.metrics import Metrics
-from router.routing import Routes
+from router.routing import Routes, Target
 from router.settings import Settings
 from router.sinks import BaseSink
 from router.store import Lease, Store
@@ -86,12 +86,16 @@ class TargetWorker:
         # then come straight from intake without overtaking older ones.
         self.caught_up = False
         self.reserved = 0  # places promised to intake for deliveries being stored
+        # Claims refused so far: those deliveries are stored pending, possibly after a lease
+        # under way read the store, so that lease cannot tell the worker it is caught up.
+        self._refused = 0
 
     def claim(self, count: int) -> bool:
         """Take ``count`` new deliveries straight from intake, if that keeps their order."""
         room = self.concurrency * LEASE_AHEAD - len(self._ready) - self.reserved
         if self._stopping or not self.caught_up or count > room:
             self.caught_up = False  # they go through the store, behind what is there
+            self._refused += 1
             return False
         self.reserved += count
         return True
@@ -136,14 +140,23 @@ class TargetWorker:
                 await self.dispatcher.budget_freed()
                 continue
             self._wake.clear()  # before leasing: a notify during the lease is not lost
+            refused = self._refused
             leases = await store.lease(self.key, want)
             self.dispatcher.release(want - len(leases))
-            self.caught_up = len(leases) < want
+            self.caught_up = len(leases) < want and self._refused == refused
             if leases:
                 self._ready.extend(leases)
                 self._has_work.set()
-            else:
-                await self._sleep_until(await store.next_due(self.key))
+                continue
+            due_at = await store.next_due(self.key)
+            if due_at is None and self.dispatcher.is_retired(self.key) and not self.busy:
+                self.stop()  # removed from the configuration, and nothing is left for it
+                return
+            await self._sleep_until(due_at)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._ready) or self.in_flight > 0 or self.reserved > 0
 
     async def _lane(self) -> None:
         ready = self._ready
@@ -175,7 +188,7 @@ class TargetWorker:
 
     async def _attempt_once(self, lease: Lease) -> None:
         store = self.dispatcher.store
-        target = self.dispatcher.routes.targets.get(self.key)
+        target = self.dispatcher.target(self.key)
         started = time.perf_counter()
         status: int | None = None
         outcome, error = "delivered", ""
@@ -263,6 +276,8 @@ class Dispatcher:
         self.workers: dict[str, TargetWorker] = {}
         self.counters: dict[tuple[str, str], int] = {}
         self.metrics: Metrics | None = None
+        # Targets a reload removed: their workers deliver what is already stored for them, then stop.
+        self.retired: dict[str, Target] = {}
         self._group: asyncio.TaskGroup | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stopped = asyncio.Event()
@@ -322,6 +337,15 @@ class Dispatcher:
             worker = self.workers.get(key)
             if worker is not None:
                 worker.wake()
+            elif key in self.retired:  # stored by a request that began before the reload
+                self._start(key)
+
+    def target(self, key: str) -> Target | None:
+        """The target ``key`` names: configured, or removed but still draining."""
+        return self.routes.targets.get(key) or self.retired.get(key)
+
+    def is_retired(self, key: str) -> bool:
+        return key in self.retired
 
     def _policy(self, sink: str) -> RetryPolicy:
         if sink == "webhook":
@@ -345,18 +369,33 @@ class Dispatcher:
         )
         worker = TargetWorker(key, self, sink, self._policy(sink_name), concurrency)
         self.workers[key] = worker
-        self._tasks[key] = self._group.create_task(worker.run(), name=f"worker {key}")
+        task = self._group.create_task(worker.run(), name=f"worker {key}")
+        self._tasks[key] = task
+
+        def forget(_: asyncio.Task[None]) -> None:  # a retired worker that drained its target
+            if self.workers.get(key) is worker:
+                del self.workers[key], self._tasks[key]
+
+        task.add_done_callback(forget)
 
     async def apply(self, routes: Routes) -> None:
-        """Swap the routing index; start workers for new targets, stop removed ones."""
-        self.routes = routes
+        """Swap the routing index; start workers for new targets.
+
+        A removed target's deliveries were accepted while it was subscribed, so they are still
+        delivered, to the target as it was (this is how ``instance.delete`` reaches the deleted
+        instance's own webhook); then its worker stops. After a restart, what is left for a
+        target that no longer exists becomes a dead letter saying so.
+        """
+        previous, self.routes = self.routes, routes
+        for key, target in previous.targets.items():
+            if key not in routes.targets:
+                self.retired[key] = target
         for key in routes.targets:
+            self.retired.pop(key, None)
             if key not in self.workers:
                 self._start(key)
-        for key in list(self.workers):
-            if key not in routes.targets:
-                # Its deliveries stay stored: the worker dead-letters what it leases, so an
-                # operator can replay them once the target exists again.
+        for key in self.retired:
+            if key in self.workers:
                 self.workers[key].wake()
 
     async def _watch_other_writers(self) -> None:
