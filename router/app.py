@@ -17,17 +17,18 @@ import signal
 from collections.abc import Mapping
 from pathlib import Path
 
+import anyio
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from router import __version__, logs
+from router import __version__, instance_files, logs
 from router.adapters import http
 from router.adapters.jsonl import JsonlAdapter
 from router.delivery import Dispatcher
 from router.errors import DeliveryError
 from router.events import Event, new_event_id, utc_timestamp
-from router.instances import InstanceConfig, load_instances
+from router.instances import directory_fingerprint, load_instances
 from router.intake import Intake
 from router.metrics import Metrics
 from router.routing import Routes, build_routes, startup_targets
@@ -51,15 +52,19 @@ async def health(_: web.Request) -> web.Response:
 class App:
     """``await App(settings).run()`` runs the daemon until ``stop()`` or SIGTERM."""
 
-    def __init__(self, settings: Settings, instances: dict[str, InstanceConfig] | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        if instances is None:
-            loaded = load_instances(settings.router_instances_dir)
-            for problem in loaded.problems:
-                log.error("config.invalid", problem=problem)
-            instances = loaded.instances
-        self.instances = instances
-        self.routes: Routes = build_routes(settings, instances)
+        settings.router_instances_dir.mkdir(parents=True, exist_ok=True)  # the admin API writes here
+        loaded = load_instances(settings.router_instances_dir)
+        for problem in loaded.problems:
+            log.error("config.invalid", problem=problem)
+        self.instances = loaded.instances
+        self.instance_paths = loaded.files
+        self._fingerprint = loaded.fingerprint
+        # Held while instance files are written or read and the routes swapped: one change at a time.
+        self.config_lock = asyncio.Lock()
+        self.reloads = 0  # completed, for tests and operators' curiosity
+        self.routes: Routes = build_routes(settings, self.instances)
         self.started = asyncio.Event()
         self.port: int | None = None
         self.intake: Intake | None = None
@@ -131,6 +136,11 @@ class App:
                 jsonl = JsonlAdapter(intake, settings.router_jsonl_path)
                 tasks.create_task(jsonl.run(), name="jsonl")
             reload_task = tasks.create_task(self._reload_on_request(), name="reload")
+            stop_watching = anyio.Event()
+            watch_task = tasks.create_task(
+                instance_files.watch(settings.router_instances_dir, self._reload_if_changed, stop_watching),
+                name="watch instances",
+            )
 
             await self._emit_startup(intake)
             log.info(
@@ -151,6 +161,8 @@ class App:
             if jsonl is not None:
                 jsonl.stop()
             reload_task.cancel()
+            stop_watching.set()
+            await watch_task
             # 2. Stop leasing; attempts under way get the grace period.
             dispatcher.stop()
             await dispatch_task
@@ -210,19 +222,33 @@ class App:
             self._reload.clear()
             await self.reload()
 
+    async def _reload_if_changed(self) -> None:
+        """The watcher saw changes: reload unless the files are as last loaded (our own writes)."""
+        directory = self.settings.router_instances_dir
+        if await asyncio.to_thread(directory_fingerprint, directory) != self._fingerprint:
+            await self.reload()
+
     async def reload(self) -> None:
         """Re-read the instance files; a file that does not validate keeps its previous config."""
-        loaded = load_instances(self.settings.router_instances_dir)
+        async with self.config_lock:
+            await self.reload_locked()
+
+    async def reload_locked(self) -> None:
+        """``reload`` for a caller that holds ``config_lock`` (the admin API, after a write)."""
+        # Parsing many files takes a while: off the event loop, so deliveries go on meanwhile.
+        loaded = await asyncio.to_thread(load_instances, self.settings.router_instances_dir)
         for problem in loaded.problems:
             log.error("config.invalid", problem=problem, hint="previous configuration kept")
-        instances = dict(loaded.instances)
+        instances, paths = dict(loaded.instances), dict(loaded.files)
         for name in loaded.failed_names:
             if name in self.instances and name not in instances:
                 instances[name] = self.instances[name]
-        self.instances = instances
+                paths[name] = self.instance_paths[name]
+        self.instances, self.instance_paths, self._fingerprint = instances, paths, loaded.fingerprint
         self.routes = build_routes(self.settings, instances)
         if self.intake is not None:
             self.intake.routes = self.routes
         if self.dispatcher is not None:
             await self.dispatcher.apply(self.routes)
+        self.reloads += 1
         log.info("config.reloaded", instances=len(instances), targets=len(self.routes.targets))

@@ -4,7 +4,10 @@ as ``file:line: field: what``; files that validate are used, the others are repo
 
 from __future__ import annotations
 
+import contextlib
 import re
+import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from router.errors import ConfigError
 from router.events import WIRE_NAMES, UnknownEventError, wire_name
-from router.yamlfile import YamlDoc, load_yaml
+from router.yamlfile import YamlDoc, format_loc, load_yaml
 
 _NAME = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,100}$")
 
@@ -135,6 +138,7 @@ class InstanceConfig(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True, frozen=True)
 
     instance_name: str = Field(validation_alias=AliasChoices("instanceName", "instance_name"))
+    instance_id: str | None = Field(None, validation_alias=AliasChoices("instanceId", "instance_id"))
     integration: str = "WHATSAPP-BAILEYS"
     token: str | None = None
     webhook: WebhookConfig = WebhookConfig()
@@ -153,6 +157,26 @@ class InstanceConfig(BaseModel):
     def _token_text(cls, value: Any) -> Any:
         return str(value) if isinstance(value, int) else value
 
+    @property
+    def id(self) -> str:
+        """``instanceId`` as written by ``/instance/create``; for a file written by hand, a stable
+        id made from the name, so the same instance always has the same id."""
+        return self.instance_id or str(uuid.uuid5(_INSTANCE_IDS, self.instance_name))
+
+
+_INSTANCE_IDS = uuid.UUID("5d0b7a52-0c4e-4a44-9a39-7f3f4c1e2b60")
+
+
+Loc = tuple[str | int, ...]
+
+
+class InvalidInstance(ValueError):
+    """An instance that does not validate: ``problems`` are (field location, what) pairs."""
+
+    def __init__(self, problems: list[tuple[Loc, str]]) -> None:
+        super().__init__("; ".join(f"{format_loc(loc)}: {what}" for loc, what in problems))
+        self.problems = problems
+
 
 @dataclass
 class LoadResult:
@@ -160,17 +184,22 @@ class LoadResult:
     files: dict[str, Path] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     failed_names: set[str] = field(default_factory=set)  # file stems whose file did not validate
+    # (file name, mtime_ns, size) of every file read: tells whether the directory changed since.
+    fingerprint: frozenset[tuple[str, int, int]] = frozenset()
 
 
-def parse_instance(doc: YamlDoc) -> InstanceConfig:
-    """Validate one instance file; raise ConfigError with ``file:line: field: what`` lines."""
-    data = dict(doc.data)
-    data.setdefault("instanceName", doc.path.stem)
-    problems = []
+def validate_instance(data: Mapping[str, Any], name: str) -> InstanceConfig:
+    """Validate an instance's settings (a file's or an API body's) for the instance ``name``.
+
+    Raise InvalidInstance naming every problem; the caller says where (file:line, or HTTP 400).
+    """
+    data = dict(data)
+    data.setdefault("instanceName", name)
+    problems: list[tuple[Loc, str]] = []
     for key in data:
         known = key in InstanceConfig.model_fields or key in _FIELD_ALIASES or key in UPSTREAM_KEYS
         if not known:
-            problems.append(f"{doc.where([key])}: unknown field")
+            problems.append(((key,), "unknown field"))
     try:
         config = InstanceConfig.model_validate(data)
     except ValidationError as exc:
@@ -183,36 +212,68 @@ def parse_instance(doc: YamlDoc) -> InstanceConfig:
             if item and loc and loc[-1] == "events":
                 loc.append(int(item.group(1)))
                 msg = item.group(2)
-            problems.append(f"{doc.where(loc)}: {msg}")
-        raise ConfigError(problems) from exc
-    if config.instance_name != doc.path.stem:
+            problems.append((tuple(loc), msg))
+        raise InvalidInstance(problems) from exc
+    if config.instance_name != name:
         problems.append(
-            f"{doc.where(['instanceName'])}: is {config.instance_name!r} but the file is named "
-            f"{doc.path.name!r}; name the file after the instance"
+            (
+                ("instanceName",),
+                f"is {config.instance_name!r} but the file is named {name + '.yaml'!r};"
+                " name the file after the instance",
+            )
         )
     if config.rabbitmq.enabled and not topic_safe(config.instance_name):
         problems.append(
-            f"{doc.where(['instanceName'])}: {config.instance_name!r} cannot be used with RabbitMQ:"
-            " '.', '*' and '#' break its topic routing keys"
+            (
+                ("instanceName",),
+                f"{config.instance_name!r} cannot be used with RabbitMQ:"
+                " '.', '*' and '#' break its topic routing keys",
+            )
         )
     if config.pusher.enabled:
         for field_name, alias in (("app_id", "appId"), ("key", "key"), ("secret", "secret")):
             if not getattr(config.pusher, field_name):
-                problems.append(f"{doc.where(['pusher', 'enabled'])}: pusher is enabled but has no {alias}")
+                problems.append((("pusher", "enabled"), f"pusher is enabled but has no {alias}"))
     if config.webhook.enabled and not config.webhook.url:
-        problems.append(f"{doc.where(['webhook', 'enabled'])}: webhook is enabled but has no url")
+        problems.append((("webhook", "enabled"), "webhook is enabled but has no url"))
     if problems:
-        raise ConfigError(problems)
+        raise InvalidInstance(problems)
     return config
 
 
-_FIELD_ALIASES = frozenset({"instanceName"})
+def parse_instance(doc: YamlDoc) -> InstanceConfig:
+    """Validate one instance file; raise ConfigError with ``file:line: field: what`` lines."""
+    try:
+        return validate_instance(doc.data, doc.path.stem)
+    except InvalidInstance as exc:
+        raise ConfigError([f"{doc.where(loc)}: {what}" for loc, what in exc.problems]) from exc
+
+
+_FIELD_ALIASES = frozenset({"instanceName", "instanceId"})
 
 
 def instance_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    return sorted(p for p in directory.iterdir() if is_instance_file(p) and p.is_file())
+
+
+def is_instance_file(path: Path) -> bool:
+    """``<name>.yaml`` or ``<name>.yml``; hidden files (editors' and our temporary ones) are not."""
+    return path.suffix in (".yaml", ".yml") and not path.name.startswith(".")
+
+
+def fingerprint(files: list[Path]) -> frozenset[tuple[str, int, int]]:
+    stamps = set()
+    for path in files:
+        with contextlib.suppress(OSError):  # removed in the meantime: it is not there
+            stat = path.stat()
+            stamps.add((path.name, stat.st_mtime_ns, stat.st_size))
+    return frozenset(stamps)
+
+
+def directory_fingerprint(directory: Path) -> frozenset[tuple[str, int, int]]:
+    return fingerprint(instance_files(directory))
 
 
 def load_instances(directory: Path) -> LoadResult:
@@ -221,7 +282,9 @@ def load_instances(directory: Path) -> LoadResult:
     if not directory.is_dir():
         result.problems.append(f"{directory}: instances directory does not exist")
         return result
-    for path in instance_files(directory):
+    files = instance_files(directory)
+    result.fingerprint = fingerprint(files)
+    for path in files:
         try:
             config = parse_instance(load_yaml(path))
         except ConfigError as exc:
