@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from router import __version__, instance_files, logs
 from router.adapters import http
 from router.adapters.jsonl import JsonlAdapter
+from router.admin import Admin
 from router.delivery import Dispatcher
 from router.errors import DeliveryError
 from router.events import Event, new_event_id, utc_timestamp
@@ -174,6 +175,7 @@ class App:
         settings = self.settings
         app = web.Application(client_max_size=settings.router_ingest_max_bytes)
         http.add_routes(app, intake)
+        Admin(self).add_routes(app)
         app.router.add_get("/health", health)
         app.router.add_get("/metrics", self._metrics)
         if self.websocket is not None:
