@@ -37,6 +37,7 @@ from router.settings import Settings
 from router.sinks import BaseSink, build_sinks
 from router.sinks.websocket import WebSocketHub
 from router.store import Store
+from router.systemd import Notifier
 
 log = logs.get_logger("router.app")
 DEFAULT_API_KEYS = frozenset({"change-me", "429683C4C977415CAAFCCE10F7D57E11"})
@@ -73,6 +74,7 @@ class App:
         self.websocket: WebSocketHub | None = None
         self.store: Store | None = None
         self.metrics = Metrics()
+        self.systemd = Notifier(settings)
         self._stopping = asyncio.Event()
         self._reload = asyncio.Event()
 
@@ -137,6 +139,7 @@ class App:
                 jsonl = JsonlAdapter(intake, settings.router_jsonl_path)
                 tasks.create_task(jsonl.run(), name="jsonl")
             reload_task = tasks.create_task(self._reload_on_request(), name="reload")
+            watchdog_task = tasks.create_task(self.systemd.keep_watchdog_fed(), name="watchdog")
             stop_watching = anyio.Event()
             watch_task = tasks.create_task(
                 instance_files.watch(settings.router_instances_dir, self._reload_if_changed, stop_watching),
@@ -152,9 +155,11 @@ class App:
                 version=__version__,
             )
             self.started.set()
+            self.systemd.ready(self._status())
             await self._stopping.wait()
 
             log.info("router.stopping")
+            self.systemd.stopping()
             # 1. Stop intake; requests under way finish (the store still runs for them).
             if self.websocket is not None:
                 await self.websocket.close_all()
@@ -164,6 +169,7 @@ class App:
             reload_task.cancel()
             stop_watching.set()
             await watch_task
+            watchdog_task.cancel()
             # 2. Stop leasing; attempts under way get the grace period.
             dispatcher.stop()
             await dispatch_task
@@ -233,7 +239,18 @@ class App:
     async def reload(self) -> None:
         """Re-read the instance files; a file that does not validate keeps its previous config."""
         async with self.config_lock:
-            await self.reload_locked()
+            self.systemd.reloading()
+            try:
+                await self.reload_locked()
+            finally:
+                self.systemd.ready(self._status())
+
+    def _status(self) -> str:
+        """One line for ``systemctl status``."""
+        return (
+            f"serving on port {self.port}: {len(self.instances)} instances,"
+            f" {len(self.routes.targets)} delivery targets"
+        )
 
     async def reload_locked(self) -> None:
         """``reload`` for a caller that holds ``config_lock`` (the admin API, after a write)."""

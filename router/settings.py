@@ -173,6 +173,11 @@ class Settings(BaseSettings):
     router_event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     router_websocket_buffer: int = Field(1000, ge=1)  # messages waiting per client before it is dropped
 
+    # --- set by systemd under Type=notify (see router/systemd.py), not by operators ---
+    notify_socket: str | None = None
+    watchdog_usec: int | None = Field(None, gt=0)
+    watchdog_pid: int | None = None
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _parse_log_level(cls, value: Any) -> Any:

@@ -128,6 +128,9 @@ def test_unit_file_runs_the_daemon_with_reload_and_a_state_directory(tmp_path):
     )
     assert verify.returncode == 0 and verify.stderr == "", verify.stderr
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit
+    assert "Type=notify\n" in unit and "NotifyAccess=main\n" in unit and "WatchdogSec=30\n" in unit
+    # The admin API writes instance files: they must be inside the writable state directory.
+    assert "Environment=ROUTER_INSTANCES_DIR=/var/lib/evolution-router/instances" in unit
     assert "StateDirectory=evolution-router" in unit
     assert "Environment=ROUTER_STATE_DIR=/var/lib/evolution-router" in unit
     assert "EnvironmentFile=-/etc/evolution-router/env" in unit
