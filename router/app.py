@@ -27,8 +27,8 @@ from router.adapters import http
 from router.adapters.jsonl import JsonlAdapter
 from router.admin import Admin
 from router.delivery import Dispatcher
-from router.errors import DeliveryError
 from router.events import Event, new_event_id, utc_timestamp
+from router.health import Health, check_sinks
 from router.instances import directory_fingerprint, load_instances
 from router.intake import Intake
 from router.metrics import Metrics
@@ -45,10 +45,6 @@ DEFAULT_API_KEYS = frozenset({"change-me", "429683C4C977415CAAFCCE10F7D57E11"})
 
 def database_path(settings: Settings) -> Path:
     return settings.router_state_dir / "router.db"
-
-
-async def health(_: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "version": __version__})
 
 
 class App:
@@ -81,6 +77,10 @@ class App:
     def stop(self) -> None:
         self._stopping.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     def request_reload(self) -> None:
         self._reload.set()
 
@@ -107,15 +107,11 @@ class App:
         log.info("router.stopped")
 
     async def _check_sinks(self, sinks: Mapping[str, BaseSink]) -> None:
-        """Say at start what cannot work (bad credentials); the daemon still runs and keeps events."""
-        for name, sink in sinks.items():
-            verify = getattr(sink, "verify", None)
-            if verify is None:
-                continue
-            try:
-                await verify()
-            except DeliveryError as exc:
-                log.error("sink.unusable", sink=name, error=str(exc), hint="events wait in the store")
+        """Say at start what cannot work (bad credentials, no broker); the daemon still runs and
+        keeps the events until it can."""
+        for name, error in (await check_sinks(sinks, self.routes)).items():
+            if error is not None:
+                log.error("sink.unusable", sink=name, error=error, hint="events wait in the store")
 
     async def _serve(self, store: Store, sinks: Mapping[str, BaseSink]) -> None:
         settings = self.settings
@@ -182,7 +178,9 @@ class App:
         app = web.Application(client_max_size=settings.router_ingest_max_bytes)
         http.add_routes(app, intake)
         Admin(self).add_routes(app)
-        app.router.add_get("/health", health)
+        health = Health(self)
+        app.router.add_get("/health", health.alive)
+        app.router.add_get("/ready", health.ready)
         app.router.add_get("/metrics", self._metrics)
         if self.websocket is not None:
             self.websocket.add_routes(app)  # last: /{instance} must not shadow the paths above

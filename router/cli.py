@@ -110,7 +110,7 @@ async def _check_sqs(settings: Settings) -> list[str]:
 
     async with SqsSink(settings) as sink:
         try:
-            await sink.verify()
+            await sink.check(())
         except DeliveryError as exc:
             return [f"SQS ({settings.sqs_endpoint_url or settings.sqs_region}): {exc}"]
     return []

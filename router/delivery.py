@@ -223,7 +223,8 @@ class TargetWorker:
             store.ack(lease)
         elapsed = time.perf_counter() - started
         elapsed_ms = round(elapsed * 1000, 1)
-        self.dispatcher.count(self.sink.name, lease.event.event, outcome, elapsed)
+        latency_s = time.time() - lease.accepted_at if outcome == "delivered" else None
+        self.dispatcher.count(self.sink.name, lease.event.event, outcome, elapsed, latency_s)
         if logs.is_enabled("WEBHOOKS"):
             log.info(
                 "delivery.attempt",
@@ -302,13 +303,15 @@ class Dispatcher:
         self._budget_freed.clear()
         await self._budget_freed.wait()
 
-    def count(self, sink: str, event: str, outcome: str, seconds: float) -> None:
-        """One attempt ended: ``delivered``, ``retry in ...`` or ``dead``."""
+    def count(
+        self, sink: str, event: str, outcome: str, seconds: float, latency_s: float | None = None
+    ) -> None:
+        """One attempt ended: ``delivered`` (``latency_s`` since acceptance), ``retry in ...``, ``dead``."""
         kind = outcome.split(" ", 1)[0]
         key = (sink, kind)
         self.counters[key] = self.counters.get(key, 0) + 1
         if self.metrics is not None:
-            self.metrics.attempt(sink, event, "retried" if kind == "retry" else kind, seconds)
+            self.metrics.attempt(sink, event, "retried" if kind == "retry" else kind, seconds, latency_s)
 
     def claim(self, counts: Mapping[str, int]) -> frozenset[str]:
         """Targets whose worker takes these new deliveries from intake directly (Handoff)."""

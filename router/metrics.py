@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 ATTEMPT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Acceptance to delivery spans retries and outages: milliseconds to hours.
+LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400)
 SINKS = ("webhook", "rabbitmq", "sqs", "pusher")
 
 
@@ -35,6 +37,13 @@ class Metrics:
             buckets=ATTEMPT_BUCKETS,
             registry=registry,
         )
+        self.latency = Histogram(
+            "router_delivery_latency_seconds",
+            "From acceptance at intake to the sink's acknowledgement, retries included",
+            ["sink"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.queue_depth = Gauge(
             "router_queue_depth", "Deliveries waiting or in flight", ["sink"], registry=registry
         )
@@ -55,9 +64,11 @@ class Metrics:
             "router_rabbitmq_connected", "1 while the RabbitMQ connection is open", registry=registry
         )
 
-    def attempt(self, sink: str, event: str, outcome: str, seconds: float) -> None:
+    def attempt(self, sink: str, event: str, outcome: str, seconds: float, latency_s: float | None) -> None:
         self.deliveries.labels(sink, event, outcome).inc()
         self.attempt_seconds.labels(sink).observe(seconds)
+        if latency_s is not None:
+            self.latency.labels(sink).observe(latency_s)
 
     def set_store_state(self, state: Mapping[str, tuple[int, int, float | None]]) -> None:
         """``sink -> (waiting, dead, oldest waiting age in seconds)``, as the store reports it."""

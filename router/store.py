@@ -72,6 +72,10 @@ CREATE TABLE IF NOT EXISTS seen_ids (
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS seen_ids_at ON seen_ids (at);
+CREATE TABLE IF NOT EXISTS probe (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
     source   TEXT PRIMARY KEY,
     position TEXT NOT NULL
@@ -87,6 +91,7 @@ class Lease:
     target: str
     attempts: int  # attempts made before this one
     event: Event
+    accepted_at: float  # when intake stored the event (unix seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +291,7 @@ class Store:
                 # Rowids of one executemany on one connection in one transaction are consecutive.
                 last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
                 first = last - len(leased) + 1
-                leases = [Lease(first + n, t, 0, e) for n, (e, t) in enumerate(leased)]
+                leases = [Lease(first + n, t, 0, e, now) for n, (e, t) in enumerate(leased)]
             if checkpoint is not None:
                 conn.execute(
                     "INSERT OR REPLACE INTO checkpoints (source, position) VALUES (?, ?)",
@@ -328,7 +333,7 @@ class Store:
 
         def op(conn: sqlite3.Connection) -> list[Lease]:
             rows = conn.execute(
-                f"SELECT d.id, d.attempts, {_EVENT_COLUMNS_OF_E} FROM deliveries d"
+                f"SELECT d.id, d.attempts, e.accepted_at, {_EVENT_COLUMNS_OF_E} FROM deliveries d"
                 " JOIN events e ON e.id = d.event_id"
                 " WHERE d.target = ? AND d.state = ? AND d.due_at <= ? ORDER BY d.due_at, d.id LIMIT ?",
                 (target, PENDING, due, limit),
@@ -338,7 +343,7 @@ class Store:
                     f"UPDATE deliveries SET state = ? WHERE id IN ({','.join('?' * len(rows))})",
                     [LEASED, *(r[0] for r in rows)],
                 )
-            return [Lease(r[0], target, r[1], _event_from_row(r[2:])) for r in rows]
+            return [Lease(r[0], target, r[1], _event_from_row(r[3:]), r[2]) for r in rows]
 
         return await self._submit(op)
 
@@ -437,6 +442,14 @@ class Store:
             return cursor.rowcount
 
         return await self._submit(op)
+
+    async def probe(self) -> None:
+        """Write one row: raises if the database cannot take a write (disk full, read-only ...)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", (time.time(),))
+
+        await self._submit(op)
 
     async def pending_targets(self) -> set[str]:
         def op(conn: sqlite3.Connection) -> set[str]:

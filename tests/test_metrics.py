@@ -57,5 +57,8 @@ async def test_counters_follow_the_deliveries_made(receiver, make_settings):
     assert delivered("messages.upsert", "delivered") == 1
     assert delivered("call", "dead") == 1
     assert metrics[("router_delivery_attempt_seconds_count", (("sink", "webhook"),))] == 3
+    # Acceptance to delivery: one delivered event, whose one retry waited 0.05 s.
+    assert metrics[("router_delivery_latency_seconds_count", (("sink", "webhook"),))] == 1
+    assert metrics[("router_delivery_latency_seconds_sum", (("sink", "webhook"),))] >= 0.05
     assert metrics[("router_queue_depth", (("sink", "webhook"),))] == 0
     assert metrics[("router_oldest_pending_age_seconds", (("sink", "webhook"),))] == 0

@@ -9,9 +9,13 @@ module here, one entry in ``SINKS``, one example and one test module.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Protocol, Self
+from urllib.parse import urlsplit
 
+from router.errors import RetryableError
 from router.events import Event
 from router.settings import Settings
 
@@ -35,6 +39,27 @@ class Sink(Protocol):
     async def aclose(self) -> None:
         """Release everything ``open`` acquired."""
 
+    async def check(self, targets: Sequence[Any]) -> None:
+        """Whether deliveries to ``targets`` can be made now (at start, and for ``GET /ready``).
+
+        Returns, or raises ``RetryableError`` (unreachable) or ``PermanentError`` (refused).
+        """
+
+
+async def tcp_reachable(url: str, timeout_s: float = 3.0) -> None:
+    """Open and close a TCP connection to ``url``'s host and port; RetryableError if that fails."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    where = f"{parts.hostname}:{port}"
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, port), timeout_s)
+    except TimeoutError as exc:
+        raise RetryableError(f"{where} unreachable: no answer within {timeout_s:g} s") from exc
+    except OSError as exc:
+        raise RetryableError(f"{where} unreachable: {exc.strerror or exc}") from exc
+    writer.close()
+    await writer.wait_closed()
+
 
 class BaseSink:
     """``async with`` support for sinks."""
@@ -48,6 +73,9 @@ class BaseSink:
         raise NotImplementedError
 
     async def aclose(self) -> None:
+        return None
+
+    async def check(self, targets: Sequence[Any]) -> None:
         return None
 
     def where(self, target: Any, event: Event) -> dict[str, str]:

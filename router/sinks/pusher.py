@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -25,7 +26,7 @@ from router.errors import PermanentError, RetryableError
 from router.events import Event, envelope, strip_message_base64
 from router.routing import PusherTarget
 from router.settings import Settings
-from router.sinks import BaseSink
+from router.sinks import BaseSink, tcp_reachable
 from router.sinks.batching import Batcher, Item
 
 BATCH_LIMIT = 10  # events per batch_events request (a Pusher limit)
@@ -85,6 +86,11 @@ class PusherSink(BaseSink):
 
     def where(self, target: PusherTarget, event: Event) -> dict[str, str]:
         return {"app_id": target.app_id, "channel": event.instance}
+
+    async def check(self, targets: Sequence[PusherTarget]) -> None:
+        """Pusher's API host answers (a connection, no API call: those count against quotas)."""
+        for url in sorted({self.base_url(target) for target in targets}):
+            await tcp_reachable(url)
 
     async def send(self, target: PusherTarget, event: Event) -> int | None:
         data = self.data(target, event)

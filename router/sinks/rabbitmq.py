@@ -13,6 +13,7 @@ backoff paces the attempts, and events wait in the store meanwhile.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection
@@ -73,6 +74,13 @@ class RabbitmqSink(BaseSink):
 
     async def aclose(self) -> None:
         await self._drop("closing")
+
+    async def check(self, targets: Sequence[RabbitmqTarget]) -> None:
+        """Connected to the broker, or able to connect now."""
+        try:
+            await self._channel_ready()
+        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
+            raise RetryableError(f"broker unreachable: {type(exc).__name__}: {exc}") from exc
 
     async def _drop(self, reason: str) -> None:
         connection, self._connection, self._channel = self._connection, None, None

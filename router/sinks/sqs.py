@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,7 +100,7 @@ class SqsSink(BaseSink):
         await self._stack.aclose()
         self._client = None
 
-    async def verify(self) -> None:
+    async def check(self, targets: Sequence[SqsTarget]) -> None:
         """One cheap authenticated call: raises DeliveryError naming bad credentials or endpoint."""
         try:
             await self._client.list_queues(MaxResults=1)

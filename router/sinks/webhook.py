@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
@@ -16,7 +17,7 @@ from router.errors import PermanentError, RetryableError
 from router.events import Event, envelope, strip_message_base64
 from router.routing import WebhookTarget
 from router.settings import Settings
-from router.sinks import BaseSink
+from router.sinks import BaseSink, tcp_reachable
 
 JWT_HEADER = "jwt_key"
 BASE_HEADERS = {"Content-Type": "application/json", "User-Agent": "evolution-router"}
@@ -95,6 +96,13 @@ class WebhookSink(BaseSink):
 
     def where(self, target: WebhookTarget, event: Event) -> dict[str, str]:
         return {"url": target.url_for(event.event)}
+
+    async def check(self, targets: Sequence[WebhookTarget]) -> None:
+        """The global webhook's host answers. Instance webhooks are their owners' servers: one
+        of them down must not take the router out of a load balancer, so they are not checked."""
+        for target in targets:
+            if target.instance is None:
+                await tcp_reachable(target.url)
 
     async def send(self, target: WebhookTarget, event: Event) -> int:
         assert self._session is not None, "WebhookSink.send before open"
