@@ -8,6 +8,7 @@ Each ``App`` has its own registry, so several daemons in one process (the tests)
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -60,15 +61,26 @@ class Metrics:
         self.websocket_slow_disconnects = Gauge(
             "router_websocket_slow_disconnects", "Clients dropped for falling behind", registry=registry
         )
+        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         self.broker_connected = Gauge(
             "router_rabbitmq_connected", "1 while the RabbitMQ connection is open", registry=registry
         )
 
     def attempt(self, sink: str, event: str, outcome: str, seconds: float, latency_s: float | None) -> None:
-        self.deliveries.labels(sink, event, outcome).inc()
-        self.attempt_seconds.labels(sink).observe(seconds)
+        key = (sink, event, outcome)
+        children = self._children.get(key)
+        if children is None:  # labels() costs a lock and a lookup: once per combination, not per event
+            children = (
+                self.deliveries.labels(*key),
+                self.attempt_seconds.labels(sink),
+                self.latency.labels(sink),
+            )
+            self._children[key] = children
+        deliveries, attempt_seconds, latency = children
+        deliveries.inc()
+        attempt_seconds.observe(seconds)
         if latency_s is not None:
-            self.latency.labels(sink).observe(latency_s)
+            latency.observe(latency_s)
 
     def set_store_state(self, state: Mapping[str, tuple[int, int, float | None]]) -> None:
         """``sink -> (waiting, dead, oldest waiting age in seconds)``, as the store reports it."""
