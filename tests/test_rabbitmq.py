@@ -67,7 +67,17 @@ class Broker:
         """The first ``count`` messages of ``queue`` (acknowledged), in the order they came."""
         await self.wait_queue(queue)
         got: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
-        ok = await self.channel.basic_consume(queue, got.put, no_ack=True)
+        for attempt in range(1, 6):
+            try:
+                ok = await self.channel.basic_consume(queue, got.put, no_ack=True)
+                break
+            except aiormq.exceptions.ConnectionInternalError:
+                # RabbitMQ 3.10 answers a passive declare from the queue's metadata, but a consume
+                # needs the quorum queue's Raft member; while that is (re)starting the broker
+                # fails with {error,noproc} and closes the connection (541). Reconnect, retry.
+                if attempt == 5:
+                    raise
+                await self.reconnect()
         try:
             async with asyncio.timeout(timeout):
                 return [await got.get() for _ in range(count)]
