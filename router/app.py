@@ -1,12 +1,17 @@
 """The daemon. It owns every task; starting and stopping follow a written order.
 
-Start: open the store, open the sinks, start the delivery workers, then intake (HTTP, jsonl),
-then emit ``application.startup``.
+Start: open the store, open the sinks (and check them), start the delivery workers, then intake
+(HTTP with the admin API, jsonl) and the instance-file watcher, then emit ``application.startup``
+and tell systemd ``READY=1``.
 
-Stop (SIGTERM/SIGINT): 1. stop intake: no new events, requests under way finish;
-2. stop leasing and give attempts under way ``ROUTER_SHUTDOWN_GRACE_S`` to finish (the rest stay
-stored and are retried at the next start); 3. write what the store has queued; 4. close the
-sinks, in reverse order of opening.
+Reload (SIGHUP, a changed instance file, an admin API change): one at a time, under
+``config_lock``; the routing index is swapped whole, and removed targets drain (see
+``Dispatcher.apply``).
+
+Stop (SIGTERM/SIGINT): tell systemd ``STOPPING=1``; 1. stop intake: no new events, requests
+under way finish; stop watching and reloading; 2. stop leasing and give attempts under way
+``ROUTER_SHUTDOWN_GRACE_S`` to finish (the rest stay stored and are retried at the next start);
+3. write what the store has queued; 4. close the sinks, in reverse order of opening.
 """
 
 from __future__ import annotations
