@@ -1,8 +1,8 @@
 """The daemon. It owns every task; starting and stopping follow a written order.
 
 Start: open the store, open the sinks (and check them), start the delivery workers, then intake
-(HTTP with the admin API, jsonl) and the instance-file watcher, then emit ``application.startup``
-and tell systemd ``READY=1``.
+(HTTP with the admin API, jsonl, WhatsApp sessions) and the instance-file watcher, then emit
+``application.startup`` and tell systemd ``READY=1``.
 
 Reload (SIGHUP, a changed instance file, an admin API change): one at a time, under
 ``config_lock``; the routing index is swapped whole, and removed targets drain (see
@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from router import __version__, instance_files, logs
 from router.adapters import http
 from router.adapters.jsonl import JsonlAdapter
+from router.adapters.whatsapp import WhatsAppSessions
 from router.admin import Admin
 from router.delivery import Dispatcher
 from router.events import Event, new_event_id, utc_timestamp
@@ -74,6 +75,7 @@ class App:
         self.dispatcher: Dispatcher | None = None
         self.websocket: WebSocketHub | None = None
         self.store: Store | None = None
+        self.whatsapp: WhatsAppSessions | None = None
         self.metrics = Metrics()
         self.systemd = Notifier(settings)
         self._stopping = asyncio.Event()
@@ -140,6 +142,9 @@ class App:
                 jsonl = JsonlAdapter(intake, settings.router_jsonl_path)
                 tasks.create_task(jsonl.run(), name="jsonl")
             reload_task = tasks.create_task(self._reload_on_request(), name="reload")
+            self.whatsapp = WhatsAppSessions(settings, intake)
+            await self.whatsapp.apply(self.instances)
+            whatsapp_task = tasks.create_task(self.whatsapp.run(), name="whatsapp")
             watchdog_task = tasks.create_task(self.systemd.keep_watchdog_fed(), name="watchdog")
             stop_watching = anyio.Event()
             watch_task = tasks.create_task(
@@ -167,6 +172,8 @@ class App:
             await runner.cleanup()
             if jsonl is not None:
                 jsonl.stop()
+            self.whatsapp.stop()  # sessions end; what they emitted is stored first
+            await whatsapp_task
             reload_task.cancel()
             stop_watching.set()
             await watch_task
@@ -272,5 +279,7 @@ class App:
             self.intake.routes = self.routes
         if self.dispatcher is not None:
             await self.dispatcher.apply(self.routes)
+        if self.whatsapp is not None:
+            await self.whatsapp.apply(instances)
         self.reloads += 1
         log.info("config.reloaded", instances=len(instances), targets=len(self.routes.targets))

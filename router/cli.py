@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from router import __version__, logs
+from router.adapters import whatsapp
 from router.errors import ConfigError
 from router.events import WIRE_NAMES, by_events_suffix, config_name
 from router.instances import load_instances
@@ -95,6 +96,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print("\n".join(describe_routes(routes, settings)) or "  (none: no sink is enabled)")
     if settings.sqs_enabled:
         problems += asyncio.run(_check_sqs(settings))
+    problems += whatsapp.check(loaded.instances)
     if settings.webhook_global_enabled and not settings.events_enabled("webhook"):
         print(
             "warning: the global webhook is enabled but no WEBHOOK_EVENTS_* is true",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -22,6 +24,18 @@ from aiohttp import web
 
 from router.app import App
 from router.settings import Settings, load_settings
+
+# neonize's import runs `uname -a` through os.popen and never closes nor reaps it
+# (neonize/utils/platform.py); the next subprocess started then reports an unclosed file. The
+# tests import it once, here, with that one command answered in memory.
+_popen = os.popen
+os.popen = lambda cmd, *args, **kwargs: (  # type: ignore[assignment]
+    io.StringIO(" ".join(platform.uname())) if cmd == "uname -a" else _popen(cmd, *args, **kwargs)
+)
+try:
+    import neonize.aioze.client  # noqa: F401
+finally:
+    os.popen = _popen
 
 API_KEY = "test-global-key"
 ROOT = Path(__file__).resolve().parent.parent
