@@ -192,7 +192,8 @@ def test_run_with_bad_settings_exits_1_without_starting(tmp_path: Path):
 def test_every_example_file_is_valid(clean_env, tmp_path: Path):
     loaded = load_instances(ROOT / "examples" / "instances")
     assert loaded.problems == []
-    assert set(loaded.instances) == {"production-bot", "signed-webhook", "queue-consumer"}
+    assert set(loaded.instances) == {"production-bot", "signed-webhook", "queue-consumer", "live-session"}
+    assert loaded.instances["live-session"].integration == "WHATSAPP-WHATSMEOW"
     assert loaded.instances["queue-consumer"].sqs.subscribed() == {"messages.upsert"}
     settings = load_settings(None, ROOT / "examples" / "env.example")
     assert settings.rabbitmq_uri == "amqp://guest:guest@localhost:5672/"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ from router.adapters.whatsapp.mapping import Mapper, Out
 from router.instances import InstanceConfig
 
 log = logs.get_logger("router.whatsapp")
+# neonize warns at every start that ffmpeg is missing: it needs it to convert media it sends; the
+# router sends nothing, so that warning is noise in the operator's log.
+logging.getLogger("neonize.utils.ffmpeg").setLevel(logging.ERROR)
 MAX_RETRY_DELAY_S = 60.0
 # Upstream's statusReason values (Baileys' DisconnectReason), so consumers read them as before.
 OPEN, CONNECTION_CLOSED, LOGGED_OUT, FORBIDDEN, REPLACED, OUTDATED = 200, 428, 401, 403, 440, 405
