@@ -261,12 +261,17 @@ class Admin:
         names = [wanted] if wanted is not None else sorted(instances)
         return _answer(200, [self._info(instances[name]) for name in names])
 
-    @staticmethod
-    def _info(config: InstanceConfig) -> dict[str, Any]:
+    def _info(self, config: InstanceConfig) -> dict[str, Any]:
         extra = config.model_extra or {}
+        # Known only for sessions the router runs itself (integration WHATSAPP-WHATSMEOW).
+        sessions = self.app.whatsapp.sessions if self.app.whatsapp is not None else {}
+        session = sessions.get(config.instance_name)
         return {
             "id": config.id,
             "name": config.instance_name,
+            "connectionStatus": session.state if session is not None else None,
+            "ownerJid": session.mapper.own_jid if session is not None else None,
+            "profileName": session.mapper.profile_name if session is not None else None,
             "integration": config.integration,
             "number": extra.get("number"),
             "businessId": extra.get("businessId"),

@@ -222,6 +222,20 @@ async def post_ingest(
         return r.status, (orjson.loads(text) if text else None)
 
 
+async def admin(app, method: str, path: str, body: Any = None, apikey: str | None = API_KEY, raw=None):
+    """One admin API request to the daemon; (status, the answer's JSON)."""
+    headers = {"Content-Type": "application/json"}
+    if apikey is not None:
+        headers["apikey"] = apikey
+    data = raw if raw is not None else (orjson.dumps(body) if body is not None else None)
+    url = f"http://127.0.0.1:{app.port}{path}"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, data=data, headers=headers) as r,
+    ):
+        return r.status, orjson.loads(await r.read())
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -5,29 +5,13 @@ from __future__ import annotations
 import asyncio
 import stat
 from pathlib import Path
-from typing import Any
 
-import aiohttp
-import orjson
 import yaml
 
 from router.events import WIRE_NAMES, config_name
-from tests.conftest import API_KEY, hook_env, post_ingest, running
+from tests.conftest import admin, hook_env, post_ingest, running
 
 ALL_EVENTS = [config_name(wire) for wire in WIRE_NAMES]
-
-
-async def admin(app, method: str, path: str, body: Any = None, apikey: str | None = API_KEY, raw=None):
-    headers = {"Content-Type": "application/json"}
-    if apikey is not None:
-        headers["apikey"] = apikey
-    data = raw if raw is not None else (orjson.dumps(body) if body is not None else None)
-    url = f"http://127.0.0.1:{app.port}{path}"
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(method, url, data=data, headers=headers) as r,
-    ):
-        return r.status, orjson.loads(await r.read())
 
 
 def files(directory: Path) -> list[str]:
@@ -157,6 +141,7 @@ async def test_set_and_find_every_sink(receiver, make_settings, tmp_path):
         assert status == 200 and [item["name"] for item in listing] == ["shop"]
         [info] = listing
         assert info["id"] == instance_id and info["token"] == "t"
+        assert info["connectionStatus"] is None  # no session of the router's own
         assert info["Webhook"]["enabled"] is False and info["Websocket"]["events"] == ALL_EVENTS
         assert info["Pusher"]["appId"] == "42"
 

@@ -19,7 +19,7 @@ from neonize.proto.waE2E import WAWebProtobufsE2E_pb2 as wa
 
 from router.adapters import whatsapp
 from router.errors import ConfigError
-from tests.conftest import ROOT, post_ingest, running, write_instance
+from tests.conftest import ROOT, admin, post_ingest, running, write_instance
 from tests.whatsapp_core import FakeGoCore, wait_until
 
 BOT = b"bot"
@@ -98,6 +98,13 @@ async def test_lifecycle_qr_open_reconnect_logout_and_stop(core, receiver, make_
             "statusReason": 200,
         }
         assert opened["sender"] == "5511900000000@s.whatsapp.net"
+        status, [listed] = await admin(app, "GET", "/instance/fetchInstances")
+        assert (status, listed["connectionStatus"], listed["ownerJid"], listed["profileName"]) == (
+            200,
+            "open",
+            "5511900000000@s.whatsapp.net",
+            "Shop",
+        )
 
         # A dropped connection (whatsmeow reconnects by itself), then the client failing outright.
         core.emit(BOT, proto.Disconnected(status=True))
