@@ -65,9 +65,17 @@ class Session:
         log.info("whatsapp.connection", instance=self.instance, state=state, status_reason=reason)
 
     async def run(self) -> None:
+        self.client = self._client()  # one client for the session's life: see _client
+        try:
+            await self._connect_until_done()
+        finally:  # however it ended, the Go side's session ends with it
+            await self._end_client()
+        if self.state != "close":
+            self._set_state("close", CONNECTION_CLOSED)
+
+    async def _connect_until_done(self) -> None:
         delay = 1.0
         while not (self._stopping or self._ended):
-            self.client = self._client()
             self._pairing_requested = False
             self._set_state("connecting", OPEN)
             error = None
@@ -76,15 +84,13 @@ class Session:
             except Exception as exc:  # the library's or the Go side's failure: reconnect
                 error = f"{type(exc).__name__}: {exc}"
             if self._stopping or self._ended:
-                break
+                return
             log.warning("whatsapp.session_ended", instance=self.instance, error=error, retry_in_s=delay)
             if self.state != "close":  # a replaced stream has said so already
                 self._set_state("close", CONNECTION_CLOSED)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), delay)
             delay = min(delay * 2, MAX_RETRY_DELAY_S)
-        if self.state != "close":
-            self._set_state("close", CONNECTION_CLOSED)
 
     async def stop(self) -> None:
         """End the session (the credentials stay: the next start resumes it)."""
@@ -103,6 +109,12 @@ class Session:
         neonize_events.event_global_loop = asyncio.get_running_loop()
         self.database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         client = NewAClient(str(self.database), uuid=self.instance)
+        # neonize stops a client's session (by uuid: the instance name) when the client object is
+        # collected. A later session of the same instance has the same uuid, so a collected old
+        # client would stop it. Sessions always stop their client themselves: no collect-time stop.
+        finalizer = getattr(client, "_stop_finalizer", None)
+        if finalizer is not None:
+            finalizer.detach()
         client.event.qr(self._on_qr)
         handlers = {
             events.Connected: self._on_connected,
