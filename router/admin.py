@@ -17,7 +17,6 @@ emitted as upstream emits them. Errors have upstream's shape:
 from __future__ import annotations
 
 import asyncio
-import hmac
 import uuid
 from http import HTTPStatus
 from pathlib import Path
@@ -27,6 +26,7 @@ import orjson
 from aiohttp import web
 
 from router import instance_files, logs
+from router.apikeys import key_matches
 from router.errors import ConfigError
 from router.events import WIRE_NAMES, config_name
 from router.instances import InstanceConfig, InvalidInstance, topic_safe, validate_instance
@@ -66,10 +66,6 @@ class Refused(Exception):
 
 def _answer(status: int, body: Any) -> web.Response:
     return web.json_response(body, status=status, dumps=lambda value: orjson.dumps(value).decode())
-
-
-def _same(given: str, expected: str | None) -> bool:
-    return expected is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
 def _problems(exc: InvalidInstance) -> list[str]:
@@ -153,10 +149,10 @@ class Admin:
         key = request.headers.get("apikey")
         if not key:
             raise Refused(401, "missing apikey header")
-        if _same(key, self.app.settings.authentication_api_key):
+        if key_matches(key, self.app.settings.authentication_api_key):
             return
         config = self.app.instances.get(instance) if instance is not None else None
-        if config is None or not _same(key, config.token):
+        if config is None or not key_matches(key, config.token):
             raise Refused(401, "Unauthorized")
 
     @staticmethod
@@ -249,9 +245,9 @@ class Admin:
         wanted = request.query.get("instanceName")
         key = request.headers.get("apikey") or ""
         instances = self.app.instances
-        if key and not _same(key, self.app.settings.authentication_api_key):
+        if key and not key_matches(key, self.app.settings.authentication_api_key):
             # An instance token sees its own instance only (upstream looks the token up).
-            own = [name for name, config in instances.items() if _same(key, config.token)]
+            own = [name for name, config in instances.items() if key_matches(key, config.token)]
             if not own:
                 raise Refused(401, "Unauthorized")
             wanted = wanted or own[0]

@@ -88,6 +88,11 @@ async def test_api_key_or_instance_token_unless_the_host_is_allowed(make_setting
             1008,
             "invalid apikey for instance 'bot'",
         )
+        # A key outside ASCII is refused like any wrong key (the comparison takes bytes).
+        assert await refusal(session, f"{base}/bot?apikey=%C3%BC") == (
+            1008,
+            "invalid apikey for instance 'bot'",
+        )
         async with (
             session.ws_connect(f"{base}/bot?apikey=bot-token") as by_token,
             session.ws_connect(f"{base}/shop", headers={"apikey": API_KEY}) as by_key,

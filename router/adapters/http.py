@@ -7,12 +7,12 @@ valid ``apikey`` header, 413 means the body is over ``ROUTER_INGEST_MAX_BYTES``.
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from router.apikeys import key_matches
 from router.errors import IntakeError
 from router.events import UnknownEventError, wire_from_suffix
 from router.intake import Intake
@@ -50,18 +50,14 @@ def decode_body(body: bytes) -> list[Any]:
     return [parsed]
 
 
-def _key_matches(given: str, expected: str | None) -> bool:
-    return expected is not None and hmac.compare_digest(given.encode(), expected.encode())
-
-
 async def ingest(request: web.Request) -> web.Response:
     intake = request.app[INTAKE_KEY]
     apikey = request.headers.get("apikey")
     if not apikey:
         return _error(401, "missing apikey header")
-    is_global = _key_matches(apikey, intake.settings.authentication_api_key)
+    is_global = key_matches(apikey, intake.settings.authentication_api_key)
     if not is_global and not any(
-        _key_matches(apikey, config.token) for config in intake.routes.instances.values()
+        key_matches(apikey, config.token) for config in intake.routes.instances.values()
     ):
         return _error(401, "invalid apikey")
 
@@ -86,7 +82,7 @@ async def ingest(request: web.Request) -> web.Response:
         return _error(400, str(exc))
     if not is_global:
         for event in events:
-            if not _key_matches(apikey, intake.routes.token_of(event.instance)):
+            if not key_matches(apikey, intake.routes.token_of(event.instance)):
                 return _error(401, f"apikey is not valid for instance {event.instance!r}")
     ids = await intake.accept(events)
     return web.json_response({"status": 202, "accepted": len(ids), "ids": ids}, status=202)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hmac
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -36,6 +35,7 @@ from aiohttp import WSCloseCode, web
 from socketio.exceptions import ConnectionRefusedError as SocketIoRefused
 
 from router import logs
+from router.apikeys import key_matches
 from router.events import WIRE_NAMES, Event, envelope
 from router.routing import Routes
 from router.settings import Settings
@@ -119,10 +119,9 @@ class WebSocketHub:
             given = auth["apikey"]
         if not given:
             return "missing apikey (query parameter or header)"
-        if hmac.compare_digest(given, self.settings.authentication_api_key or ""):
+        if key_matches(given, self.settings.authentication_api_key):
             return None
-        token = self._routes().token_of(instance) if instance is not None else None
-        if token and hmac.compare_digest(given, token):
+        if instance is not None and key_matches(given, self._routes().token_of(instance)):
             return None
         return "invalid apikey" + (f" for instance {instance!r}" if instance is not None else "")
 
