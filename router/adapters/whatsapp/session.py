@@ -26,7 +26,7 @@ from neonize.exc import PairPhoneError
 from neonize.proto import Neonize_pb2 as events
 
 from router import logs
-from router.adapters.whatsapp.mapping import Mapper, Out
+from router.adapters.whatsapp.mapping import Mapper, Out, jid
 from router.instances import InstanceConfig
 
 log = logs.get_logger("router.whatsapp")
@@ -165,13 +165,12 @@ class Session:
 
     def _remember_me(self, client: Any) -> None:
         me = getattr(client, "me", None)  # the Device event neonize keeps
-        if me is not None and me.JID.User:
-            self.mapper.own_jid = f"{me.JID.User}@{me.JID.Server}"
+        if me is not None and jid(me.JID) is not None:
+            self.mapper.own_jid = jid(me.JID)
             self.mapper.profile_name = me.PushName or self.mapper.profile_name
 
     async def _on_pair_status(self, client: Any, event: Any) -> None:
-        if event.ID.User:
-            self.mapper.own_jid = f"{event.ID.User}@{event.ID.Server}"
+        self.mapper.own_jid = jid(event.ID) or self.mapper.own_jid
         if event.Error:
             log.error("whatsapp.pairing_failed", instance=self.instance, error=event.Error)
 
