@@ -1,7 +1,8 @@
 """The admin API, compatible with Evolution API's: instances and their sinks, kept as files.
 
     POST   /instance/create                  upstream's body; writes <instance>.yaml
-    GET    /instance/fetchInstances          every instance (?instanceName= for one)
+    GET    /instance/fetchInstances          every instance (?instanceName=, ?instanceId=, ?number=)
+    GET    /instance/connectionState/{instance}  the connection's state, as last reported
     DELETE /instance/delete/{instance}       removes the file
     POST   /{sink}/set/{instance}            body {"<sink>": {...}}; rewrites that section
     GET    /{sink}/find/{instance}           the section as upstream's row, or null
@@ -9,15 +10,18 @@
 ``{sink}`` is webhook, rabbitmq, sqs, pusher or websocket. The ``apikey`` header carries the
 global key (everything) or an instance's token (that instance only). Every change is validated
 in full before anything is written, written atomically, and in force when the answer comes:
-the routes are swapped under the same lock. ``instance.create`` and ``instance.delete`` are
-emitted as upstream emits them. Errors have upstream's shape:
-``{"status": 400, "error": "Bad Request", "response": {"message": ["webhook.url: ..."]}}``.
+the routes are swapped under the same lock. ``instance.create``, ``instance.delete`` and
+``remove.instance`` are emitted as upstream emits them. Request and answer shapes are in
+``router.admin_shapes``. Errors have upstream's shape:
+``{"status": 400, "error": "Bad Request", "response": {"message": ["webhook.url: ..."]}}``
+(a 401's message is the string ``"Unauthorized"``, as upstream's).
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,9 +30,18 @@ import orjson
 from aiohttp import web
 
 from router import instance_files, logs
+from router.adapters import whatsapp
+from router.admin_shapes import (
+    SINKS,
+    create_answer,
+    file_from_create,
+    instance_row,
+    section_from_body,
+    sink_row,
+)
 from router.apikeys import key_matches
 from router.errors import ConfigError
-from router.events import WIRE_NAMES, config_name
+from router.events import utc_timestamp
 from router.instances import InstanceConfig, InvalidInstance, topic_safe, validate_instance
 from router.yamlfile import format_loc, load_yaml
 
@@ -36,23 +49,13 @@ if TYPE_CHECKING:
     from router.app import App
 
 log = logs.get_logger("router.admin")
-SINKS = ("webhook", "rabbitmq", "sqs", "pusher", "websocket")
 SINK_ENABLED_SETTING = {
     "rabbitmq": "rabbitmq_enabled",
     "sqs": "sqs_enabled",
     "pusher": "pusher_enabled",
     "websocket": "websocket_enabled",
 }
-# Upstream's per-instance settings, as its create answer and fetchInstances report them.
-SETTING_DEFAULTS: dict[str, Any] = {
-    "rejectCall": False,
-    "msgCall": "",
-    "groupsIgnore": False,
-    "alwaysOnline": False,
-    "readMessages": False,
-    "readStatus": False,
-    "syncFullHistory": False,
-}
+QRCODE_WAIT_S = 5.0  # upstream waits 5 s for the first QR code when create asks for one
 
 
 class Refused(Exception):
@@ -72,41 +75,28 @@ def _problems(exc: InvalidInstance) -> list[str]:
     return [f"{format_loc(loc)}: {what}" for loc, what in exc.problems]
 
 
-def sink_row(config: InstanceConfig, sink: str) -> dict[str, Any] | None:
-    """A sink section as upstream's database row; None where the instance has no such section."""
-    if sink not in config.model_fields_set:
-        return None
-    section = getattr(config, sink)
-    subscribed = section.subscribed()  # upstream stores `events: []` as every event
-    row: dict[str, Any] = {
-        "id": str(uuid.uuid5(uuid.UUID(config.id), sink)),
-        "enabled": section.enabled,
-        "events": [config_name(wire) for wire in WIRE_NAMES if wire in subscribed],
-    }
-    if sink == "webhook":
-        hook = config.webhook
-        row |= {
-            "url": hook.url,
-            "headers": hook.headers or None,
-            "webhookByEvents": hook.by_events,
-            "webhookBase64": hook.base64,
-        }
-    elif sink == "pusher":
-        push = config.pusher
-        row |= {
-            "appId": push.app_id,
-            "key": push.key,
-            "secret": push.secret,
-            "cluster": push.cluster,
-            "useTLS": push.use_tls,
-        }
-    row["instanceId"] = config.id
-    return row
+def _ignored(request: web.Request, instance: str, keys: list[str]) -> None:
+    if keys:
+        log.warning(
+            "admin.keys_ignored",
+            path=request.path,
+            instance=instance,
+            keys=keys,
+            hint="not used by the router",
+        )
 
 
-def settings_of(config: InstanceConfig) -> dict[str, Any]:
-    extra = config.model_extra or {}
-    return {key: extra.get(key, default) for key, default in SETTING_DEFAULTS.items()}
+@web.middleware
+async def upstream_not_found(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Unknown routes answer as upstream's express app does: JSON naming the method and path."""
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+        if exc.text and exc.content_type == "application/json":
+            raise  # a handler's own answer
+        message = [f"Cannot {request.method} {request.path_qs}"]
+        body = {"status": 404, "error": "Not Found", "response": {"message": message}}
+        return _answer(404, body)
 
 
 class Admin:
@@ -119,6 +109,7 @@ class Admin:
         router = web_app.router
         router.add_post("/instance/create", self._handle(self.create))
         router.add_get("/instance/fetchInstances", self._handle(self.fetch_instances))
+        router.add_get("/instance/connectionState/{instance}", self._handle(self.connection_state))
         router.add_delete("/instance/delete/{instance}", self._handle(self.delete))
         for sink in SINKS:
             router.add_post(f"/{sink}/set/{{instance}}", self._handle(self.set_sink, sink))
@@ -137,7 +128,9 @@ class Admin:
                     error=str(exc),
                 )
                 phrase = HTTPStatus(exc.status).phrase
-                body = {"status": exc.status, "error": phrase, "response": {"message": exc.messages}}
+                # Upstream's UnauthorizedException() says "Unauthorized", a string; the others a list.
+                message: Any = exc.messages[0] if exc.status == 401 else exc.messages
+                body = {"status": exc.status, "error": phrase, "response": {"message": message}}
                 return _answer(exc.status, body)
 
         return handle
@@ -148,7 +141,7 @@ class Admin:
         """The global key may do anything, an instance's token act on its own instance; else 401."""
         key = request.headers.get("apikey")
         if not key:
-            raise Refused(401, "missing apikey header")
+            raise Refused(401, "Unauthorized")
         if key_matches(key, self.app.settings.authentication_api_key):
             return
         config = self.app.instances.get(instance) if instance is not None else None
@@ -177,7 +170,7 @@ class Admin:
         except InvalidInstance as exc:
             raise Refused(400, *_problems(exc)) from None
         if self.app.routes.needs_topic_safe_names and not topic_safe(name):
-            raise Refused(400, f"instanceName: {name!r} cannot be routed by RabbitMQ ('.', '*', '#')")
+            raise Refused(400, f"instanceName: {name!r} cannot be routed by RabbitMQ (a word '*' or '#')")
         for sink, setting in SINK_ENABLED_SETTING.items():
             if getattr(config, sink).enabled and not getattr(self.app.settings, setting):
                 log.warning("admin.sink_disabled", instance=name, sink=sink, setting=setting.upper())
@@ -189,13 +182,15 @@ class Admin:
         await asyncio.to_thread(instance_files.write_atomically, path, text)
         await self.app.reload_locked()
 
-    async def _emit(self, wire: str, config: InstanceConfig) -> None:
-        """``instance.create`` / ``instance.delete``, through intake like any event (durable)."""
+    async def _emit(self, wire: str, config: InstanceConfig, data: Any) -> None:
+        """Lifecycle events, through intake like any event (durable)."""
         intake = self.app.intake
         assert intake is not None, "admin API before the daemon serves"
-        data = {"instanceName": config.instance_name, "instanceId": config.id}
         events = intake.parse_many([{"event": wire, "instance": config.instance_name, "data": data}])
         await intake.accept(events, adapter="admin")
+
+    def _state(self, name: str) -> str:
+        return self.app.status.get(name).state
 
     # --- handlers ---------------------------------------------------------------------------
 
@@ -205,6 +200,8 @@ class Admin:
         name = body.get("instanceName")
         if not isinstance(name, str) or not name:
             raise Refused(400, "instanceName: is required")
+        given, ignored = file_from_create(body)
+        _ignored(request, name, ignored)
         # The file: upstream's body as sent, with the instance id and token it is given here.
         data = {
             "instanceName": name,
@@ -212,81 +209,64 @@ class Admin:
             "integration": body.get("integration") or "WHATSAPP-BAILEYS",
             "token": body.get("token") or str(uuid.uuid4()).upper(),
         }
-        data |= {key: value for key, value in body.items() if key not in data}
+        data |= {key: value for key, value in given.items() if key not in data}
         async with self.app.config_lock:
             config = self._validated(data, name)
             if name in self.app.instances:
                 raise Refused(403, f'This name "{name}" is already in use.')
+            self.app.status.forget(name)  # a former instance of that name
             path = self.app.settings.router_instances_dir / f"{name}.yaml"
             await self._write(path, data, "POST /instance/create")
-            await self._emit("instance.create", config)
+            ids = {"instanceName": name, "instanceId": config.id}
+            await self._emit("instance.create", config, ids)
         log.info("admin.instance_created", instance=name, file=str(path))
-        answer = {
-            "instance": {
-                "instanceName": name,
-                "instanceId": config.id,
-                "integration": config.integration,
-                "webhookWaBusiness": None,
-                "accessTokenWaBusiness": "",
-                "status": "created",
-            },
-            "hash": config.token,
-            "webhook": {
-                "webhookUrl": config.webhook.url,
-                "webhookByEvents": config.webhook.by_events,
-                "webhookBase64": config.webhook.base64,
-            },
-            **{sink: {"enabled": getattr(config, sink).enabled} for sink in SINKS if sink != "webhook"},
-            "settings": settings_of(config),
-        }
-        return _answer(201, answer)
+        qrcode_asked = body.get("qrcode") is True and config.integration == whatsapp.INTEGRATION
+        qrcode = await self.app.status.wait_for_qrcode(name, QRCODE_WAIT_S) if qrcode_asked else None
+        return _answer(201, create_answer(config, self._state(name), qrcode, qrcode_asked))
 
     async def fetch_instances(self, request: web.Request) -> web.Response:
-        wanted = request.query.get("instanceName")
+        query = request.query
+        wanted = {key: query[key] for key in ("instanceName", "instanceId", "number") if query.get(key)}
         key = request.headers.get("apikey") or ""
-        instances = self.app.instances
-        if key and not key_matches(key, self.app.settings.authentication_api_key):
-            # An instance token sees its own instance only (upstream looks the token up).
-            own = [name for name, config in instances.items() if key_matches(key, config.token)]
-            if not own:
-                raise Refused(401, "Unauthorized")
-            wanted = wanted or own[0]
-        self._authorise(request, wanted)
-        if wanted is not None and wanted not in instances:
-            raise Refused(404, f'Instance "{wanted}" not found')
-        names = [wanted] if wanted is not None else sorted(instances)
-        return _answer(200, [self._info(instances[name]) for name in names])
+        if not key:
+            raise Refused(401, "Unauthorized")
+        configs = list(self.app.instances.values())
+        is_global = key_matches(key, self.app.settings.authentication_api_key)
+        if not is_global:  # an instance token sees its own instance only, as upstream looks it up
+            configs = [config for config in configs if key_matches(key, config.token)]
+        for field, value in wanted.items():
+            configs = [config for config in configs if _identity(config, field) == value]
+        if not configs and not is_global:
+            raise Refused(401, "Unauthorized")
+        if wanted and not configs:
+            raise Refused(404, f'Instance "{next(iter(wanted.values()))}" not found')
+        paths = self.app.instance_paths
+        answer = [
+            instance_row(config, self.app.status.get(config.instance_name), _modified(paths.get(name)))
+            for name, config in sorted((config.instance_name, config) for config in configs)
+        ]
+        return _answer(200, answer)
 
-    def _info(self, config: InstanceConfig) -> dict[str, Any]:
-        extra = config.model_extra or {}
-        # Known only for sessions the router runs itself (integration WHATSAPP-WHATSMEOW).
-        sessions = self.app.whatsapp.sessions if self.app.whatsapp is not None else {}
-        session = sessions.get(config.instance_name)
-        return {
-            "id": config.id,
-            "name": config.instance_name,
-            "connectionStatus": session.state if session is not None else None,
-            "ownerJid": session.mapper.own_jid if session is not None else None,
-            "profileName": session.mapper.profile_name if session is not None else None,
-            "integration": config.integration,
-            "number": extra.get("number"),
-            "businessId": extra.get("businessId"),
-            "token": config.token,
-            **{sink.capitalize(): sink_row(config, sink) for sink in SINKS},
-            "Setting": settings_of(config),
-        }
+    async def connection_state(self, request: web.Request) -> web.Response:
+        instance = request.match_info["instance"]
+        self._authorise(request, instance)
+        self._existing(instance)
+        return _answer(200, {"instance": {"instanceName": instance, "state": self._state(instance)}})
 
     async def delete(self, request: web.Request) -> web.Response:
         instance = request.match_info["instance"]
         self._authorise(request, instance)
         async with self.app.config_lock:
             config = self._existing(instance)
-            # Emitted while the instance still exists, so its own subscriptions receive it too;
-            # its removed targets then deliver what is stored for them (see Dispatcher.apply).
-            await self._emit("instance.delete", config)
+            # Emitted while the instance still exists, so its own subscriptions receive them, in
+            # upstream's order; its removed targets then deliver what is stored for them (see
+            # Dispatcher.apply).
+            await self._emit("instance.delete", config, {"instanceName": instance, "instanceId": config.id})
+            await self._emit("remove.instance", config, None)
             path = self.app.instance_paths[instance]
             await asyncio.to_thread(instance_files.remove, path)
             await self.app.reload_locked()
+            self.app.status.forget(instance)
         log.info("admin.instance_deleted", instance=instance, file=str(path))
         return _answer(
             200, {"status": "SUCCESS", "error": False, "response": {"message": "Instance deleted"}}
@@ -297,9 +277,11 @@ class Admin:
         self._authorise(request, instance)
         body = await self._body(request)
         # Upstream's body is {"webhook": {...}}; its older flat form ({"enabled": ...}) works too.
-        section = body.get(sink, body if "enabled" in body else None)
-        if not isinstance(section, dict):
+        given = body.get(sink, body if "enabled" in body else None)
+        if not isinstance(given, dict):
             raise Refused(400, f'{sink}: is required, as an object: {{"{sink}": {{"enabled": true, ...}}}}')
+        section, ignored = section_from_body(sink, given)
+        _ignored(request, instance, ignored)
         async with self.app.config_lock:
             self._existing(instance)
             path = self.app.instance_paths[instance]
@@ -320,3 +302,20 @@ class Admin:
         instance = request.match_info["instance"]
         self._authorise(request, instance)
         return _answer(200, sink_row(self._existing(instance), sink))
+
+
+def _identity(config: InstanceConfig, field: str) -> Any:
+    """What fetchInstances' ``?instanceName=``, ``?instanceId=`` and ``?number=`` compare."""
+    if field == "instanceName":
+        return config.instance_name
+    if field == "instanceId":
+        return config.id
+    return (config.model_extra or {}).get(field)
+
+
+def _modified(path: Path | None) -> str | None:
+    """A file's modification time as upstream writes ``updatedAt``."""
+    try:
+        return utc_timestamp(datetime.fromtimestamp(path.stat().st_mtime, UTC)) if path else None
+    except OSError:
+        return None

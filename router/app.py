@@ -31,10 +31,11 @@ from router import __version__, instance_files, logs
 from router.adapters import http
 from router.adapters.jsonl import JsonlAdapter
 from router.adapters.whatsapp import WhatsAppSessions
-from router.admin import Admin
+from router.admin import Admin, upstream_not_found
 from router.delivery import Dispatcher
 from router.events import Event, new_event_id, utc_timestamp
 from router.health import Health, check_sinks
+from router.instance_status import InstanceStatus
 from router.instances import directory_fingerprint, load_instances
 from router.intake import Intake
 from router.metrics import Metrics
@@ -77,6 +78,7 @@ class App:
         self.store: Store | None = None
         self.whatsapp: WhatsAppSessions | None = None
         self.metrics = Metrics()
+        self.status = InstanceStatus()  # connections, from the events accepted
         self.systemd = Notifier(settings)
         self._stopping = asyncio.Event()
         self._reload = asyncio.Event()
@@ -123,7 +125,7 @@ class App:
     async def _serve(self, store: Store, sinks: Mapping[str, BaseSink]) -> None:
         settings = self.settings
         dispatcher = Dispatcher(store, sinks, self.routes, settings)
-        intake = Intake(store, settings, self.routes)
+        intake = Intake(store, settings, self.routes, self.status)
         intake.handoff = dispatcher
         dispatcher.metrics = intake.metrics = self.metrics
         self.dispatcher, self.intake, self.store = dispatcher, intake, store
@@ -187,7 +189,9 @@ class App:
 
     async def _start_http(self, intake: Intake) -> web.AppRunner:
         settings = self.settings
-        app = web.Application(client_max_size=settings.router_ingest_max_bytes)
+        app = web.Application(
+            client_max_size=settings.router_ingest_max_bytes, middlewares=[upstream_not_found]
+        )
         http.add_routes(app, intake)
         Admin(self).add_routes(app)
         health = Health(self)

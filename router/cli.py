@@ -18,7 +18,7 @@ import orjson
 from router import __version__, logs
 from router.adapters import whatsapp
 from router.errors import ConfigError
-from router.events import WIRE_NAMES, by_events_suffix, config_name
+from router.events import EVERY_EVENT, STARTUP, WIRE_NAMES, by_events_suffix, config_name
 from router.instances import load_instances
 from router.routing import PusherTarget, Routes, SqsTarget, WebhookTarget, build_routes
 from router.settings import DEFAULT_CONFIG_FILE, DEFAULT_ENV_FILE, Settings, load_settings
@@ -63,18 +63,47 @@ def describe_routes(routes: Routes, settings: Settings) -> list[str]:
     lines = []
     for _, target in sorted(routes.targets.items()):
         events = sorted(target.events)
-        shown = "all events" if len(events) == len(WIRE_NAMES) else ", ".join(events) or "no events"
+        shown = ", ".join(events) or "no events"
+        if target.events >= EVERY_EVENT:
+            shown = "all events" + (f", {STARTUP}" if STARTUP in target.events else "")
         scope = target.instance or "global (every instance)"
         if isinstance(target, WebhookTarget):
             suffix = " (+ /<event> suffix)" if target.by_events else ""
             where = f"{target.url}{suffix}"
         elif isinstance(target, SqsTarget):
-            where = f"queues {target.instance or settings.sqs_global_prefix_name}-<event>"
+            base = target.instance or settings.sqs_global_prefix_name
+            fifo = ".fifo" if settings.sqs_fifo else ""
+            upstream = settings.sqs_naming == "upstream"
+            where = f"queues {base}_<event>{fifo}" if upstream else f"queues {base}-<event>{fifo}"
         elif isinstance(target, PusherTarget):
             where = f"app {target.app_id}, channel <instance>"
+        elif settings.rabbitmq_topology == "upstream":
+            exchange = target.instance or settings.rabbitmq_exchange_name
+            where = f"exchange {exchange}, key <event>"
         else:
             where = f"exchange {settings.rabbitmq_exchange_name}, key <instance>.<event>"
         lines.append(f"  {scope}: {target.sink} -> {where}: {shown}")
+    return lines
+
+
+def describe_compatibility(settings: Settings) -> list[str]:
+    """Which queue layout consumers see, for the sinks that have two."""
+    lines = []
+    if settings.rabbitmq_enabled:
+        layout = {
+            "router": f"one exchange {settings.rabbitmq_exchange_name!r}, routing key <instance>.<event>",
+            "upstream": (
+                "Evolution API 2.3.6's: an exchange per instance with routing key <event>,"
+                f" global events to {settings.rabbitmq_exchange_name!r} with routing key <event>"
+            ),
+        }[settings.rabbitmq_topology]
+        lines.append(f"rabbitmq topology: {settings.rabbitmq_topology} ({layout})")
+    if settings.sqs_enabled:
+        naming = {
+            "router": "queues <instance>-<event>, MessageGroupId <instance>",
+            "upstream": "Evolution API 2.3.6's: queues <instance>_<event>, MessageGroupId as upstream",
+        }[settings.sqs_naming]
+        lines.append(f"sqs naming: {settings.sqs_naming} ({naming})")
     return lines
 
 
@@ -92,6 +121,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"instances: {len(loaded.instances)} valid in {settings.router_instances_dir}")
     for name in sorted(loaded.instances):
         print(f"  {name}: {loaded.files[name]}")
+    for line in describe_compatibility(settings):
+        print(line)
     print("routes:")
     print("\n".join(describe_routes(routes, settings)) or "  (none: no sink is enabled)")
     if settings.sqs_enabled:

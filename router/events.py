@@ -51,6 +51,11 @@ WIRE_NAMES: tuple[str, ...] = (
     "contacts.update",
 )
 
+# What "all events" means for a subscription (``events: []``, a global stream): every event but
+# ``application.startup``, which upstream never sends and reaches only those who name it.
+STARTUP = "application.startup"
+EVERY_EVENT: frozenset[str] = frozenset(WIRE_NAMES) - {STARTUP}
+
 # Upstream's schema lists GROUP_UPDATE but emits GROUPS_UPDATE; both subscribe to groups.update.
 ALIASES: dict[str, str] = {"GROUP_UPDATE": "groups.update"}
 

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from router.errors import ConfigError
-from router.events import WIRE_NAMES, UnknownEventError, wire_name
+from router.events import EVERY_EVENT, UnknownEventError, wire_name
 from router.yamlfile import YamlDoc, format_loc, load_yaml
 
 _NAME = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,100}$")
@@ -33,6 +33,9 @@ UPSTREAM_KEYS = frozenset(
         "readMessages",
         "readStatus",
         "syncFullHistory",
+        "wavoipToken",
+        "nats",  # upstream's NATS and Kafka sections: kept in the file, not used
+        "kafka",
         "proxyHost",
         "proxyPort",
         "proxyProtocol",
@@ -51,13 +54,15 @@ UPSTREAM_KEYS = frozenset(
         "chatwootDaysLimitImportMessages",
         "chatwootOrganization",
         "chatwootLogo",
+        "chatwootAutoCreate",
     ]
 )
 
 
 def topic_safe(name: str) -> bool:
-    """Usable as one word of a RabbitMQ topic routing key (``{instance}.{event}``)."""
-    return not any(char in name for char in ".*#")
+    """Usable in a RabbitMQ binding key ``{instance}.{event}``: no word of it is a wildcard
+    (``*`` or ``#``). Dots are fine: they only add words before the event's."""
+    return not any(word in ("*", "#") for word in name.split("."))
 
 
 def check_instance_name(name: str) -> str:
@@ -92,16 +97,18 @@ class Subscription(BaseModel):
         return tuple(resolved)
 
     def subscribed(self) -> frozenset[str]:
-        """The wire names this subscription receives."""
+        """The wire names this subscription receives (``application.startup`` only when named)."""
         if not self.enabled:
             return frozenset()
-        return frozenset(self.events) if self.events else frozenset(WIRE_NAMES)
+        return frozenset(self.events) if self.events else EVERY_EVENT
 
 
 class WebhookConfig(Subscription):
     url: str | None = None
-    by_events: bool = Field(False, validation_alias=AliasChoices("byEvents", "webhookByEvents"))
-    base64: bool = Field(False, validation_alias=AliasChoices("base64", "webhookBase64"))
+    by_events: bool = Field(
+        False, validation_alias=AliasChoices("byEvents", "webhookByEvents", "webhook_by_events", "by_events")
+    )
+    base64: bool = Field(False, validation_alias=AliasChoices("base64", "webhookBase64", "webhook_base64"))
     headers: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("url")
@@ -200,20 +207,16 @@ def validate_instance(data: Mapping[str, Any], name: str) -> InstanceConfig:
         known = key in InstanceConfig.model_fields or key in _FIELD_ALIASES or key in UPSTREAM_KEYS
         if not known:
             problems.append(((key,), "unknown field"))
+    for section in ("nats", "kafka"):  # upstream's, kept unused: still valid subscriptions
+        if section in data:
+            try:
+                Subscription.model_validate(data[section])
+            except ValidationError as exc:
+                problems += _located(exc, (section,))
     try:
         config = InstanceConfig.model_validate(data)
     except ValidationError as exc:
-        for error in exc.errors():
-            loc = list(error["loc"])
-            msg = error["msg"].removeprefix("Value error, ")
-            if error["type"] == "extra_forbidden":
-                msg = "unknown field"
-            item = re.match(r"item (\d+): (.*)", msg)
-            if item and loc and loc[-1] == "events":
-                loc.append(int(item.group(1)))
-                msg = item.group(2)
-            problems.append((tuple(loc), msg))
-        raise InvalidInstance(problems) from exc
+        raise InvalidInstance(problems + _located(exc)) from exc
     if config.instance_name != name:
         problems.append(
             (
@@ -227,7 +230,7 @@ def validate_instance(data: Mapping[str, Any], name: str) -> InstanceConfig:
             (
                 ("instanceName",),
                 f"{config.instance_name!r} cannot be used with RabbitMQ:"
-                " '.', '*' and '#' break its topic routing keys",
+                " a word '*' or '#' between dots is a wildcard in its binding keys",
             )
         )
     if config.pusher.enabled:
@@ -241,6 +244,21 @@ def validate_instance(data: Mapping[str, Any], name: str) -> InstanceConfig:
     return config
 
 
+def _located(exc: ValidationError, prefix: Loc = ()) -> list[tuple[Loc, str]]:
+    problems: list[tuple[Loc, str]] = []
+    for error in exc.errors():
+        loc = [*prefix, *error["loc"]]
+        msg = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            msg = "unknown field"
+        item = re.match(r"item (\d+): (.*)", msg)
+        if item and loc and loc[-1] == "events":
+            loc.append(int(item.group(1)))
+            msg = item.group(2)
+        problems.append((tuple(loc), msg))
+    return problems
+
+
 def parse_instance(doc: YamlDoc) -> InstanceConfig:
     """Validate one instance file; raise ConfigError with ``file:line: field: what`` lines."""
     try:
@@ -250,6 +268,18 @@ def parse_instance(doc: YamlDoc) -> InstanceConfig:
 
 
 _FIELD_ALIASES = frozenset({"instanceName", "instanceId"})
+
+
+def accepted_keys(model: type[BaseModel]) -> frozenset[str]:
+    """Every key ``model`` reads: its field names and each of their aliases."""
+    keys = set(model.model_fields)
+    for info in model.model_fields.values():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            keys.update(choice for choice in alias.choices if isinstance(choice, str))
+        elif isinstance(alias, str):
+            keys.add(alias)
+    return frozenset(keys)
 
 
 def instance_files(directory: Path) -> list[Path]:

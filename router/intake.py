@@ -23,6 +23,7 @@ from router.events import (
     utc_timestamp,
     wire_name,
 )
+from router.instance_status import InstanceStatus
 from router.instances import check_instance_name, topic_safe
 from router.metrics import Metrics
 from router.routing import Routes
@@ -71,10 +72,13 @@ def _optional_text(obj: dict[str, Any], key: str) -> str | None:
 class Intake:
     """Validates, routes and stores events; see the module docstring."""
 
-    def __init__(self, store: Store, settings: Settings, routes: Routes) -> None:
+    def __init__(
+        self, store: Store, settings: Settings, routes: Routes, status: InstanceStatus | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
         self.routes = routes
+        self.status = status if status is not None else InstanceStatus()  # connections seen
         self.handoff: Handoff = NoHandoff()
         self.live: Callable[[Sequence[Event]], None] | None = None  # WebSocket fan-out, after commit
         self.accepted = 0
@@ -106,7 +110,8 @@ class Intake:
             raise IntakeError(f"invalid instance name {instance!r}: {exc}") from None
         if self.routes.needs_topic_safe_names and not topic_safe(instance):
             raise IntakeError(
-                f"instance name {instance!r} cannot be routed by RabbitMQ: '.', '*' and '#' break topic keys"
+                f"instance name {instance!r} cannot be routed by RabbitMQ:"
+                " a word '*' or '#' between dots is a wildcard in its binding keys"
             )
 
         date_time = _optional_text(obj, "date_time")
@@ -176,8 +181,10 @@ class Intake:
                 log.info("intake.duplicates", count=len(stored.duplicates))
             self.handoff.notify(key for key in counts if key not in claimed)
             duplicates = stored.duplicates
+        fresh = [event for event in events if event.id not in duplicates] if duplicates else events
+        self.status.observe(fresh)
         if self.live is not None:  # live streams get each event once, like the stored sinks
-            self.live([event for event in events if event.id not in duplicates] if duplicates else events)
+            self.live(fresh)
         self.accepted += len(events)
         if self.metrics is not None:
             self.metrics.accepted.labels(adapter).inc(len(events))

@@ -5,9 +5,11 @@ A *target* is one place deliveries go: the global webhook, or one instance's web
 stored deliveries survive restarts and reloads. Global and instance targets are independent:
 an event can go to both.
 
-RabbitMQ is the exception: global and instance queues hang off one exchange and one routing
-key (``{instance}.{event}``), so one publish reaches both. An instance with RabbitMQ on has one
-target that declares its own queues and the global ones; other instances use the global target.
+RabbitMQ is the exception in its default topology: global and instance queues hang off one
+exchange and one routing key (``{instance}.{event}``), so one publish reaches both. An instance
+with RabbitMQ on has one target that declares its own queues and the global ones; other
+instances use the global target. In upstream's topology (``RABBITMQ_TOPOLOGY=upstream``) the
+instance's exchange is its own, so its target and the global one are independent, as elsewhere.
 """
 
 from __future__ import annotations
@@ -96,10 +98,12 @@ class Routes:
         keys = self._by_instance.get((instance, wire))
         return keys if keys is not None else self._global.get(wire, ())
 
+    topic_keys: bool = False  # RabbitMQ routes by ``{instance}.{event}`` (the router topology)
+
     @property
     def needs_topic_safe_names(self) -> bool:
         """The global RabbitMQ target routes every instance's events by ``{instance}.{event}``."""
-        return global_rabbitmq_key() in self.targets
+        return self.topic_keys and global_rabbitmq_key() in self.targets
 
     def websocket_events(self, instance: str) -> frozenset[str]:
         """What ``ws://host/{instance}`` streams: the instance's ``websocket`` subscription."""
@@ -171,16 +175,21 @@ def build_routes(settings: Settings, instances: Mapping[str, InstanceConfig]) ->
         for wire in pusher_global.events:
             global_keys[wire].append(pusher_global.key)
 
+    shared_exchange = settings.rabbitmq_topology == "router"
     by_instance: dict[tuple[str, str], tuple[str, ...]] = {}
     for name, config in instances.items():
         own: dict[str, list[str]] = {}
         replaced: set[str] = set()
         if settings.rabbitmq_enabled and config.rabbitmq.enabled:
             rabbit = RabbitmqTarget(
-                instance_rabbitmq_key(name), name, config.rabbitmq.subscribed(), rabbit_global
+                instance_rabbitmq_key(name),
+                name,
+                config.rabbitmq.subscribed(),
+                rabbit_global if shared_exchange else frozenset(),
             )
             targets[rabbit.key] = rabbit
-            replaced.add(global_rabbitmq_key())  # this instance's one publish serves both
+            if shared_exchange:
+                replaced.add(global_rabbitmq_key())  # this instance's one publish serves both
             for wire in rabbit.events:
                 own.setdefault(wire, []).append(rabbit.key)
         if settings.sqs_enabled and config.sqs.enabled:
@@ -228,9 +237,10 @@ def build_routes(settings: Settings, instances: Mapping[str, InstanceConfig]) ->
         _by_instance=by_instance,
         instances=dict(instances),
         _websocket={name: config.websocket.subscribed() for name, config in instances.items()},
+        topic_keys=shared_exchange,
     )
 
 
 def startup_targets(routes: Routes) -> tuple[str, ...]:
-    """``application.startup`` concerns the router, not one instance: every subscriber gets it."""
+    """``application.startup`` concerns the router, not one instance: every target that names it."""
     return tuple(key for key, target in routes.targets.items() if "application.startup" in target.events)

@@ -30,6 +30,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from router.addresses import parse_networks
 from router.errors import ConfigError
 from router.events import CONFIG_TO_WIRE
 from router.yamlfile import YamlDoc, load_yaml
@@ -127,6 +128,8 @@ class Settings(BaseSettings):
     rabbitmq_global_enabled: bool = False
     rabbitmq_prefix_key: str = ""
     rabbitmq_frame_max: int = Field(8192, ge=4096)
+    # ours: "router" (one exchange, keys {instance}.{event}) or "upstream" (Evolution API 2.3.6's)
+    rabbitmq_topology: Literal["router", "upstream"] = "router"
 
     # --- Amazon SQS (upstream, plus SQS_ENDPOINT_URL and SQS_FIFO) ---
     sqs_enabled: bool = False
@@ -140,6 +143,8 @@ class Settings(BaseSettings):
     sqs_max_payload_size: int = Field(1_048_576, gt=0)
     sqs_endpoint_url: str | None = None
     sqs_fifo: bool = True
+    # ours: "router" ({instance}-{event}) or "upstream" (Evolution API 2.3.6's {instance}_{event}.fifo)
+    sqs_naming: Literal["router", "upstream"] = "router"
 
     pusher_enabled: bool = False
     pusher_global_enabled: bool = False
@@ -162,6 +167,7 @@ class Settings(BaseSettings):
     router_instances_dir: Path = Path("config/instances")
     router_state_dir: Path = Path("var")
     router_ingest_max_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    router_ingest_trusted_hosts: str = ""  # addresses or networks whose /ingest needs no key
     router_shutdown_grace_s: float = Field(10.0, ge=0)
     router_webhook_concurrency: int = Field(64, ge=1)
     router_queue_concurrency: int = Field(64, ge=1)
@@ -215,6 +221,17 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("router_ingest_trusted_hosts")
+    @classmethod
+    def _check_networks(cls, value: str) -> str:
+        parse_networks(value)
+        return value
+
+    @field_validator("rabbitmq_topology", "sqs_naming", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("pusher_global_app_id", mode="before")
     @classmethod

@@ -203,6 +203,15 @@ async def running(settings: Settings) -> AsyncIterator[App]:
         await asyncio.wait_for(task, 15)
 
 
+async def wait_idle(app: App, timeout: float = 10.0) -> None:
+    """Until the daemon reports nothing waiting or in flight (its store's own count): then what
+    has not arrived will not."""
+    assert app.store is not None
+    async with asyncio.timeout(timeout):
+        while (await app.store.counts())["pending"]:
+            await asyncio.sleep(0.02)
+
+
 async def post_ingest(
     app_or_port: App | int,
     payload: Any,

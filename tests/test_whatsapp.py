@@ -253,8 +253,7 @@ async def test_whatsapp_events_arrive_in_upstream_shapes(core, receiver, make_se
         "key": {"remoteJid": "5511999999999@s.whatsapp.net", "fromMe": False, "id": "3EB0AAAAAAAAAAAAAAAAAA"},
         "pushName": "John",
         "status": "DELIVERY_ACK",
-        "message": {"conversation": "Hello"},
-        "contextInfo": None,
+        "message": {"conversation": "Hello"},  # no contextInfo: upstream's JSON leaves it out
         "messageType": "conversation",
         "messageTimestamp": 1700000000,
         "instanceId": instance_id,
@@ -274,8 +273,9 @@ async def test_whatsapp_events_arrive_in_upstream_shapes(core, receiver, make_se
         "profilePicUrl": None,
         "instanceId": instance_id,
     }
-    assert (data[4]["messageType"], data[4]["contextInfo"]) == (
-        "extendedTextMessage",
+    assert (data[4]["messageType"], data[4]["message"], data[4]["contextInfo"]) == (
+        "conversation",  # upstream's prepareMessage: an extendedTextMessage's text is `conversation`
+        {"conversation": "Re"},
         {"stanzaId": "3EB0AAAAAAAAAAAAAAAAAA", "participant": "5511999999999@s.whatsapp.net"},
     )
     assert data[5]["key"] == {
@@ -425,3 +425,59 @@ async def test_without_the_extra_the_daemon_runs_the_other_instances(
     logged = capsys.readouterr()
     assert "whatsapp.unavailable" in logged.out + logged.err
     assert "pip install 'evolution-router[whatsapp]'" in logged.out + logged.err
+
+
+async def test_messages_are_prepared_as_upstream_prepares_them(core, receiver, make_settings, tmp_path):
+    """Upstream's prepareMessage, rule for rule: texts as `conversation`, captioned documents as
+    `documentMessage` (in the message and in the one it quotes), and the pushName fallbacks."""
+    session_instance(tmp_path, receiver)
+    async with running(make_settings()) as app:
+        await connect(core)
+        start = len(await events_at(receiver, "/bot", 2))
+        instance_id = app.instances["bot"].id
+        document = wa.DocumentMessage(fileName="q3.pdf", mimetype="application/pdf", caption="Q3")
+        captioned = wa.Message(
+            documentWithCaptionMessage=wa.FutureProofMessage(message=wa.Message(documentMessage=document))
+        )
+        quoting = wa.ContextInfo(
+            stanzaID="3EB0PPPPPPPPPPPPPPPPPP",
+            participant="5511999999999@s.whatsapp.net",
+            quotedMessage=wa.Message(extendedTextMessage=wa.ExtendedTextMessage(text="the link")),
+        )
+        reply = wa.Message(extendedTextMessage=wa.ExtendedTextMessage(text="seen", contextInfo=quoting))
+        feed = [
+            proto.Message(Info=info("3EB0D0C0D0C0D0C0D0C0D0", push=""), Message=captioned),
+            proto.Message(
+                Info=info("3EB0R0R0R0R0R0R0R0R0R0", from_me=True, sender=ME, push=""), Message=reply
+            ),
+            proto.Message(
+                Info=info("3EB0G0G0G0G0G0G0G0G0G0", chat=GROUP, sender=MARY, group=True, push=""),
+                Message=wa.Message(conversation="hi all"),
+            ),
+        ]
+        for event in feed:
+            core.emit(BOT, event)
+        got = (await events_at(receiver, "/bot", start + 5))[start:]
+
+    upserts = [event["data"] for event in got if event["event"] == "messages.upsert"]
+    assert upserts[0] == {
+        "key": {"remoteJid": "5511999999999@s.whatsapp.net", "fromMe": False, "id": "3EB0D0C0D0C0D0C0D0C0D0"},
+        "pushName": None,  # received, not in a group, no name: upstream has nothing to fall back on
+        "status": "DELIVERY_ACK",
+        "message": {
+            "documentMessage": {"mimetype": "application/pdf", "caption": "Q3", "fileName": "q3.pdf"}
+        },
+        "messageType": "documentMessage",
+        "messageTimestamp": 1700000000,
+        "instanceId": instance_id,
+        "source": "web",
+    }
+    assert upserts[1]["pushName"] == "Você"  # upstream's name for one's own messages
+    assert (upserts[1]["status"], upserts[1]["messageType"]) == ("SERVER_ACK", "conversation")
+    assert upserts[1]["message"] == {"conversation": "seen"}
+    assert upserts[1]["contextInfo"] == {
+        "stanzaId": "3EB0PPPPPPPPPPPPPPPPPP",
+        "participant": "5511999999999@s.whatsapp.net",
+        "quotedMessage": {"conversation": "the link"},
+    }
+    assert upserts[2]["pushName"] == "5511888888888"  # a group member with no name: the number

@@ -2,7 +2,11 @@
 
 The body is one envelope (upstream's webhook format), a JSON array of them, or NDJSON. The answer
 is 202 with the event ids once they are durably stored; 400 names what is wrong, 401 means no
-valid ``apikey`` header, 413 means the body is over ``ROUTER_INGEST_MAX_BYTES``.
+valid key, 413 means the body is over ``ROUTER_INGEST_MAX_BYTES``.
+
+The key is the ``apikey`` header, or the password of HTTP Basic credentials: stock Evolution API
+can only put it in ``WEBHOOK_GLOBAL_URL`` (``http://evolution:KEY@router:8080/ingest``). Clients
+from ``ROUTER_INGEST_TRUSTED_HOSTS`` need none.
 """
 
 from __future__ import annotations
@@ -12,12 +16,18 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from router.apikeys import key_matches
+from router.addresses import AddressList
+from router.apikeys import key_matches, request_keys
 from router.errors import IntakeError
 from router.events import UnknownEventError, wire_from_suffix
 from router.intake import Intake
 
 INTAKE_KEY = web.AppKey("intake", Intake)
+TRUSTED_KEY = web.AppKey("ingest trusted hosts", AddressList)
+MISSING_KEY = (
+    "missing apikey: send an apikey header, or the key as the password of the URL"
+    " (http://evolution:KEY@host:port/ingest)"
+)
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -52,14 +62,17 @@ def decode_body(body: bytes) -> list[Any]:
 
 async def ingest(request: web.Request) -> web.Response:
     intake = request.app[INTAKE_KEY]
-    apikey = request.headers.get("apikey")
-    if not apikey:
-        return _error(401, "missing apikey header")
-    is_global = key_matches(apikey, intake.settings.authentication_api_key)
-    if not is_global and not any(
-        key_matches(apikey, config.token) for config in intake.routes.instances.values()
-    ):
-        return _error(401, "invalid apikey")
+    keys = request_keys(request.headers)
+    is_global = request.remote in request.app[TRUSTED_KEY] or any(
+        key_matches(key, intake.settings.authentication_api_key) for key in keys
+    )
+    if not is_global:
+        if not keys:
+            return _error(401, MISSING_KEY)
+        instances = intake.routes.instances.values()
+        keys = [key for key in keys if any(key_matches(key, config.token) for config in instances)]
+        if not keys:
+            return _error(401, "invalid apikey")
 
     path_event = None
     if suffix := request.match_info.get("suffix"):
@@ -82,7 +95,8 @@ async def ingest(request: web.Request) -> web.Response:
         return _error(400, str(exc))
     if not is_global:
         for event in events:
-            if not key_matches(apikey, intake.routes.token_of(event.instance)):
+            token = intake.routes.token_of(event.instance)
+            if not any(key_matches(key, token) for key in keys):
                 return _error(401, f"apikey is not valid for instance {event.instance!r}")
     ids = await intake.accept(events)
     return web.json_response({"status": 202, "accepted": len(ids), "ids": ids}, status=202)
@@ -90,5 +104,6 @@ async def ingest(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application, intake: Intake) -> None:
     app[INTAKE_KEY] = intake
+    app[TRUSTED_KEY] = AddressList(intake.settings.router_ingest_trusted_hosts)
     app.router.add_post("/ingest", ingest)
     app.router.add_post("/ingest/{suffix}", ingest)

@@ -1,10 +1,20 @@
-"""RabbitMQ: publish the envelope to one durable topic exchange with publisher confirms.
+"""RabbitMQ: publish the envelope to durable topic exchanges with publisher confirms.
 
-Routing key ``{instance}.{event}``. Before the first publish of an event, the queues that
-should receive it are declared (quorum, durable) and bound, so nothing published is lost
-while no consumer exists yet: ``{instance}.{event}`` bound to ``{instance}.{event}`` for an
-instance that subscribed, and ``{RABBITMQ_PREFIX_KEY}.{event}`` (or ``{event}``) bound to
-``*.{event}`` for the global subscription. Upstream's queue names, so consumers keep working.
+Two topologies (``RABBITMQ_TOPOLOGY``), with the same queue names:
+
+- ``router`` (the default, as the seed documents): one exchange, ``RABBITMQ_EXCHANGE_NAME``,
+  routing key ``{instance}.{event}``. Queue ``{instance}.{event}`` is bound with that key for an
+  instance that subscribed; ``{RABBITMQ_PREFIX_KEY}.{event}`` (or ``{event}``) with
+  ``#.{event}`` for the global subscription (``#``, so dotted instance names match too; no
+  event name ends with the words of another, so the binding catches that event only).
+- ``upstream`` (Evolution API 2.3.6): an instance's events go to an exchange named after the
+  instance with routing key ``{event}``, its queue ``{instance}.{event}`` bound with ``{event}``;
+  global events go to ``RABBITMQ_EXCHANGE_NAME`` with routing key ``{event}``, queue
+  ``{prefix}.{event}`` (or ``{event}``) bound with ``{event}``. An event for both is two publishes
+  (two targets), as upstream makes them.
+
+Before the first publish of an event, the queues that should receive it are declared (quorum,
+durable) and bound, so nothing published is lost while no consumer exists yet.
 
 The connection is opened on first use and again after it is lost; the delivery worker's
 backoff paces the attempts, and events wait in the store meanwhile.
@@ -14,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection
@@ -41,8 +52,14 @@ _REFUSED = (
 )
 
 
-def routing_key(event: Event) -> str:
-    return f"{event.instance}.{event.event}"
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Where one event goes: the exchange, the routing key, and the (queue, binding key) pairs
+    that must exist on that exchange first."""
+
+    exchange: str
+    routing_key: str
+    queues: tuple[tuple[str, str], ...]
 
 
 class RabbitmqSink(BaseSink):
@@ -53,24 +70,33 @@ class RabbitmqSink(BaseSink):
         self.uri = settings.rabbitmq_uri
         self.exchange = settings.rabbitmq_exchange_name
         self.prefix = settings.rabbitmq_prefix_key
+        self.upstream = settings.rabbitmq_topology == "upstream"
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._declared: set[tuple[str, str]] = set()  # (queue, binding key) on this channel
+        # Exchanges, and (exchange, queue, binding key), declared on this channel.
+        self._declared: set[str | tuple[str, str, str]] = set()
         self._lock = asyncio.Lock()
         self.connected = False
 
     def where(self, target: RabbitmqTarget, event: Event) -> dict[str, str]:
-        return {"exchange": self.exchange, "routing_key": routing_key(event)}
+        publish = self.plan(target, event)
+        return {"exchange": publish.exchange, "routing_key": publish.routing_key}
 
-    def queues_for(self, target: RabbitmqTarget, event: Event) -> list[tuple[str, str]]:
-        """(queue, binding key) pairs that must exist before ``event`` is published."""
+    def plan(self, target: RabbitmqTarget, event: Event) -> Publish:
+        """The exchange, routing key and queues of ``event`` for ``target``, by topology."""
         wire = event.event
+        global_queue = f"{self.prefix}.{wire}" if self.prefix else wire
+        instance_queue = f"{target.instance}.{wire}"
+        if self.upstream:
+            if target.instance is None:
+                return Publish(self.exchange, wire, ((global_queue, wire),))
+            return Publish(target.instance, wire, ((instance_queue, wire),))
         queues = []
         if target.instance is not None and wire in target.instance_events:
-            queues.append((f"{target.instance}.{wire}", f"{target.instance}.{wire}"))
+            queues.append((instance_queue, f"{target.instance}.{wire}"))
         if wire in target.global_events:
-            queues.append((f"{self.prefix}.{wire}" if self.prefix else wire, f"*.{wire}"))
-        return queues
+            queues.append((global_queue, f"#.{wire}"))
+        return Publish(self.exchange, f"{event.instance}.{wire}", tuple(queues))
 
     async def aclose(self) -> None:
         await self._drop("closing")
@@ -105,34 +131,39 @@ class RabbitmqSink(BaseSink):
                 self._connection = await asyncio.wait_for(aiormq.connect(self.uri), CONNECT_TIMEOUT_S)
             channel = await self._connection.channel(publisher_confirms=True)
             await channel.exchange_declare(exchange=self.exchange, exchange_type="topic", durable=True)
-            self._channel, self._declared = channel, set()
+            self._channel, self._declared = channel, {self.exchange}
             if not self.connected:
                 log.info("rabbitmq.connected", exchange=self.exchange)
             self.connected = True
             return channel
 
-    async def _declare(self, channel: AbstractChannel, queues: list[tuple[str, str]]) -> None:
-        for queue, key in queues:
-            if (queue, key) in self._declared:
+    async def _declare(self, channel: AbstractChannel, publish: Publish) -> None:
+        exchange = publish.exchange
+        if exchange not in self._declared:  # the instance's own exchange (upstream topology)
+            await channel.exchange_declare(exchange=exchange, exchange_type="topic", durable=True)
+            self._declared.add(exchange)
+        for queue, key in publish.queues:
+            if (exchange, queue, key) in self._declared:
                 continue
             try:
                 await channel.queue_declare(queue, durable=True, arguments=QUORUM)
-                await channel.queue_bind(queue, self.exchange, routing_key=key)
+                await channel.queue_bind(queue, exchange, routing_key=key)
             except _REFUSED as exc:
                 log.error("rabbitmq.queue_refused", queue=queue, reason=str(exc))
                 raise PermanentError(f"queue {queue!r} refused by the broker: {exc}") from exc
-            self._declared.add((queue, key))
+            self._declared.add((exchange, queue, key))
 
     async def send(self, target: RabbitmqTarget, event: Event) -> int | None:
         body = envelope(event, server_url=event.server_url, apikey=event.apikey)
         properties = Basic.Properties(delivery_mode=2, content_type="application/json", message_id=event.id)
+        publish = self.plan(target, event)
         try:
             channel = await self._channel_ready()
-            await self._declare(channel, self.queues_for(target, event))
+            await self._declare(channel, publish)
             await channel.basic_publish(
                 body,
-                exchange=self.exchange,
-                routing_key=routing_key(event),
+                exchange=publish.exchange,
+                routing_key=publish.routing_key,
                 properties=properties,
                 mandatory=True,
                 timeout=PUBLISH_TIMEOUT_S,
@@ -145,7 +176,7 @@ class RabbitmqSink(BaseSink):
             raise PermanentError(f"publish refused by the broker: {exc}") from exc
         except aiormq.exceptions.PublishError as exc:
             self._declared.clear()  # a queue was deleted under us: declare again next time
-            raise RetryableError(f"unroutable: no queue bound for {routing_key(event)!r}") from exc
+            raise RetryableError(f"unroutable: no queue bound for {publish.routing_key!r}") from exc
         except aiormq.exceptions.DeliveryError as exc:
             raise RetryableError("the broker did not confirm the message (nack)") from exc
         except (

@@ -1,14 +1,18 @@
 """Amazon SQS: one queue per instance and event, FIFO by default, sends batched.
 
-Queue names are upstream's: ``{instance}-{event}`` with the event in its by-events form
-(``my-instance-messages-upsert``); global mode uses ``SQS_GLOBAL_PREFIX_NAME`` in place of the
-instance, and ``SQS_GLOBAL_FORCE_SINGLE_QUEUE`` one ``{prefix}-singlequeue``. Names are made
-legal for SQS (letters, digits, ``-``, ``_``; at most 80 characters with ``.fifo``).
+Queue names (``SQS_NAMING``): ``router`` (the default, as the seed documents) is
+``{instance}-{event}`` with the event in its by-events form (``my-instance-messages-upsert``);
+``upstream`` is Evolution API 2.3.6's ``{instance}_{event}`` with the event's config name in
+lower case (``my-instance_messages_upsert``). Global mode uses ``SQS_GLOBAL_PREFIX_NAME`` in
+place of the instance, and ``SQS_GLOBAL_FORCE_SINGLE_QUEUE`` one ``{prefix}-singlequeue``
+(``{prefix}_singlequeue``). Names are made legal for SQS (letters, digits, ``-``, ``_``; at most
+80 characters with ``.fifo``).
 
-FIFO queues get ``MessageGroupId`` = instance (order per instance) and
-``MessageDeduplicationId`` = event id, so a retried send is not stored twice within SQS's
-five-minute window. Queues are looked up in ``SQS_ACCOUNT_ID``'s account, created when
-missing, and their URLs cached.
+FIFO queues get ``MessageDeduplicationId`` = event id, so a retried send is not stored twice
+within SQS's five-minute window, and ``MessageGroupId`` = instance (order per instance); with
+upstream's naming, upstream's group ids (``evolution``, or ``{SERVER_NAME}-{event}-{instance}``
+for global queues). Queues are looked up in ``SQS_ACCOUNT_ID``'s account, created when missing,
+and their URLs cached.
 
 Batching (``router.sinks.batching``): every attempt is one ``send`` call. Attempts for one queue that
 arrive together wait for each other, and the first of them sends them in ``SendMessageBatch``
@@ -31,7 +35,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from router import logs
 from router.errors import PermanentError, RetryableError
-from router.events import Event, by_events_suffix, envelope
+from router.events import Event, by_events_suffix, config_name, envelope
 from router.routing import SqsTarget
 from router.settings import Settings
 from router.sinks import BaseSink
@@ -53,8 +57,18 @@ _BAD_CREDENTIALS = {
 
 
 def queue_name(base: str, wire: str | None, fifo: bool) -> str:
-    """``base-event`` made legal; too long a name keeps a hash of the full one, to stay unique."""
-    name = _ILLEGAL.sub("-", f"{base}{by_events_suffix(wire).replace('/', '-')}" if wire else base)
+    """``base-event`` (by-events form) made legal."""
+    return legal_queue_name(f"{base}{by_events_suffix(wire).replace('/', '-')}" if wire else base, fifo)
+
+
+def upstream_queue_name(base: str, part: str, fifo: bool) -> str:
+    """Upstream's ``base_part``: ``part`` is the event's config name in lower case, or ``singlequeue``."""
+    return legal_queue_name(f"{base}_{part}", fifo)
+
+
+def legal_queue_name(name: str, fifo: bool) -> str:
+    """``name`` made legal for SQS; too long a name keeps a hash of the full one, to stay unique."""
+    name = _ILLEGAL.sub("-", name)
     suffix = ".fifo" if fifo else ""
     limit = MAX_NAME - len(suffix)
     if len(name) > limit:
@@ -67,6 +81,7 @@ def queue_name(base: str, wire: str | None, fifo: bool) -> str:
 class _Message:
     event: Event
     body: bytes
+    group: str  # MessageGroupId
 
 
 class SqsSink(BaseSink):
@@ -75,6 +90,7 @@ class SqsSink(BaseSink):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.fifo = settings.sqs_fifo
+        self.upstream = settings.sqs_naming == "upstream"
         self.max_payload = settings.sqs_max_payload_size
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
@@ -111,11 +127,26 @@ class SqsSink(BaseSink):
 
     def queue_for(self, target: SqsTarget, event: Event) -> str:
         settings = self.settings
+        single = target.instance is None and settings.sqs_global_force_single_queue
+        base = target.instance or settings.sqs_global_prefix_name
+        if self.upstream:
+            part = "singlequeue" if single else config_name(event.event).lower()
+            return upstream_queue_name(base, part, self.fifo)
+        if single:
+            return queue_name(f"{base}-singlequeue", None, self.fifo)
+        return queue_name(base, event.event, self.fifo)
+
+    def group_for(self, target: SqsTarget, event: Event) -> str:
+        """FIFO ``MessageGroupId``: the instance (order per instance), or upstream's."""
+        if not self.upstream:
+            return event.instance
         if target.instance is not None:
-            return queue_name(target.instance, event.event, self.fifo)
-        if settings.sqs_global_force_single_queue:
-            return queue_name(f"{settings.sqs_global_prefix_name}-singlequeue", None, self.fifo)
-        return queue_name(settings.sqs_global_prefix_name, event.event, self.fifo)
+            return "evolution"
+        # Upstream formats the event with its first dot only: send.message.update -> send_message.update
+        part = (
+            "singlequeue" if self.settings.sqs_global_force_single_queue else event.event.replace(".", "_", 1)
+        )
+        return f"{self.settings.server_name}-{part}-{event.instance}"
 
     def where(self, target: SqsTarget, event: Event) -> dict[str, str]:
         return {"queue": self.queue_for(target, event)}
@@ -131,7 +162,8 @@ class SqsSink(BaseSink):
             raise PermanentError(
                 f"message of {len(body)} bytes is over SQS_MAX_PAYLOAD_SIZE ({self.max_payload} bytes)"
             )
-        await self._batcher.submit(self.queue_for(target, event), _Message(event, body))
+        message = _Message(event, body, self.group_for(target, event))
+        await self._batcher.submit(self.queue_for(target, event), message)
         return None
 
     async def _send_batch(self, queue: str, batch: list[Item[_Message]]) -> None:
@@ -140,7 +172,7 @@ class SqsSink(BaseSink):
             message = item.payload
             entry: dict[str, Any] = {"Id": str(index), "MessageBody": message.body.decode()}
             if self.fifo:
-                entry["MessageGroupId"] = message.event.instance
+                entry["MessageGroupId"] = message.group
                 entry["MessageDeduplicationId"] = message.event.id
             entries.append(entry)
         try:

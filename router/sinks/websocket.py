@@ -35,8 +35,9 @@ from aiohttp import WSCloseCode, web
 from socketio.exceptions import ConnectionRefusedError as SocketIoRefused
 
 from router import logs
+from router.addresses import AddressList
 from router.apikeys import key_matches
-from router.events import WIRE_NAMES, Event, envelope
+from router.events import EVERY_EVENT, WIRE_NAMES, Event, envelope
 from router.routing import Routes
 from router.settings import Settings
 
@@ -81,7 +82,7 @@ class WebSocketHub:
     def __init__(self, settings: Settings, routes: Callable[[], Routes]) -> None:
         self.settings = settings
         self._routes = routes
-        self.allowed_hosts = {h.strip() for h in settings.websocket_allowed_hosts.split(",") if h.strip()}
+        self.allowed_hosts = AddressList(settings.websocket_allowed_hosts)
         self.clients: set[Client] = set()
         self.sent = 0  # messages handed to clients
         self.slow_disconnects = 0  # clients dropped for falling behind
@@ -219,17 +220,21 @@ class WebSocketHub:
         emits: list[tuple[str, str, Any]] = []  # socket.io: (namespace, event name, envelope)
         for event in events:
             subscribed = event.event in routes.websocket_events(event.instance)
+            # The global stream is "all events": application.startup only for ?events= naming it.
+            everything = global_on and event.event in EVERY_EVENT
             receivers = [
                 client
                 for client in self.clients
                 if (
-                    global_on if client.instance is None else client.instance == event.instance and subscribed
+                    client.instance == event.instance and subscribed
+                    if client.instance is not None
+                    else global_on and (everything or client.events is not None)
                 )
                 and (client.events is None or event.event in client.events)
             ]
             namespaces = [
                 namespace
-                for namespace, wanted in (("/", global_on), (f"/{event.instance}", subscribed))
+                for namespace, wanted in (("/", everything), (f"/{event.instance}", subscribed))
                 if wanted and namespace in self.sio_clients
             ]
             if not receivers and not namespaces:

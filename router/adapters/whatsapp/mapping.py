@@ -107,6 +107,24 @@ def group_metadata(info: Any) -> dict[str, Any]:
     }
 
 
+def _plain_text_and_documents(message: dict[str, Any], kind: str) -> tuple[dict[str, Any], str]:
+    """Upstream's two rewrites of a message (a copy) and of its type: the text of an
+    ``extendedTextMessage`` as ``conversation``; a ``documentWithCaptionMessage``'s document as
+    ``documentMessage``."""
+    message = dict(message)
+    extended = message.get("extendedTextMessage")
+    if isinstance(extended, dict):
+        kind = "conversation"
+        message["conversation"] = extended.get("text")
+        del message["extendedTextMessage"]
+    wrapped = message.get("documentWithCaptionMessage")
+    if isinstance(wrapped, dict):
+        kind = "documentMessage"
+        message["documentMessage"] = (wrapped.get("message") or {}).get("documentMessage")
+        del message["documentWithCaptionMessage"]
+    return message, kind
+
+
 class Mapper:
     def __init__(self, instance: str, instance_id: str) -> None:
         self.instance = instance
@@ -148,20 +166,7 @@ class Mapper:
         key: dict[str, Any] = {"remoteJid": chat, "fromMe": from_me, "id": info.ID}
         if source.IsGroup:
             key["participant"] = jid(source.Sender)
-        kind = content_type(content)
-        body = content.get(kind)
-        data = {
-            "key": key,
-            "pushName": info.Pushname or None,
-            "status": "SERVER_ACK" if from_me else "DELIVERY_ACK",
-            "message": content,
-            "contextInfo": body.get("contextInfo") if isinstance(body, dict) else None,
-            "messageType": kind,
-            "messageTimestamp": info.Timestamp,
-            "instanceId": self.instance_id,
-            "source": device_of(info.ID),
-        }
-        out: Out = [("messages.upsert", data)]
+        out: Out = [("messages.upsert", self.prepare_message(key, info.Pushname, content, info.Timestamp))]
         if chat is not None and chat not in self._chats:
             self._remember(self._chats, chat)
             name = info.Pushname if not (from_me or source.IsGroup) else None
@@ -171,6 +176,42 @@ class Mapper:
         if not from_me and sender is not None and info.Pushname:
             out += self._contact(sender, info.Pushname)
         return out
+
+    def prepare_message(
+        self, key: dict[str, Any], push_name: str, content: dict[str, Any], timestamp: int
+    ) -> dict[str, Any]:
+        """Upstream's ``prepareMessage`` (whatsapp.baileys.service.ts), rule for rule.
+
+        ``pushName`` falls back to "Você" for one's own messages and to the sender's number in a
+        group; a received message is ``DELIVERY_ACK``; ``extendedTextMessage`` becomes
+        ``conversation`` (its text) and ``documentWithCaptionMessage`` its ``documentMessage``,
+        in the message and in the message it quotes; ``contextInfo`` is the content's own, and
+        left out when it has none, as upstream's JSON leaves ``undefined`` out.
+        """
+        from_me = key["fromMe"]
+        participant = key.get("participant")
+        fallback = "Você" if from_me else participant.split("@")[0] if participant else None
+        kind = content_type(content)
+        body = content.get(kind)
+        context = body.get("contextInfo") if isinstance(body, dict) else None
+        message, kind = _plain_text_and_documents(content, kind)
+        data: dict[str, Any] = {
+            "key": key,
+            "pushName": push_name or fallback,
+            "status": "SERVER_ACK" if from_me else "DELIVERY_ACK",
+            "message": message,
+        }
+        if context is not None:
+            quoted = context.get("quotedMessage")
+            if isinstance(quoted, dict):
+                context = {**context, "quotedMessage": _plain_text_and_documents(quoted, "")[0]}
+            data["contextInfo"] = context
+        return data | {
+            "messageType": kind,
+            "messageTimestamp": timestamp,
+            "instanceId": self.instance_id,
+            "source": device_of(key["id"]),
+        }
 
     def _contact(self, contact: str, push_name: str) -> Out:
         known = self._contacts.get(contact)
