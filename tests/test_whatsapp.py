@@ -6,6 +6,7 @@ the Go core does; what reaches a real webhook receiver is asserted.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gc
 import subprocess
@@ -481,3 +482,25 @@ async def test_messages_are_prepared_as_upstream_prepares_them(core, receiver, m
         "quotedMessage": {"conversation": "the link"},
     }
     assert upserts[2]["pushName"] == "5511888888888"  # a group member with no name: the number
+
+
+async def test_create_with_qrcode_answers_the_first_qr_code(core, receiver, make_settings):
+    """Upstream's create with `qrcode: true` connects and answers with the session's QR code."""
+    body = {
+        "instanceName": "fresh",
+        "integration": "WHATSAPP-WHATSMEOW",
+        "qrcode": True,
+        "webhook": {"url": f"{receiver.url}/fresh", "events": ["QRCODE_UPDATED"]},
+    }
+    async with running(make_settings()) as app:
+        creating = asyncio.create_task(admin(app, "POST", "/instance/create", body))
+        await core.wait_connects(b"fresh", 1)
+        core.qr(b"fresh", "2@first-code")
+        status, answer = await creating
+        [sent] = await receiver.wait_for(1, "/fresh")
+    assert status == 201, answer
+    assert answer["instance"]["status"] == "connecting"
+    qrcode = answer["qrcode"]
+    assert (qrcode["code"], qrcode["pairingCode"], qrcode["count"]) == ("2@first-code", None, 1)
+    assert qrcode["base64"].startswith("data:image/png;base64,")
+    assert sent.json()["data"]["qrcode"]["code"] == "2@first-code"
