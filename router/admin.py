@@ -38,11 +38,20 @@ from router.admin_shapes import (
     instance_row,
     section_from_body,
     sink_row,
+    too_deep,
 )
 from router.apikeys import key_matches
+from router.bodies import BodyError, leave_unread, read_body
 from router.errors import ConfigError
 from router.events import utc_timestamp
-from router.instances import InstanceConfig, InvalidInstance, topic_safe, validate_instance
+from router.instances import (
+    InstanceConfig,
+    InvalidInstance,
+    check_instance_name,
+    same_but_for_case,
+    topic_safe,
+    validate_instance,
+)
 from router.yamlfile import format_loc, load_yaml
 
 if TYPE_CHECKING:
@@ -56,6 +65,8 @@ SINK_ENABLED_SETTING = {
     "websocket": "websocket_enabled",
 }
 QRCODE_WAIT_S = 5.0  # upstream waits 5 s for the first QR code when create asks for one
+MAX_BODY_BYTES = 1 << 20  # an instance's settings are a few KB
+MAX_DEPTH = 32  # levels of nesting in a body; instance files are a few levels deep
 
 
 class Refused(Exception):
@@ -120,6 +131,7 @@ class Admin:
             try:
                 return await handler(request, *args)  # type: ignore[no-any-return]
             except Refused as exc:
+                leave_unread(request)
                 log.warning(
                     "admin.refused",
                     method=request.method,
@@ -151,11 +163,15 @@ class Admin:
     @staticmethod
     async def _body(request: web.Request) -> dict[str, Any]:
         try:
-            body = orjson.loads(await request.read())
+            body = orjson.loads(await read_body(request, MAX_BODY_BYTES))
+        except BodyError as exc:
+            raise Refused(exc.status, str(exc)) from None
         except orjson.JSONDecodeError as exc:
             raise Refused(400, f"malformed JSON: {exc}") from None
         if not isinstance(body, dict):
             raise Refused(400, f"expected a JSON object, got {type(body).__name__}")
+        if too_deep(body, MAX_DEPTH):
+            raise Refused(400, f"the body is nested deeper than {MAX_DEPTH} levels")
         return body
 
     def _existing(self, instance: str) -> InstanceConfig:
@@ -200,6 +216,10 @@ class Admin:
         name = body.get("instanceName")
         if not isinstance(name, str) or not name:
             raise Refused(400, "instanceName: is required")
+        try:
+            name = check_instance_name(name)
+        except ValueError as exc:
+            raise Refused(400, f"instanceName: {exc}") from None
         given, ignored = file_from_create(body)
         _ignored(request, name, ignored)
         # The file: upstream's body as sent, with the instance id and token it is given here.
@@ -214,6 +234,10 @@ class Admin:
             config = self._validated(data, name)
             if name in self.app.instances:
                 raise Refused(403, f'This name "{name}" is already in use.')
+            if (other := same_but_for_case(name, self.app.instances)) is not None:
+                raise Refused(
+                    403, f'This name "{name}" is already in use (as "{other}", which differs by case).'
+                )
             self.app.status.forget(name)  # a former instance of that name
             path = self.app.settings.router_instances_dir / f"{name}.yaml"
             await self._write(path, data, "POST /instance/create")

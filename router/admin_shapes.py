@@ -107,6 +107,20 @@ SETTING_DEFAULTS: dict[str, Any] = {
 }
 
 
+def too_deep(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists and objects more than ``limit`` levels (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
 def _section(sink: str, given: dict[str, Any], ignored: list[str], where: str) -> dict[str, Any]:
     known = accepted_keys(SECTION_MODELS[sink])
     ignored += [f"{where}.{key}" for key in given if key not in known]

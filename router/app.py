@@ -65,6 +65,7 @@ class App:
             log.error("config.invalid", problem=problem)
         self.instances = loaded.instances
         self.instance_paths = loaded.files
+        self._forget_secrets()
         self._fingerprint = loaded.fingerprint
         # Held while instance files are written or read and the routes swapped: one change at a time.
         self.config_lock = asyncio.Lock()
@@ -85,6 +86,11 @@ class App:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def _forget_secrets(self) -> None:
+        """No log line may show a secret of the settings or of any instance."""
+        instances = self.instances.values()
+        logs.set_secrets([*self.settings.secret_values(), *(v for c in instances for v in c.secret_values())])
 
     @property
     def stopping(self) -> bool:
@@ -278,6 +284,7 @@ class App:
                 instances[name] = self.instances[name]
                 paths[name] = self.instance_paths[name]
         self.instances, self.instance_paths, self._fingerprint = instances, paths, loaded.fingerprint
+        self._forget_secrets()
         self.routes = build_routes(self.settings, instances)
         if self.intake is not None:
             self.intake.routes = self.routes

@@ -20,6 +20,7 @@ from router.adapters import whatsapp
 from router.errors import ConfigError
 from router.events import EVERY_EVENT, STARTUP, WIRE_NAMES, by_events_suffix, config_name
 from router.instances import load_instances
+from router.redact import redact_url
 from router.routing import PusherTarget, Routes, SqsTarget, WebhookTarget, build_routes
 from router.settings import DEFAULT_CONFIG_FILE, DEFAULT_ENV_FILE, Settings, load_settings
 
@@ -69,7 +70,7 @@ def describe_routes(routes: Routes, settings: Settings) -> list[str]:
         scope = target.instance or "global (every instance)"
         if isinstance(target, WebhookTarget):
             suffix = " (+ /<event> suffix)" if target.by_events else ""
-            where = f"{target.url}{suffix}"
+            where = f"{redact_url(target.url)}{suffix}"
         elif isinstance(target, SqsTarget):
             base = target.instance or settings.sqs_global_prefix_name
             fifo = ".fifo" if settings.sqs_fifo else ""

@@ -197,28 +197,15 @@ class TargetWorker:
                 raise PermanentError(f"target {self.key} is no longer configured")
             status = await self.sink.send(target, lease.event)
         except RetryableError as exc:
-            status, error = exc.status, str(exc)
-            attempt = lease.attempts + 1
-            if attempt >= self.policy.max_attempts:
-                outcome = "dead"
-                error = f"{error} (gave up after {attempt} attempts)"
-                self._track(store.kill(lease, error))
-            else:
-                delay = self.policy.delay_s(attempt)
-                if exc.retry_after_s is not None:
-                    delay = min(exc.retry_after_s, self.policy.max_delay_s)
-                outcome = f"retry in {delay:.2f}s"
-                self._track(store.retry(lease, time.time() + delay, error))
-                self._wake.set()  # the leaser recomputes when the next delivery is due
+            status, error = exc.status, logs.scrub(str(exc))
+            outcome, error = self._retry_or_kill(lease, error, exc.retry_after_s)
         except PermanentError as exc:
-            status, error, outcome = exc.status, str(exc), "dead"
+            status, error, outcome = exc.status, logs.scrub(str(exc)), "dead"
             self._track(store.kill(lease, error))
-        except Exception as exc:  # a bug in a sink must not kill the worker
+        except Exception as exc:  # a bug in a sink must not kill the worker, nor retry forever
             log.exception("delivery.bug", target=self.key, event_id=lease.event.id)
-            error = f"internal error: {type(exc).__name__}: {exc}"
-            outcome = f"retry in {self.policy.initial_delay_s:.2f}s"
-            self._track(store.retry(lease, time.time() + self.policy.initial_delay_s, error))
-            self._wake.set()
+            error = logs.scrub(f"internal error: {type(exc).__name__}: {exc}")
+            outcome, error = self._retry_or_kill(lease, error, None)
         else:
             store.ack(lease)
         elapsed = time.perf_counter() - started
@@ -252,6 +239,22 @@ class TargetWorker:
                 attempt=lease.attempts + 1,
                 error=error,
             )
+
+    def _retry_or_kill(self, lease: Lease, error: str, retry_after_s: float | None) -> tuple[str, str]:
+        """A failed attempt counts, whatever failed: retried by the policy, or a dead letter.
+        Returns the outcome and the error as recorded."""
+        store = self.dispatcher.store
+        attempt = lease.attempts + 1
+        if attempt >= self.policy.max_attempts:
+            error = f"{error} (gave up after {attempt} attempts)"
+            self._track(store.kill(lease, error))
+            return "dead", error
+        delay = self.policy.delay_s(attempt)
+        if retry_after_s is not None:
+            delay = min(retry_after_s, self.policy.max_delay_s)
+        self._track(store.retry(lease, time.time() + delay, error))
+        self._wake.set()  # the leaser recomputes when the next delivery is due
+        return f"retry in {delay:.2f}s", error
 
     @staticmethod
     def _track(future: asyncio.Future[Any]) -> None:

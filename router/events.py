@@ -136,7 +136,11 @@ def utc_timestamp(moment: datetime | None = None) -> str:
     if moment is None:
         return _now_timestamp(time.time_ns() // 1_000_000)
     moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    # Formatted by hand: strftime writes year 999 as "999", which is not ISO-8601.
+    return (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T{moment.hour:02d}:{moment.minute:02d}:"
+        f"{moment.second:02d}.{moment.microsecond // 1000:03d}Z"
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -146,11 +150,15 @@ def _now_timestamp(unix_ms: int) -> str:
 
 
 def normalise_timestamp(value: str) -> str:
-    """Parse an ISO-8601 timestamp (naive means UTC) and render it as ``utc_timestamp`` does."""
+    """Parse an ISO-8601 timestamp (naive means UTC) and render it as ``utc_timestamp`` does;
+    ValueError if it is not one, or if it falls outside years 1 to 9999 once in UTC."""
     moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return utc_timestamp(moment)
+    try:
+        return utc_timestamp(moment)
+    except OverflowError:
+        raise ValueError(f"{value!r} is outside years 1 to 9999 in UTC") from None
 
 
 @dataclass(frozen=True, slots=True)

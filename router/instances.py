@@ -6,19 +6,27 @@ from __future__ import annotations
 
 import contextlib
 import re
+import unicodedata
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from router.errors import ConfigError
 from router.events import EVERY_EVENT, UnknownEventError, wire_name
+from router.redact import redact_url
 from router.yamlfile import YamlDoc, format_loc, load_yaml
 
-_NAME = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,100}$")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
+MAX_NAME_CHARACTERS = 100
+MAX_NAME_BYTES = 200  # "<name>.yaml" must fit a file name (255 bytes on most file systems)
+# Unicode categories a name may not hold: controls, formats (U+202E, U+FEFF ...), surrogates,
+# private use, unassigned, line and paragraph separators.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 # Keys of upstream's instance/create body that the router accepts and keeps but does not use.
 UPSTREAM_KEYS = frozenset(
@@ -66,11 +74,31 @@ def topic_safe(name: str) -> bool:
 
 
 def check_instance_name(name: str) -> str:
-    if not _NAME.match(name) or name.startswith("."):
+    """The name in Unicode NFC (one instance however its accents were typed); ValueError saying
+    which rule a name breaks."""
+    name = unicodedata.normalize("NFC", name)
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if not name or len(name) > MAX_NAME_CHARACTERS or size > MAX_NAME_BYTES:
         raise ValueError(
-            "must be 1-100 characters without '/', '\\' or control characters, not starting with '.'"
+            f"must be 1-{MAX_NAME_CHARACTERS} characters and at most {MAX_NAME_BYTES} bytes of UTF-8"
+            f" (this one: {len(name)} characters, {size} bytes)"
         )
+    if "/" in name or "\\" in name:
+        raise ValueError("must not contain '/' or '\\'")
+    if name.startswith("."):
+        raise ValueError("must not start with '.'")
+    if name != name.strip():
+        raise ValueError("must not start or end with white space")
+    refused = sorted({f"U+{ord(c):04X}" for c in name if unicodedata.category(c) in _REFUSED_CATEGORIES})
+    if refused:
+        raise ValueError(f"must not contain control or format characters ({', '.join(refused)})")
     return name
+
+
+def same_but_for_case(name: str, names: Iterable[str]) -> str | None:
+    """Another of ``names`` that differs from ``name`` only by case (``CaseTest``, ``casetest``)."""
+    folded = name.casefold()
+    return next((other for other in names if other != name and other.casefold() == folded), None)
 
 
 class Subscription(BaseModel):
@@ -115,15 +143,21 @@ class WebhookConfig(Subscription):
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
         if value is not None and not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+            raise ValueError(f"must be an http:// or https:// URL, got {redact_url(value)!r}")
         return value
 
     @field_validator("headers", mode="before")
     @classmethod
     def _stringify_headers(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {str(k): str(v) for k, v in value.items()}
-        return value
+        if not isinstance(value, dict):
+            return value
+        headers = {str(k): str(v) for k, v in value.items()}
+        for name, text in headers.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if any(char in text for char in "\r\n\0"):
+                raise ValueError(f"header {name!r}: its value must not contain CR, LF or NUL")
+        return headers
 
 
 class PusherConfig(Subscription):
@@ -164,6 +198,13 @@ class InstanceConfig(BaseModel):
     def _token_text(cls, value: Any) -> Any:
         return str(value) if isinstance(value, int) else value
 
+    def secret_values(self) -> list[str]:
+        """Every secret this instance holds, for ``logs.set_secrets``."""
+        values = [self.token, self.pusher.secret, *self.webhook.headers.values()]
+        if self.webhook.url and (password := urlsplit(self.webhook.url).password):
+            values.append(password)
+        return [value for value in values if value]
+
     @property
     def id(self) -> str:
         """``instanceId`` as written by ``/instance/create``; for a file written by hand, a stable
@@ -201,6 +242,7 @@ def validate_instance(data: Mapping[str, Any], name: str) -> InstanceConfig:
     Raise InvalidInstance naming every problem; the caller says where (file:line, or HTTP 400).
     """
     data = dict(data)
+    name = unicodedata.normalize("NFC", name)
     data.setdefault("instanceName", name)
     problems: list[tuple[Loc, str]] = []
     for key in data:
@@ -321,11 +363,15 @@ def load_instances(directory: Path) -> LoadResult:
             result.problems.extend(exc.problems)
             result.failed_names.add(path.stem)
             continue
+        except Exception as exc:  # a file must never stop the daemon, whatever is in it
+            result.problems.append(f"{path}:1: cannot be read: {type(exc).__name__}: {exc}")
+            result.failed_names.add(path.stem)
+            continue
         name = config.instance_name
-        if name in result.instances:
-            result.problems.append(
-                f"{path}:1: instanceName: {name!r} is also defined in {result.files[name]}"
-            )
+        other = name if name in result.instances else same_but_for_case(name, result.instances)
+        if other is not None:
+            how = "also" if other == name else f"differs only by case from {other!r},"
+            result.problems.append(f"{path}:1: instanceName: {name!r} {how} defined in {result.files[other]}")
             result.failed_names.add(name)
             continue
         result.instances[name] = config

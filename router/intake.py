@@ -32,6 +32,7 @@ from router.store import Lease, NewDelivery, Store
 
 log = logs.get_logger("router.intake")
 MAX_ID_LENGTH = 128
+MAX_DATA_DEPTH = 254  # levels of nesting orjson writes back; deeper `data` is refused (400)
 
 
 class Handoff(Protocol):
@@ -105,7 +106,7 @@ class Intake:
         if not isinstance(instance, str):
             raise IntakeError("field 'instance' must be a string")
         try:
-            check_instance_name(instance)
+            instance = check_instance_name(instance)  # NFC: "café" is one instance however typed
         except ValueError as exc:
             raise IntakeError(f"invalid instance name {instance!r}: {exc}") from None
         if self.routes.needs_topic_safe_names and not topic_safe(instance):
@@ -133,11 +134,15 @@ class Intake:
         apikey = None
         if self.settings.authentication_expose_in_fetch_instances:
             apikey = self.routes.token_of(instance) or _optional_text(obj, "apikey")
+        try:
+            data = orjson.dumps(obj.get("data"))
+        except orjson.JSONEncodeError:
+            raise IntakeError(f"field 'data' is nested deeper than {MAX_DATA_DEPTH} levels") from None
         return Event(
             id=event_id,
             instance=instance,
             event=wire,
-            data=orjson.dumps(obj.get("data")),
+            data=data,
             date_time=date_time,
             sender=_optional_text(obj, "sender"),
             server_url=self.settings.server_url or _optional_text(obj, "server_url"),

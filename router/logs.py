@@ -5,6 +5,10 @@ delivery attempt to webhook, RabbitMQ, SQS and Pusher), ``WEBSOCKET``, ``LOG``, 
 ``DARK`` are chosen with ``kind=``: ``log.info("delivery.attempt", kind="WEBHOOKS", ...)``.
 The message goes out as ``msg``; pass the event name as ``_event=`` and it goes out as ``event``.
 Hot paths ask ``is_enabled("WEBHOOKS")`` first, so a switched-off line costs nothing.
+
+Every line passes ``router.redact`` last: URLs lose passwords and query values, and the secrets
+the daemon knows (``set_secrets``: the API key, instance tokens, broker and app credentials) are
+blanked out, whatever field or traceback they turn up in.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any
 import orjson
 import structlog
 
+from router.redact import Secrets, redact_text
+
 _METHOD_KIND = {
     "critical": "ERROR",
     "exception": "ERROR",
@@ -27,6 +33,27 @@ _METHOD_KIND = {
     "debug": "DEBUG",
 }
 _enabled: frozenset[str] = frozenset({"ERROR", "WARN", "INFO", "LOG"})
+_secrets = Secrets()
+
+
+def set_secrets(values: Iterable[str | None]) -> None:
+    """The secret values no log line may show (replaced whole at every reload)."""
+    global _secrets  # noqa: PLW0603 - logging is process-wide by nature
+    _secrets = Secrets(values)
+
+
+def scrub(text: str) -> str:
+    """``text`` fit for a log line or an error message: no URL credentials, no known secret."""
+    return _secrets(redact_text(text))
+
+
+def _redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            event_dict[key] = scrub(value)
+        elif isinstance(value, list | tuple):
+            event_dict[key] = [scrub(item) if isinstance(item, str) else item for item in value]
+    return event_dict
 
 
 def is_enabled(kind: str) -> bool:
@@ -50,26 +77,23 @@ def configure(levels: Iterable[str], fmt: str = "console", color: bool = True) -
     """Set up structlog once, at start-up, from the settings."""
     global _enabled  # noqa: PLW0603 - logging is process-wide by nature
     _enabled = frozenset(level.upper() for level in levels)
-    tail: list[Any]
+    renderer: Any
     if fmt == "json":
-        tail = [
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(serializer=_orjson_dumps),
-        ]
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
     else:
-        tail = [
-            structlog.dev.ConsoleRenderer(
-                colors=color and sys.stderr.isatty(), event_key="msg", sort_keys=False
-            )
-        ]
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=color and sys.stderr.isatty(), event_key="msg", sort_keys=False
+        )
     structlog.configure(
         processors=[
             _filter,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,  # a traceback is text that _redact reads too
+            _redact,
             structlog.processors.EventRenamer(to="msg", replace_by="_event"),
-            *tail,
+            renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
@@ -87,7 +111,10 @@ class _StdlibToStructlog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         method = self._methods.get(record.levelno, "debug" if record.levelno < logging.INFO else "error")
-        getattr(structlog.get_logger(record.name), method)(record.getMessage(), library=record.name)
+        # exc_info: aiohttp's "Error handling request" says what failed only in its traceback.
+        getattr(structlog.get_logger(record.name), method)(
+            record.getMessage(), library=record.name, exc_info=record.exc_info or False
+        )
 
 
 def get_logger(name: str) -> Any:

@@ -14,8 +14,10 @@ instance's exchange is its own, so its target and the global one are independent
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 from router.events import WIRE_NAMES, by_events_suffix
 from router.instances import InstanceConfig
@@ -37,7 +39,14 @@ class WebhookTarget:
     sink = "webhook"
 
     def url_for(self, wire: str) -> str:
-        return self.url.rstrip("/") + by_events_suffix(wire) if self.by_events else self.url
+        return with_suffix(self.url, wire) if self.by_events else self.url
+
+
+@functools.lru_cache(maxsize=65536)
+def with_suffix(url: str, wire: str) -> str:
+    """``url`` with the by-events suffix appended to its path (a query string stays after it)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + by_events_suffix(wire)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,9 +33,20 @@ from pydantic_settings import (
 from router.addresses import parse_networks
 from router.errors import ConfigError
 from router.events import CONFIG_TO_WIRE
+from router.redact import redact_text, redact_url
 from router.yamlfile import YamlDoc, load_yaml
 
 DEFAULT_CONFIG_FILE = Path("config/router.yaml")
+# Never echoed in an error message, whatever is wrong with them.
+SECRET_SETTINGS = frozenset(
+    {
+        "AUTHENTICATION_API_KEY",
+        "SQS_ACCESS_KEY_ID",
+        "SQS_SECRET_ACCESS_KEY",
+        "PUSHER_GLOBAL_KEY",
+        "PUSHER_GLOBAL_SECRET",
+    }
+)
 DEFAULT_ENV_FILE = Path(".env")
 
 # Per-event switches, by sink: ``<PREFIX><CONFIG NAME>=true``.
@@ -72,7 +83,7 @@ def _check_http_url(value: str | None, name: str) -> None:
         return
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"{name} must be an http:// or https:// URL, got {value!r}")
+        raise ValueError(f"{name} must be an http:// or https:// URL, got {redact_url(value)!r}")
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -246,7 +257,8 @@ class Settings(BaseSettings):
         if self.rabbitmq_enabled and not self.rabbitmq_uri:
             raise ValueError("RABBITMQ_ENABLED is true but RABBITMQ_URI is not set")
         if self.rabbitmq_uri and urlsplit(self.rabbitmq_uri).scheme not in ("amqp", "amqps"):
-            raise ValueError(f"RABBITMQ_URI must be an amqp:// or amqps:// URI, got {self.rabbitmq_uri!r}")
+            uri = redact_url(self.rabbitmq_uri)
+            raise ValueError(f"RABBITMQ_URI must be an amqp:// or amqps:// URI, got {uri!r}")
         if self.sqs_enabled:
             missing = [
                 name.upper()
@@ -271,6 +283,14 @@ class Settings(BaseSettings):
         if not self.authentication_api_key:
             raise ValueError("AUTHENTICATION_API_KEY is not set (it guards /ingest)")
         return self
+
+    def secret_values(self) -> list[str]:
+        """Every secret these settings hold, for ``logs.set_secrets``."""
+        values = [self.authentication_api_key, self.sqs_secret_access_key, self.pusher_global_secret]
+        for url in (self.rabbitmq_uri, self.webhook_global_url):
+            if url and (password := urlsplit(url).password):
+                values.append(password)
+        return [value for value in values if value]
 
     def events_enabled(self, sink: str) -> frozenset[str]:
         """Wire names whose ``<PREFIX><EVENT>`` switch is on for ``sink`` (e.g. ``webhook``)."""
@@ -366,7 +386,8 @@ def load_settings(
         for error in exc.errors():
             if error["loc"]:
                 name = str(error["loc"][0]).upper()
-                value = f", got {error['input']!r}" if error["type"] != "missing" else ""
+                shown = "" if error["type"] == "missing" or name in SECRET_SETTINGS else error["input"]
+                value = f", got {redact_text(repr(shown))}" if shown != "" else ""
                 problems.append(f"{origin(name)}: {error['msg']}{value}")
             else:
                 problems.append(error["msg"].removeprefix("Value error, "))

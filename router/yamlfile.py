@@ -1,4 +1,10 @@
-"""YAML files that remember where each value came from, so errors name ``file:line: field``."""
+"""YAML files that remember where each value came from, so errors name ``file:line: field``.
+
+Before a file is built into objects, one pass over its parse events (no recursion) bounds what
+building it may cost: at most ``MAX_DEPTH`` levels of nesting (deeper ones would exhaust the
+builder's recursion) and ``MAX_NODES`` values once aliases are expanded (an alias bomb of a few
+hundred bytes expands to billions). A file past either is one bad file, named with its line.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,10 @@ import yaml
 from router.errors import ConfigError
 
 Loc = tuple[str | int, ...]
+MAX_DEPTH = 50
+MAX_NODES = 100_000
+_OPEN = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
+_CLOSE = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
 
 
 @dataclass
@@ -56,6 +66,38 @@ def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> None:
             _walk(item, child, lines)
 
 
+def _line(event: yaml.Event) -> int:
+    mark = event.start_mark
+    return mark.line + 1 if mark is not None else 1
+
+
+def _check_bounds(text: str, path: Path) -> None:
+    """ConfigError if building ``text`` would nest too deep or expand to too many values."""
+    nodes = 0  # values so far, aliases counted as what they stand for
+    sizes: dict[str, int] = {}  # anchor -> the number of values it stands for
+    open_nodes: list[tuple[str | None, int]] = []  # (anchor, nodes when it opened)
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, _OPEN):
+            open_nodes.append((event.anchor, nodes))
+            nodes += 1
+            if len(open_nodes) > MAX_DEPTH:
+                raise ConfigError([f"{path}:{_line(event)}: nested deeper than {MAX_DEPTH} levels"])
+        elif isinstance(event, _CLOSE):
+            anchor, before = open_nodes.pop()
+            if anchor is not None:
+                sizes[anchor] = nodes - before
+        elif isinstance(event, yaml.ScalarEvent):
+            nodes += 1
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent):
+            nodes += sizes.get(event.anchor or "", 1)
+        if nodes > MAX_NODES:
+            raise ConfigError(
+                [f"{path}:{_line(event)}: more than {MAX_NODES} values once aliases are expanded"]
+            )
+
+
 def load_yaml(path: Path) -> YamlDoc:
     """Read ``path`` as a YAML mapping; raise ConfigError naming the file and line if it is not."""
     try:
@@ -63,6 +105,7 @@ def load_yaml(path: Path) -> YamlDoc:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read: {exc}"]) from exc
     try:
+        _check_bounds(text, path)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -8,7 +8,7 @@ import subprocess
 import orjson
 import pytest
 
-from tests.conftest import API_KEY, hook_env, post_ingest, running
+from tests.conftest import API_KEY, hook_env, post_ingest, running, wait_idle
 
 
 def event(n: int, name: str = "messages.upsert", instance: str = "bot") -> dict[str, object]:
@@ -120,12 +120,6 @@ async def test_oversize_body_is_413(receiver, make_settings):
         await receiver.wait_for(1)
 
 
-async def queue_empty(app) -> None:
-    async with asyncio.timeout(5):
-        while (await app.intake.store.counts())["pending"]:
-            await asyncio.sleep(0.02)
-
-
 async def test_an_id_sent_again_is_delivered_once(receiver, make_settings):
     async with running(make_settings(**hook_env(receiver, "MESSAGES_UPSERT", "CONNECTION_UPDATE"))) as app:
         payload = {**event(1), "id": "adapter-retry-1"}
@@ -136,7 +130,7 @@ async def test_an_id_sent_again_is_delivered_once(receiver, make_settings):
             {"status": 202, "accepted": 1, "ids": ["adapter-retry-1"]},
         )  # while still queued, or just sent
         await receiver.wait_for(1)
-        await queue_empty(app)  # delivered and pruned: only the dedup window remembers it
+        await wait_idle(app)  # delivered and pruned: only the dedup window remembers it
         assert (await post_ingest(app, payload))[0] == 202  # the adapter retried late
         await asyncio.sleep(0.3)
     assert len(receiver.requests) == 1
@@ -149,7 +143,7 @@ async def test_the_dedup_window_can_be_turned_off(receiver, make_settings):
         payload = {**event(1), "id": "no-dedup"}
         assert (await post_ingest(app, payload))[0] == 202
         await receiver.wait_for(1)
-        await queue_empty(app)
+        await wait_idle(app)
         assert (await post_ingest(app, payload))[0] == 202
         await receiver.wait_for(2)
 

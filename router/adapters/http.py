@@ -18,6 +18,7 @@ from aiohttp import web
 
 from router.addresses import AddressList
 from router.apikeys import key_matches, request_keys
+from router.bodies import BodyError, leave_unread, read_body
 from router.errors import IntakeError
 from router.events import UnknownEventError, wire_from_suffix
 from router.intake import Intake
@@ -67,27 +68,24 @@ async def ingest(request: web.Request) -> web.Response:
         key_matches(key, intake.settings.authentication_api_key) for key in keys
     )
     if not is_global:
-        if not keys:
-            return _error(401, MISSING_KEY)
         instances = intake.routes.instances.values()
         keys = [key for key in keys if any(key_matches(key, config.token) for config in instances)]
         if not keys:
-            return _error(401, "invalid apikey")
+            leave_unread(request)
+            return _error(401, "invalid apikey" if request_keys(request.headers) else MISSING_KEY)
 
     path_event = None
     if suffix := request.match_info.get("suffix"):
         try:
             path_event = wire_from_suffix(suffix)
         except UnknownEventError:
+            leave_unread(request)
             return _error(400, f"unknown event path /ingest/{suffix}")
 
-    limit = intake.settings.router_ingest_max_bytes
-    if request.content_length is not None and request.content_length > limit:
-        return _error(413, f"body of {request.content_length} bytes is over the limit of {limit}")
     try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return _error(413, f"body is over the limit of {limit} bytes")
+        body = await read_body(request, intake.settings.router_ingest_max_bytes)
+    except BodyError as exc:
+        return _error(exc.status, str(exc))
 
     try:
         events = intake.parse_many(decode_body(body), path_event)

@@ -15,6 +15,7 @@ from jwt.warnings import InsecureKeyLengthWarning
 
 from router.errors import PermanentError, RetryableError
 from router.events import Event, envelope, strip_message_base64
+from router.redact import redact_url
 from router.routing import WebhookTarget
 from router.settings import Settings
 from router.sinks import BaseSink, tcp_reachable
@@ -69,6 +70,11 @@ def _static_headers(target: WebhookTarget) -> dict[str, str]:
     return {**BASE_HEADERS, **dict(target.headers)}
 
 
+@functools.lru_cache(maxsize=4096)
+def _shown(url: str) -> str:
+    return redact_url(url)
+
+
 class WebhookSink(BaseSink):
     name = "webhook"
 
@@ -95,7 +101,7 @@ class WebhookSink(BaseSink):
             self._session = None
 
     def where(self, target: WebhookTarget, event: Event) -> dict[str, str]:
-        return {"url": target.url_for(event.event)}
+        return {"url": _shown(target.url_for(event.event))}
 
     async def check(self, targets: Sequence[WebhookTarget]) -> None:
         """The global webhook's host answers. Instance webhooks are their owners' servers: one
@@ -128,9 +134,11 @@ class WebhookSink(BaseSink):
         except TimeoutError as exc:
             raise RetryableError(f"timed out after {self.timeout_s:g} s") from exc
         except aiohttp.InvalidURL as exc:
-            raise PermanentError(f"invalid URL {url!r}") from exc
+            raise PermanentError(f"invalid URL {_shown(url)!r}") from exc
         except aiohttp.ClientError as exc:
             raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
+        except ValueError as exc:  # a header with CR/LF, credentials in the URL and an Authorization header
+            raise PermanentError(f"the request cannot be made: {exc}") from exc
         if 200 <= status < 300:
             return status
         if status in self.non_retryable:
