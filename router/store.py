@@ -14,6 +14,11 @@ Durability: a transaction that accepts events is committed with ``synchronous=FU
 before intake answers 202, power loss included). Leases, acks and retries commit with
 ``NORMAL``: safe against a killed process, and the next FULL commit syncs them too. Losing one
 of those to a power cut only means an event is delivered again, which at-least-once allows.
+
+Size: delivery ids are never reused (AUTOINCREMENT), and an attempt's error goes with its
+delivery, so a dead letter's errors are its own. The file gives back the pages a drained backlog
+freed, a few megabytes at a time between transactions (``auto_vacuum=INCREMENTAL``), never in
+one long pause. ``PRAGMA user_version`` is the schema's version; ``_migrate`` upgrades older files.
 """
 
 from __future__ import annotations
@@ -35,6 +40,25 @@ T = TypeVar("T")
 log = logs.get_logger("router.store")
 PENDING, LEASED, DEAD = 0, 1, 2
 MAX_OPS_PER_TRANSACTION = 4096
+SCHEMA_VERSION = 2  # 1: delivery ids AUTOINCREMENT; 2: auto_vacuum=INCREMENTAL
+VACUUM_EVERY_S = 2.0  # how often free pages are looked at
+VACUUM_MIN_FREE_PAGES = 256  # fewer free pages than this are kept for reuse
+VACUUM_STEP_PAGES = 2048  # pages given back per step (8 MiB of 4 KiB pages)
+
+DELIVERIES = (
+    """CREATE TABLE IF NOT EXISTS deliveries (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id   TEXT NOT NULL,
+    target     TEXT NOT NULL,
+    state      INTEGER NOT NULL DEFAULT 0,
+    due_at     REAL NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    updated_at REAL NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (target, state, due_at)",
+    "CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id)",
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -48,18 +72,7 @@ CREATE TABLE IF NOT EXISTS events (
     apikey      TEXT,
     accepted_at REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS deliveries (
-    id         INTEGER PRIMARY KEY,
-    event_id   TEXT NOT NULL,
-    target     TEXT NOT NULL,
-    state      INTEGER NOT NULL DEFAULT 0,
-    due_at     REAL NOT NULL,
-    attempts   INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (target, state, due_at);
-CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id);
+{deliveries}
 CREATE TABLE IF NOT EXISTS attempt_errors (
     delivery_id INTEGER NOT NULL,
     attempt     INTEGER NOT NULL,
@@ -80,7 +93,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     source   TEXT PRIMARY KEY,
     position TEXT NOT NULL
 );
-"""
+""".format(deliveries=";\n".join(DELIVERIES) + ";")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +122,32 @@ class Accepted:
 
 
 Op = Callable[[sqlite3.Connection], Any]
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Upgrade a database written by an older router to ``SCHEMA_VERSION``, one step at a time."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version < 1:
+        # Delivery ids were reused once the queue emptied, so a new dead letter could show an
+        # old delivery's errors; ids now never repeat, and errors without a delivery go.
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ALTER TABLE deliveries RENAME TO deliveries_v0")
+        conn.execute("DROP INDEX IF EXISTS deliveries_due")
+        conn.execute("DROP INDEX IF EXISTS deliveries_event")
+        for statement in DELIVERIES:
+            conn.execute(statement)
+        conn.execute("INSERT INTO deliveries SELECT * FROM deliveries_v0")
+        conn.execute("DROP TABLE deliveries_v0")
+        conn.execute("DELETE FROM attempt_errors WHERE delivery_id NOT IN (SELECT id FROM deliveries)")
+        conn.execute("PRAGMA user_version=1")
+        conn.execute("COMMIT")
+        log.info("store.migrated", version=1)
+    if version < 2:
+        # Free pages are given back in steps from now on; switching needs one full VACUUM.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.execute("VACUUM")
+        conn.execute("PRAGMA user_version=2")
+        log.info("store.migrated", version=2)
 
 
 def _event_from_row(row: Sequence[Any]) -> Event:
@@ -141,6 +180,7 @@ class Store:
         self._acks: list[Lease] = []
         self._synchronous = ""
         self._pruned_at = 0.0
+        self._vacuumed_at = 0.0
         self._wake = asyncio.Event()
         self._closing = False
         self.transactions = 0  # written so far, for tests and metrics
@@ -157,8 +197,12 @@ class Store:
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'deliveries'").fetchone():
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # before the first table, or a VACUUM
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA foreign_keys=OFF")
+        _migrate(conn)
         conn.executescript(SCHEMA)
         # Attempts that were under way when the process died are pending again.
         conn.execute("UPDATE deliveries SET state = ? WHERE state = ?", (PENDING, LEASED))
@@ -168,8 +212,13 @@ class Store:
         """Apply queued operations, one transaction per batch, until ``close`` is called."""
         loop = asyncio.get_running_loop()
         while True:
-            await self._wake.wait()
+            try:
+                await asyncio.wait_for(self._wake.wait(), VACUUM_EVERY_S)
+            except TimeoutError:  # idle: a good moment to give pages back
+                await self._vacuum_if_due()
+                continue
             self._wake.clear()
+            await self._vacuum_if_due()
             while self._ops or self._acks:
                 if self._acks:
                     acks, self._acks = self._acks, []
@@ -228,6 +277,25 @@ class Store:
             return [(False, exc)] * len(ops)
         self.transactions += 1
         return outcomes
+
+    async def _vacuum_if_due(self) -> None:
+        """Every ``VACUUM_EVERY_S``: one bounded step of giving free pages back, between transactions."""
+        now = time.monotonic()
+        if now - self._vacuumed_at < VACUUM_EVERY_S:
+            return
+        self._vacuumed_at = now
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._vacuum_step)
+        except sqlite3.Error as exc:  # the disk may be full: space comes back another time
+            log.warning("store.vacuum_failed", error=str(exc))
+
+    def _vacuum_step(self) -> None:
+        conn = self._conn
+        assert conn is not None, "store is closed"
+        if int(conn.execute("PRAGMA freelist_count").fetchone()[0]) >= VACUUM_MIN_FREE_PAGES:
+            # executescript steps the pragma to its end (execute would free one page); it runs
+            # outside any transaction here, on the writer's thread, between two batches.
+            conn.executescript(f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES});")
 
     def _submit(self, op: Callable[[sqlite3.Connection], T], durable: bool = False) -> asyncio.Future[T]:
         if self._closing and self._conn is None:
@@ -384,7 +452,10 @@ class Store:
             for start in range(0, len(acks), MAX_VARIABLES):
                 chunk = acks[start : start + MAX_VARIABLES]
                 marks = ",".join("?" * len(chunk))
-                conn.execute(f"DELETE FROM deliveries WHERE id IN ({marks})", [a.delivery_id for a in chunk])
+                ids = [a.delivery_id for a in chunk]
+                conn.execute(f"DELETE FROM deliveries WHERE id IN ({marks})", ids)
+                # A replayed delivery starts its count again but keeps its errors: delete by id.
+                conn.execute(f"DELETE FROM attempt_errors WHERE delivery_id IN ({marks})", ids)
                 event_ids = list({a.event.id for a in chunk})
                 conn.execute(
                     f"DELETE FROM events WHERE id IN ({','.join('?' * len(event_ids))})"

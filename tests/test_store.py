@@ -1,0 +1,113 @@
+"""The durable queue on its own: what it keeps, what it gives back, and older files upgraded."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from router.events import Event, new_event_id, utc_timestamp
+from router.store import NewDelivery, Store
+
+
+def event(data: bytes = b"{}", event_id: str | None = None) -> Event:
+    return Event(
+        event_id or new_event_id(), "bot", "call", data, utc_timestamp(), id_from_source=event_id is not None
+    )
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(tmp_path / "router.db", dedup_window_s=1.0)
+    task = asyncio.create_task(opened.run())
+    yield opened
+    await opened.close()
+    await task
+    opened.shutdown()
+
+
+def rows(path: Path, query: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute(query).fetchall()
+
+
+async def test_an_attempts_errors_go_with_its_delivery_and_ids_never_repeat(store, tmp_path):
+    await store.accept([NewDelivery(event(), ("webhook:global",))])
+    [lease] = await store.lease("webhook:global", 10)
+    await store.retry(lease, time.time(), "HTTP 500")
+    [lease] = await store.lease("webhook:global", 10)
+    store.ack(lease)
+    assert (await store.counts())["pending"] == 0
+    assert rows(tmp_path / "router.db", "SELECT COUNT(*) FROM attempt_errors") == [(0,)]
+    # The queue is empty; the next delivery still gets a new id, so no dead letter can show
+    # another delivery's errors.
+    await store.accept([NewDelivery(event(), ("webhook:global",))])
+    [again] = await store.lease("webhook:global", 10)
+    assert again.delivery_id > lease.delivery_id
+
+
+async def test_a_drained_backlog_gives_its_space_back(store, tmp_path):
+    path = tmp_path / "router.db"
+    batch = [NewDelivery(event(b'"' + b"x" * 4000 + b'"'), ("webhook:global",)) for _ in range(3000)]
+    await store.accept(batch)
+    full = int(rows(path, "PRAGMA page_count")[0][0])
+    while leases := await store.lease("webhook:global", 1000):
+        for lease in leases:
+            store.ack(lease)
+    assert (await store.counts())["pending"] == 0
+    async with asyncio.timeout(30):  # a few steps, between transactions
+        while int(rows(path, "PRAGMA page_count")[0][0]) > full // 4:
+            await store.probe()  # the writer runs, as it would with traffic
+            await asyncio.sleep(0.2)
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert path.stat().st_size < full * 4096 // 4
+
+
+async def test_remembered_ids_are_pruned_after_the_window(store, tmp_path):
+    await store.accept([NewDelivery(event(event_id="adapter-1"), ("webhook:global",))])
+    await asyncio.sleep(1.1)  # the window is 1 s here: past it, the id is forgotten
+    store._pruned_at = 0  # the next accept prunes (it does so at most once a minute)
+    await store.accept([NewDelivery(event(event_id="adapter-2"), ("webhook:global",))])
+    assert rows(tmp_path / "router.db", "SELECT id FROM seen_ids") == [("adapter-2",)]
+
+
+OLD_SCHEMA = """
+CREATE TABLE events (id TEXT PRIMARY KEY, instance TEXT NOT NULL, event TEXT NOT NULL, data BLOB NOT NULL,
+    date_time TEXT NOT NULL, sender TEXT, server_url TEXT, apikey TEXT, accepted_at REAL NOT NULL);
+CREATE TABLE deliveries (id INTEGER PRIMARY KEY, event_id TEXT NOT NULL, target TEXT NOT NULL,
+    state INTEGER NOT NULL DEFAULT 0, due_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT, updated_at REAL NOT NULL);
+CREATE INDEX deliveries_due ON deliveries (target, state, due_at);
+CREATE INDEX deliveries_event ON deliveries (event_id);
+CREATE TABLE attempt_errors (delivery_id INTEGER NOT NULL, attempt INTEGER NOT NULL, at REAL NOT NULL,
+    error TEXT NOT NULL);
+INSERT INTO events VALUES ('e1', 'bot', 'call', X'7B7D', '2026-01-01T00:00:00.000Z', NULL, NULL, NULL, 1);
+INSERT INTO deliveries VALUES (7, 'e1', 'webhook:global', 2, 1, 3, 'HTTP 500', 1);
+INSERT INTO attempt_errors VALUES (7, 3, 1, 'HTTP 500');
+INSERT INTO attempt_errors VALUES (3, 1, 1, 'an error of a delivery made long ago');
+"""
+
+
+async def test_a_database_of_an_older_router_is_upgraded(tmp_path):
+    path = tmp_path / "router.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(OLD_SCHEMA)
+    store = await Store.open(path)
+    task = asyncio.create_task(store.run())
+    try:
+        assert (await store.counts())["dead"] == 1
+        await store.accept([NewDelivery(event(), ("webhook:global",))])
+        [lease] = await store.lease("webhook:global", 10)
+        assert lease.delivery_id > 7
+    finally:
+        await store.close()
+        await task
+        store.shutdown()
+    assert rows(path, "SELECT delivery_id, error FROM attempt_errors") == [(7, "HTTP 500")]
+    assert rows(path, "PRAGMA user_version") == [(2,)]
+    assert rows(path, "PRAGMA auto_vacuum") == [(2,)]  # incremental
