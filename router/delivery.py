@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from router import logs
-from router.errors import PermanentError, RetryableError
+from router.errors import PermanentError, RetryableError, Unavailable
 from router.metrics import Metrics
 from router.routing import Routes, Target
 from router.settings import Settings
@@ -29,6 +29,7 @@ log = logs.get_logger("router.delivery")
 QUEUE_MAX_ATTEMPTS = 2**62  # "forever": a broker outage never turns events into dead letters
 LEASE_AHEAD = 16  # a worker keeps up to this many times its concurrency leased ahead
 EXTERNAL_POLL_S = 2.0  # how often the dispatcher looks for writes by other processes
+SINK_WAIT_S = 1.0  # lanes waiting for a sink that is down look at whether to stop this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,13 +166,19 @@ class TargetWorker:
                 self._has_work.clear()
                 await self._has_work.wait()
                 continue
+            if not self.sink.ready:  # its connection is down: wait for it, not attempt by attempt
+                with contextlib.suppress(TimeoutError):  # and look at _stopping now and then
+                    await asyncio.wait_for(self.sink.wait_ready(), SINK_WAIT_S)
+                continue
             lease = ready.popleft()
             self.dispatcher.release(1)
             if len(ready) < self.concurrency:
                 self._need_more.set()
             self.in_flight += 1
             try:
-                await self._attempt(lease)
+                if not await self._attempt(lease):
+                    ready.appendleft(lease)  # not attempted after all: first again, uncounted
+                    self.dispatcher.buffered += 1  # held in memory again
             finally:
                 self.in_flight -= 1
 
@@ -180,11 +187,15 @@ class TargetWorker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _attempt(self, lease: Lease) -> None:
+    async def _attempt(self, lease: Lease) -> bool:
+        """Attempt ``lease``; False when the sink turned out to be unavailable (not an attempt)."""
         try:
             await self._attempt_once(lease)
+        except Unavailable:
+            return False
         except Exception:  # a bug here must not stop the other attempts or the daemon
             log.exception("delivery.bug", target=self.key, event_id=lease.event.id)
+        return True
 
     async def _attempt_once(self, lease: Lease) -> None:
         store = self.dispatcher.store
@@ -196,6 +207,8 @@ class TargetWorker:
             if target is None:
                 raise PermanentError(f"target {self.key} is no longer configured")
             status = await self.sink.send(target, lease.event)
+        except Unavailable:
+            raise  # not the delivery's failure: nothing is recorded, the lane waits for the sink
         except RetryableError as exc:
             status, error = exc.status, logs.scrub(str(exc))
             outcome, error = self._retry_or_kill(lease, error, exc.retry_after_s)

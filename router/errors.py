@@ -6,7 +6,9 @@ boundary of each sink (``raise ... from exc``), so the delivery loop only knows 
     ├── IntakeError            an ingested event or request that cannot be accepted
     └── DeliveryError          one delivery attempt failed
         ├── RetryableError     try again later (timeout, 5xx, connection refused, ...);
-        │                      may carry ``retry_after_s`` from the receiver
+        │   │                  may carry ``retry_after_s`` from the receiver
+        │   └── Unavailable    the sink itself is down (no broker connection): the attempt
+        │                      does not count; it waits for ``sink.wait_ready()``
         └── PermanentError     retrying cannot help (non-retryable status, oversize payload)
 """
 
@@ -45,6 +47,11 @@ class RetryableError(DeliveryError):
     ) -> None:
         super().__init__(message, status=status)
         self.retry_after_s = retry_after_s
+
+
+class Unavailable(RetryableError):
+    """The sink cannot make any attempt now (its connection is down and being re-opened). Not
+    the delivery's failure: the worker waits for the sink, and the attempt is not counted."""
 
 
 class PermanentError(DeliveryError):

@@ -45,6 +45,12 @@ class Sink(Protocol):
         Returns, or raises ``RetryableError`` (unreachable) or ``PermanentError`` (refused).
         """
 
+    ready: bool
+    """False while the sink can make no attempt at all (``send`` would raise ``Unavailable``)."""
+
+    async def wait_ready(self) -> None:
+        """Return once ``ready``: workers wait here instead of failing attempt after attempt."""
+
 
 async def tcp_reachable(url: str, timeout_s: float = 3.0) -> None:
     """Open and close a TCP connection to ``url``'s host and port; RetryableError if that fails."""
@@ -65,6 +71,10 @@ class BaseSink:
     """``async with`` support for sinks."""
 
     name = "sink"
+    ready = True
+
+    async def wait_ready(self) -> None:
+        return None
 
     async def open(self) -> None:
         return None

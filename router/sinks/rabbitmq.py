@@ -16,13 +16,16 @@ Two topologies (``RABBITMQ_TOPOLOGY``), with the same queue names:
 Before the first publish of an event, the queues that should receive it are declared (quorum,
 durable) and bound, so nothing published is lost while no consumer exists yet.
 
-The connection is opened on first use and again after it is lost; the delivery worker's
-backoff paces the attempts, and events wait in the store meanwhile.
+One connection, kept by one task: opened at start and again whenever it is lost, with the queue
+retry backoff (``ROUTER_QUEUE_RETRY_*``), for as long as it takes. While it is down the sink is
+not ``ready``: workers wait for it, and no attempt is made or counted (no storm of connection
+attempts, no error row per delivery); events wait in the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,7 +35,7 @@ from pamqp.commands import Basic
 from pamqp.common import FieldValue
 
 from router import logs
-from router.errors import PermanentError, RetryableError
+from router.errors import PermanentError, RetryableError, Unavailable
 from router.events import Event, envelope
 from router.routing import RabbitmqTarget
 from router.settings import Settings
@@ -40,6 +43,7 @@ from router.sinks import BaseSink
 
 log = logs.get_logger("router.sinks.rabbitmq")
 CONNECT_TIMEOUT_S = 10.0
+CHECK_WAIT_S = 2.0  # /ready and start-up give the connection this long (within READY_TIMEOUT_S)
 PUBLISH_TIMEOUT_S = 30.0
 QUORUM: dict[str, FieldValue] = {"x-queue-type": "quorum"}
 
@@ -77,6 +81,12 @@ class RabbitmqSink(BaseSink):
         self._declared: set[str | tuple[str, str, str]] = set()
         self._lock = asyncio.Lock()
         self.connected = False
+        self._up = asyncio.Event()  # set while the connection is open
+        self._keeper: asyncio.Task[None] | None = None
+        self._last_error = "not connected yet"
+        self._closed_because: str | None = None
+        self.retry_initial_s = max(settings.router_queue_retry_initial_delay_s, 0.05)
+        self.retry_max_s = max(settings.router_queue_retry_max_delay_s, self.retry_initial_s)
 
     def where(self, target: RabbitmqTarget, event: Event) -> dict[str, str]:
         publish = self.plan(target, event)
@@ -98,44 +108,90 @@ class RabbitmqSink(BaseSink):
             queues.append((global_queue, f"#.{wire}"))
         return Publish(self.exchange, f"{event.instance}.{wire}", tuple(queues))
 
+    @property
+    def ready(self) -> bool:  # type: ignore[override]
+        return self._up.is_set()
+
+    async def wait_ready(self) -> None:
+        await self._up.wait()
+
+    async def open(self) -> None:
+        self._keeper = asyncio.create_task(self._keep_connected(), name="rabbitmq connection")
+
     async def aclose(self) -> None:
-        await self._drop("closing")
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+        await self._close_connection()
 
     async def check(self, targets: Sequence[RabbitmqTarget]) -> None:
-        """Connected to the broker, or able to connect now."""
+        """Connected to the broker (waiting up to ``CHECK_WAIT_S`` for the connection to open)."""
         try:
-            await self._channel_ready()
-        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
-            raise RetryableError(f"broker unreachable: {type(exc).__name__}: {exc}") from exc
+            await asyncio.wait_for(self._up.wait(), CHECK_WAIT_S)
+        except TimeoutError:
+            raise RetryableError(f"broker unreachable: {self._last_error}") from None
 
-    async def _drop(self, reason: str) -> None:
+    async def _keep_connected(self) -> None:
+        """The one connection: opened, watched, and opened again with backoff whenever it is
+        lost, for as long as it takes. Deliveries wait for it (``wait_ready``) instead of each
+        trying to connect; one log line per change of state."""
+        failures = 0
+        while True:
+            try:
+                connection = await asyncio.wait_for(aiormq.connect(self.uri), CONNECT_TIMEOUT_S)
+            except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
+                failures += 1
+                self._last_error = logs.scrub(f"{type(exc).__name__}: {exc}")
+                if failures == 1:
+                    log.error("rabbitmq.unreachable", error=self._last_error, hint="events wait in the store")
+                delay = min(self.retry_initial_s * 2 ** (failures - 1), self.retry_max_s)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            self._connection, self._channel = connection, None
+            self.connected = True
+            self._up.set()
+            log.info("rabbitmq.connected", exchange=self.exchange)
+            with contextlib.suppress(Exception):  # closed by the broker, the network or us
+                await connection.closing
+            self._up.clear()
+            self.connected = False
+            self._last_error = "the connection was lost"
+            log.warning("rabbitmq.disconnected", reason=self._closed_because or "closed by the broker")
+            self._closed_because = None
+            await self._close_connection()
+
+    async def _lost(self, reason: str) -> None:
+        """The connection no longer works (a publish timed out, the socket failed): close it, and
+        the keeper opens a new one."""
+        if self._up.is_set():
+            self._closed_because = reason
+        await self._close_connection()
+
+    async def _close_connection(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
         self._declared.clear()
-        if self.connected:
-            log.warning("rabbitmq.disconnected", reason=reason)
-        self.connected = False
         if connection is not None and not connection.is_closed:
             try:
-                await connection.close()
+                await asyncio.wait_for(connection.close(), CONNECT_TIMEOUT_S)
             except Exception as exc:  # closing a broken connection may fail too
                 log.debug("rabbitmq.close_failed", error=str(exc))
 
     async def _channel_ready(self) -> AbstractChannel:
+        """The publishing channel; opened again if the broker closed it (a refused declaration)."""
         channel = self._channel
         if channel is not None and not channel.is_closed:
             return channel
         async with self._lock:
-            if self._channel is not None and not self._channel.is_closed:
-                return self._channel
-            if self._connection is None or self._connection.is_closed:
-                self._connection = await asyncio.wait_for(aiormq.connect(self.uri), CONNECT_TIMEOUT_S)
-            channel = await self._connection.channel(publisher_confirms=True)
-            await channel.exchange_declare(exchange=self.exchange, exchange_type="topic", durable=True)
-            self._channel, self._declared = channel, {self.exchange}
-            if not self.connected:
-                log.info("rabbitmq.connected", exchange=self.exchange)
-            self.connected = True
-            return channel
+            connection = self._connection
+            if connection is None or connection.is_closed:
+                raise Unavailable(f"broker unavailable: {self._last_error}")
+            if self._channel is None or self._channel.is_closed:
+                channel = await connection.channel(publisher_confirms=True)
+                await channel.exchange_declare(exchange=self.exchange, exchange_type="topic", durable=True)
+                self._channel, self._declared = channel, {self.exchange}
+            return self._channel
 
     async def _declare(self, channel: AbstractChannel, publish: Publish) -> None:
         exchange = publish.exchange
@@ -157,6 +213,8 @@ class RabbitmqSink(BaseSink):
         body = envelope(event, server_url=event.server_url, apikey=event.apikey)
         properties = Basic.Properties(delivery_mode=2, content_type="application/json", message_id=event.id)
         publish = self.plan(target, event)
+        if not self._up.is_set():
+            raise Unavailable(f"broker unavailable: {self._last_error}")
         try:
             channel = await self._channel_ready()
             await self._declare(channel, publish)
@@ -169,10 +227,10 @@ class RabbitmqSink(BaseSink):
                 timeout=PUBLISH_TIMEOUT_S,
             )
         except PermanentError:
-            await self._drop("channel closed by the broker")
+            self._channel = None  # the broker closed it: a new one next time
             raise
         except _REFUSED as exc:
-            await self._drop("channel closed by the broker")
+            self._channel = None
             raise PermanentError(f"publish refused by the broker: {exc}") from exc
         except aiormq.exceptions.PublishError as exc:
             self._declared.clear()  # a queue was deleted under us: declare again next time
@@ -187,6 +245,6 @@ class RabbitmqSink(BaseSink):
             TimeoutError,
             RuntimeError,
         ) as exc:
-            await self._drop(type(exc).__name__)
-            raise RetryableError(f"broker unavailable: {type(exc).__name__}: {exc}") from exc
+            await self._lost(f"{type(exc).__name__}: {exc}")
+            raise Unavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from exc
         return None

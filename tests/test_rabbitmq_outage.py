@@ -1,0 +1,80 @@
+"""A RabbitMQ outage seen through a TCP proxy the test controls: one connection is re-opened
+with backoff, deliveries wait for it without attempts, errors or log lines of their own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from dataclasses import dataclass, field
+
+import orjson
+
+from router.app import database_path
+from tests.conftest import free_port, post_ingest, running
+from tests.test_rabbitmq import broker  # noqa: F401 - the fixture
+
+
+@dataclass
+class Proxy:
+    """127.0.0.1:port -> the broker; ``down`` closes every connection at once, as a dead broker's
+    host would; ``attempts`` counts the connections tried."""
+
+    port: int = field(default_factory=free_port)
+    down: bool = True
+    attempts: int = 0
+    _pipes: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.attempts += 1
+        if self.down:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 5672)
+        self._pipes |= {writer, up_writer}
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_an_outage_costs_one_connection_attempt_at_a_time_and_no_attempts(
+    broker,  # noqa: F811
+    make_settings,
+    tmp_path,
+    capsys,
+):
+    proxy = Proxy()
+    server = await asyncio.start_server(proxy.handle, "127.0.0.1", proxy.port)
+    queue = broker.subscribe(tmp_path / "instances")
+    env = broker.env(RABBITMQ_URI=f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+    try:
+        async with running(make_settings(**env)) as app:
+            events = [
+                {"event": "messages.upsert", "instance": broker.instance, "data": {"n": n}}
+                for n in range(300)
+            ]
+            assert (await post_ingest(app, events))[0] == 202
+            async with asyncio.timeout(20):  # the broker stays away for several reconnects
+                while proxy.attempts < 4:
+                    await asyncio.sleep(0.05)
+            path = database_path(app.settings)
+            with sqlite3.connect(path) as conn:
+                errors = conn.execute("SELECT COUNT(*) FROM attempt_errors").fetchone()[0]
+                attempted = conn.execute("SELECT COUNT(*) FROM deliveries WHERE attempts > 0").fetchone()[0]
+            assert (errors, attempted) == (0, 0), "waiting for the broker is not a failed attempt"
+            tried = proxy.attempts
+            assert tried < 20, f"{tried} connection attempts for 300 deliveries: a storm"
+            proxy.down = False
+            got = await broker.consume(queue, 300)
+        assert sorted(orjson.loads(m.body)["data"]["n"] for m in got) == list(range(300))
+    finally:
+        server.close()
+    lines = capsys.readouterr().out
+    assert lines.count("rabbitmq.unreachable") == 1, "one line for the outage, not one per attempt"
+    assert lines.count("rabbitmq.connected") == 1
