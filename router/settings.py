@@ -189,6 +189,7 @@ class Settings(BaseSettings):
     router_jsonl_path: str | None = None
     router_event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     router_websocket_buffer: int = Field(1000, ge=1)  # messages waiting per client before it is dropped
+    router_websocket_buffer_bytes: int = Field(16 * 1024 * 1024, ge=1)  # and bytes of them
 
     # --- set by systemd under Type=notify (see router/systemd.py), not by operators ---
     notify_socket: str | None = None

@@ -262,3 +262,48 @@ async def test_node_ws_client_on_the_global_stream_exactly_as_the_seed_connects(
         finally:
             await client.stop()
     assert [(e["instance"], e["event"]) for e in got] == [("a", "messages.upsert"), ("b", "qrcode.updated")]
+
+
+async def test_the_buffer_of_a_client_that_does_not_read_is_bounded_in_bytes(make_settings, tmp_path, capsys):
+    write_instance(tmp_path / "instances", "bot", "websocket: {enabled: true}\n")
+    settings = make_settings(**ws_env(ROUTER_WEBSOCKET_BUFFER_BYTES="2000000"))  # 1,000 messages allowed
+    async with running(settings) as app:
+        slow = await asyncio.to_thread(raw_client_that_never_reads, app.port, "/bot")
+        async with asyncio.timeout(10):
+            while not app.websocket.clients:  # type: ignore[union-attr]
+                await asyncio.sleep(0.01)
+        for n in range(12):  # 12 MB: far more than the socket's buffers and the client's allowance
+            assert (await post_ingest(app, [upsert("bot", n, text="x" * 1_000_000)]))[0] == 202
+        hub = app.websocket
+        assert hub is not None and hub.slow_disconnects == 1 and not hub.clients
+        slow.close()
+    assert "too slow: more than 2000000 bytes waiting" in capsys.readouterr().out
+
+
+def masked_text_frame(text: str) -> bytes:
+    payload = text.encode()
+    mask = os.urandom(4)
+    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_a_slow_socketio_client_is_dropped_and_counted_once(make_settings, tmp_path):
+    write_instance(tmp_path / "instances", "bot", "websocket: {enabled: true}\n")
+    settings = make_settings(**ws_env(ROUTER_WEBSOCKET_BUFFER="5"))
+    async with running(settings) as app:
+        path = "/socket.io/?EIO=4&transport=websocket"
+        slow = await asyncio.to_thread(raw_client_that_never_reads, app.port, path)
+        slow.sendall(masked_text_frame("40/bot,"))  # join the instance's namespace, then never read
+        hub = app.websocket
+        assert hub is not None
+        async with asyncio.timeout(10):
+            while not hub.sio_clients:
+                await asyncio.sleep(0.01)
+        for n in range(40):
+            assert (await post_ingest(app, [upsert("bot", n, text="x" * 200_000)]))[0] == 202
+        async with asyncio.timeout(10):
+            while hub.slow_disconnects == 0:
+                await asyncio.sleep(0.01)
+        posts = [post_ingest(app, [upsert("bot", n)]) for n in range(40, 80)]
+        assert {status for status, _ in await asyncio.gather(*posts)} == {202}  # emits overlap
+        assert hub.slow_disconnects == 1
+        slow.close()

@@ -7,8 +7,9 @@ Each message is the envelope as JSON text.
 
 Delivery is live only: an event goes to the clients connected when it is accepted, without
 replay and without the store, so a client never holds up another sink. Every client has a
-bounded buffer (``ROUTER_WEBSOCKET_BUFFER`` messages); a client that falls that far behind is
-disconnected with the reason, and counted, so the daemon's memory stays flat.
+bounded buffer (``ROUTER_WEBSOCKET_BUFFER`` messages and ``ROUTER_WEBSOCKET_BUFFER_BYTES``); a
+client that falls that far behind is disconnected with the reason, and counted, so the daemon's
+memory stays flat.
 
 Auth: the ``apikey`` query parameter or header must be the global key, or that instance's
 token for its own stream, unless the client's address is in ``WEBSOCKET_ALLOWED_HOSTS``.
@@ -48,23 +49,33 @@ class Client:
     """One connected client: its stream, its filter and its bounded send buffer."""
 
     def __init__(
-        self, ws: web.WebSocketResponse, instance: str | None, events: frozenset[str] | None, limit: int
+        self,
+        ws: web.WebSocketResponse,
+        instance: str | None,
+        events: frozenset[str] | None,
+        limit: int,
+        limit_bytes: int,
     ):
         self.ws = ws
         self.instance = instance  # None: the global stream
         self.events = events  # None: no narrowing
         self.limit = limit
+        self.limit_bytes = limit_bytes
         self.buffer: collections.deque[str] = collections.deque()
+        self.buffered_bytes = 0  # of text waiting (JSON is ASCII but for what the events carry)
         self.ready = asyncio.Event()
         self.dropped: str | None = None  # why the hub disconnected it
 
-    def offer(self, text: str) -> bool:
-        """Queue ``text``; False when the client is too far behind (the caller drops it)."""
+    def offer(self, text: str) -> str | None:
+        """Queue ``text``; or why not, when the client is too far behind (the caller drops it)."""
         if len(self.buffer) >= self.limit:
-            return False
+            return f"too slow: more than {self.limit} messages waiting"
+        if self.buffered_bytes + len(text) > self.limit_bytes and self.buffer:
+            return f"too slow: more than {self.limit_bytes} bytes waiting"
         self.buffer.append(text)
+        self.buffered_bytes += len(text)
         self.ready.set()
-        return True
+        return None
 
     async def pump(self) -> None:
         """Send what is buffered, in order, until the connection ends."""
@@ -73,7 +84,9 @@ class Client:
                 self.ready.clear()
                 await self.ready.wait()
                 continue
-            await self.ws.send_str(self.buffer.popleft())
+            text = self.buffer.popleft()
+            self.buffered_bytes -= len(text)
+            await self.ws.send_str(text)
 
 
 class WebSocketHub:
@@ -98,6 +111,7 @@ class WebSocketHub:
         self.sio.on("connect", self._sio_connect, namespace="*")
         self.sio.on("disconnect", self._sio_disconnect, namespace="*")
         self.sio_clients: collections.Counter[str] = collections.Counter()  # by namespace
+        self._sio_dropped: set[str] = set()  # engine.io sessions dropped for falling behind
 
     def add_routes(self, app: web.Application) -> None:
         """socket.io, ``/`` and ``/{instance}``; add them last, after the daemon's own paths."""
@@ -153,7 +167,10 @@ class WebSocketHub:
             )
             await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=reason.encode()[:120])
             return ws
-        client = Client(ws, instance, events, self.settings.router_websocket_buffer)
+        settings = self.settings
+        client = Client(
+            ws, instance, events, settings.router_websocket_buffer, settings.router_websocket_buffer_bytes
+        )
         self.clients.add(client)
         log.info("websocket.connected", kind="WEBSOCKET", instance=instance, remote=request.remote)
         pump = asyncio.create_task(client.pump())
@@ -192,8 +209,11 @@ class WebSocketHub:
             del self.sio_clients[namespace]
 
     async def _emit_all(self, emits: list[tuple[str, str, Any]]) -> None:
-        for socket in list(self.sio.eio.sockets.values()):
-            if socket.queue.qsize() > self.settings.router_websocket_buffer:
+        sockets = self.sio.eio.sockets
+        self._sio_dropped &= set(sockets)  # those gone for good are forgotten
+        for sid, socket in list(sockets.items()):
+            if sid not in self._sio_dropped and socket.queue.qsize() > self.settings.router_websocket_buffer:
+                self._sio_dropped.add(sid)  # counted and logged once, however long it takes to go
                 self.slow_disconnects += 1
                 log.warning(
                     "websocket.slow_client",
@@ -242,10 +262,10 @@ class WebSocketHub:
             text = envelope(event, server_url=event.server_url, apikey=event.apikey).decode()
             sent = 0
             for client in receivers:
-                if client.offer(text):
+                if (why := client.offer(text)) is None:
                     sent += 1
                 else:
-                    self._drop_slow(client)
+                    self._drop_slow(client, why)
             if namespaces:
                 data = orjson.loads(text)
                 emits += [(namespace, event.event, data) for namespace in namespaces]
@@ -262,11 +282,12 @@ class WebSocketHub:
         if emits:
             self._background(self._emit_all(emits))
 
-    def _drop_slow(self, client: Client) -> None:
+    def _drop_slow(self, client: Client, why: str) -> None:
         self.clients.discard(client)
         self.slow_disconnects += 1
-        client.dropped = f"too slow: more than {client.limit} messages waiting"
+        client.dropped = why
         client.buffer.clear()
+        client.buffered_bytes = 0
         log.warning(
             "websocket.slow_client", kind="WEBSOCKET", instance=client.instance, reason=client.dropped
         )
