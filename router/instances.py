@@ -19,6 +19,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from router.errors import ConfigError
 from router.events import EVERY_EVENT, UnknownEventError, wire_name
 from router.redact import redact_url
+from router.signing import parse_secrets
 from router.yamlfile import YamlDoc, format_loc, load_yaml
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
@@ -138,6 +139,18 @@ class WebhookConfig(Subscription):
     )
     base64: bool = Field(False, validation_alias=AliasChoices("base64", "webhookBase64", "webhook_base64"))
     headers: dict[str, str] = Field(default_factory=dict)
+    # Standard Webhooks signing (ours): one whsec_ secret, or several while changing it.
+    signing_secret: tuple[str, ...] = Field(
+        (), validation_alias=AliasChoices("signingSecret", "signing_secret")
+    )
+
+    @field_validator("signing_secret", mode="before")
+    @classmethod
+    def _check_signing_secret(cls, value: Any) -> Any:
+        parse_secrets(value)
+        if value is None or value == "":
+            return ()
+        return tuple(part.strip() for part in value.split(",")) if isinstance(value, str) else value
 
     @field_validator("url")
     @classmethod
@@ -200,7 +213,12 @@ class InstanceConfig(BaseModel):
 
     def secret_values(self) -> list[str]:
         """Every secret this instance holds, for ``logs.set_secrets``."""
-        values = [self.token, self.pusher.secret, *self.webhook.headers.values()]
+        values = [
+            self.token,
+            self.pusher.secret,
+            *self.webhook.headers.values(),
+            *self.webhook.signing_secret,
+        ]
         if self.webhook.url and (password := urlsplit(self.webhook.url).password):
             values.append(password)
         return [value for value in values if value]

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 from router.events import WIRE_NAMES, by_events_suffix
 from router.instances import InstanceConfig
 from router.settings import Settings
+from router.signing import parse_secrets
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,7 @@ class WebhookTarget:
     base64: bool = True  # False: remove data.message.base64 before sending
     headers: tuple[tuple[str, str], ...] = ()
     events: frozenset[str] = frozenset()
+    signing_keys: tuple[bytes, ...] = ()  # Standard Webhooks: one signature per key
 
     sink = "webhook"
 
@@ -150,6 +152,7 @@ def build_routes(settings: Settings, instances: Mapping[str, InstanceConfig]) ->
             url=settings.webhook_global_url,
             by_events=settings.webhook_global_webhook_by_events,
             events=settings.events_enabled("webhook"),
+            signing_keys=parse_secrets(settings.webhook_global_signing_secret),
         )
         targets[target.key] = target
         for wire in target.events:
@@ -231,6 +234,7 @@ def build_routes(settings: Settings, instances: Mapping[str, InstanceConfig]) ->
                 base64=hook.base64,
                 headers=tuple(hook.headers.items()),
                 events=hook.subscribed(),
+                signing_keys=parse_secrets(hook.signing_secret),
             )
             targets[target.key] = target
             for wire in target.events:

@@ -34,6 +34,7 @@ from router.addresses import parse_networks
 from router.errors import ConfigError
 from router.events import CONFIG_TO_WIRE
 from router.redact import redact_text, redact_url
+from router.signing import parse_secrets
 from router.yamlfile import YamlDoc, load_yaml
 
 DEFAULT_CONFIG_FILE = Path("config/router.yaml")
@@ -41,6 +42,7 @@ DEFAULT_CONFIG_FILE = Path("config/router.yaml")
 SECRET_SETTINGS = frozenset(
     {
         "AUTHENTICATION_API_KEY",
+        "WEBHOOK_GLOBAL_SIGNING_SECRET",
         "SQS_ACCESS_KEY_ID",
         "SQS_SECRET_ACCESS_KEY",
         "PUSHER_GLOBAL_KEY",
@@ -122,6 +124,7 @@ class Settings(BaseSettings):
     webhook_global_enabled: bool = False
     webhook_global_url: str | None = None
     webhook_global_webhook_by_events: bool = False
+    webhook_global_signing_secret: str | None = None  # ours: Standard Webhooks, whsec_... (comma: rotation)
     webhook_request_timeout_ms: int = Field(30_000, gt=0)
     webhook_retry_max_attempts: int = Field(10, ge=1)
     webhook_retry_initial_delay_seconds: float = Field(5.0, ge=0)
@@ -219,6 +222,7 @@ class Settings(BaseSettings):
     @field_validator(
         "server_url",
         "webhook_global_url",
+        "webhook_global_signing_secret",
         "authentication_api_key",
         "rabbitmq_uri",
         "sqs_endpoint_url",
@@ -233,6 +237,12 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("webhook_global_signing_secret")
+    @classmethod
+    def _check_signing_secret(cls, value: str | None) -> str | None:
+        parse_secrets(value)
+        return value
 
     @field_validator("router_ingest_trusted_hosts")
     @classmethod
@@ -288,6 +298,7 @@ class Settings(BaseSettings):
     def secret_values(self) -> list[str]:
         """Every secret these settings hold, for ``logs.set_secrets``."""
         values = [self.authentication_api_key, self.sqs_secret_access_key, self.pusher_global_secret]
+        values += (self.webhook_global_signing_secret or "").split(",")
         for url in (self.rabbitmq_uri, self.webhook_global_url):
             if url and (password := urlsplit(url).password):
                 values.append(password)

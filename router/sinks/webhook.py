@@ -18,6 +18,7 @@ from router.events import Event, envelope, strip_message_base64
 from router.redact import redact_url
 from router.routing import WebhookTarget
 from router.settings import Settings
+from router.signing import signature_headers
 from router.sinks import BaseSink, tcp_reachable
 
 JWT_HEADER = "jwt_key"
@@ -121,12 +122,13 @@ class WebhookSink(BaseSink):
             data=data,
         )
         url = target.url_for(event.event)
+        headers = request_headers(target)
+        if target.signing_keys:  # Standard Webhooks: signed per attempt (the timestamp changes)
+            headers = {**headers, **signature_headers(target.signing_keys, event.id, body)}
         try:
             # Redirects are not followed: a 301/302 would turn the POST into a GET without the
             # event, and that would count as delivered. The failure names where it points.
-            async with self._session.post(
-                url, data=body, headers=request_headers(target), allow_redirects=False
-            ) as response:
+            async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as response:
                 await response.read()
                 status = response.status
                 retry_after = response.headers.get("Retry-After")
