@@ -42,7 +42,7 @@ from router.admin_shapes import (
 )
 from router.apikeys import key_matches
 from router.bodies import BodyError, leave_unread, read_body
-from router.errors import ConfigError
+from router.errors import ConfigError, StorageFull
 from router.events import utc_timestamp
 from router.instances import (
     InstanceConfig,
@@ -129,7 +129,10 @@ class Admin:
     def _handle(self, handler: Any, *args: str) -> Any:
         async def handle(request: web.Request) -> web.Response:
             try:
-                return await handler(request, *args)  # type: ignore[no-any-return]
+                try:
+                    return await handler(request, *args)  # type: ignore[no-any-return]
+                except StorageFull as full:  # the file may be written; its lifecycle event is not
+                    raise Refused(503, str(full)) from None
             except Refused as exc:
                 leave_unread(request)
                 log.warning(

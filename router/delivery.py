@@ -29,6 +29,7 @@ log = logs.get_logger("router.delivery")
 QUEUE_MAX_ATTEMPTS = 2**62  # "forever": a broker outage never turns events into dead letters
 LEASE_AHEAD = 16  # a worker keeps up to this many times its concurrency leased ahead
 EXTERNAL_POLL_S = 2.0  # how often the dispatcher looks for writes by other processes
+STORE_RETRY_S = 1.0  # a worker whose lease failed (disk full ...) leases again after this
 SINK_WAIT_S = 1.0  # lanes waiting for a sink that is down look at whether to stop this often
 
 
@@ -90,6 +91,7 @@ class TargetWorker:
         # Claims refused so far: those deliveries are stored pending, possibly after a lease
         # under way read the store, so that lease cannot tell the worker it is caught up.
         self._refused = 0
+        self._troubled = False  # the store failed us last time (logged once until it works)
 
     def claim(self, count: int) -> bool:
         """Take ``count`` new deliveries straight from intake, if that keeps their order."""
@@ -142,18 +144,38 @@ class TargetWorker:
                 continue
             self._wake.clear()  # before leasing: a notify during the lease is not lost
             refused = self._refused
-            leases = await store.lease(self.key, want)
+            try:
+                leases = await store.lease(self.key, want)
+            except Exception as exc:  # a full disk, a locked file: wait and lease again
+                self.dispatcher.release(want)
+                await self._store_trouble(exc)
+                continue
             self.dispatcher.release(want - len(leases))
+            self._troubled = False
             self.caught_up = len(leases) < want and self._refused == refused
             if leases:
                 self._ready.extend(leases)
                 self._has_work.set()
                 continue
-            due_at = await store.next_due(self.key)
+            try:
+                due_at = await store.next_due(self.key)
+            except Exception as exc:
+                await self._store_trouble(exc)
+                continue
             if due_at is None and self.dispatcher.is_retired(self.key) and not self.busy:
                 self.stop()  # removed from the configuration, and nothing is left for it
                 return
             await self._sleep_until(due_at)
+
+    async def _store_trouble(self, exc: Exception) -> None:
+        """The store failed a read or write: say so once for this target, and try again soon."""
+        if not self._troubled:
+            log.warning(
+                "delivery.store_unavailable", target=self.key, error=str(exc), retry_in_s=STORE_RETRY_S
+            )
+        self._troubled = True
+        await self._sleep_until(time.time() + STORE_RETRY_S)
+        self._troubled = False if self._stopping else self._troubled
 
     @property
     def busy(self) -> bool:
@@ -422,7 +444,12 @@ class Dispatcher:
         deliveries it made due are picked up without a signal."""
         while True:
             await asyncio.sleep(EXTERNAL_POLL_S)
-            if await self.store.changed_elsewhere():
+            try:
+                changed = await self.store.changed_elsewhere()
+            except Exception as exc:  # the store's trouble is reported by the workers
+                log.debug("dispatcher.poll_failed", error=str(exc))
+                continue
+            if changed:
                 for worker in self.workers.values():
                     worker.wake()
 

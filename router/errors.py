@@ -4,6 +4,7 @@ boundary of each sink (``raise ... from exc``), so the delivery loop only knows 
     RouterError
     ├── ConfigError            bad settings or instance file; carries every problem found
     ├── IntakeError            an ingested event or request that cannot be accepted
+    ├── StorageFull            the state directory's disk is full: nothing new can be stored
     └── DeliveryError          one delivery attempt failed
         ├── RetryableError     try again later (timeout, 5xx, connection refused, ...);
         │   │                  may carry ``retry_after_s`` from the receiver
@@ -29,6 +30,14 @@ class ConfigError(RouterError):
 
 class IntakeError(RouterError):
     """An ingested event that cannot be accepted; the message names what is wrong."""
+
+
+class StorageFull(RouterError):
+    """The queue database could not be written for lack of disk space. Events already stored are
+    kept; new ones cannot be accepted until there is room (the sender should retry)."""
+
+    def __init__(self, path: object) -> None:
+        super().__init__(f"the disk holding {path} is full: nothing new can be stored until there is room")
 
 
 class DeliveryError(RouterError):

@@ -13,6 +13,7 @@ systemd, a load balancer or an operator sees it. Each check has ``READY_TIMEOUT_
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from router import __version__
-from router.errors import DeliveryError
+from router.errors import RouterError
 from router.routing import Routes, Target
 from router.sinks import BaseSink
 
@@ -36,7 +37,7 @@ async def _outcome(check: Awaitable[Any]) -> str | None:
         await asyncio.wait_for(check, READY_TIMEOUT_S)
     except TimeoutError:
         return f"no answer within {READY_TIMEOUT_S:g} s"
-    except (DeliveryError, OSError) as exc:
+    except (RouterError, OSError, sqlite3.Error) as exc:  # a sink's error, a full disk ...
         return str(exc)
     return None
 

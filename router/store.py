@@ -24,6 +24,7 @@ one long pause. ``PRAGMA user_version`` is the schema's version; ``_migrate`` up
 from __future__ import annotations
 
 import asyncio
+import errno
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from router import logs
+from router.errors import StorageFull
 from router.events import Event
 
 T = TypeVar("T")
@@ -41,6 +43,7 @@ log = logs.get_logger("router.store")
 PENDING, LEASED, DEAD = 0, 1, 2
 MAX_OPS_PER_TRANSACTION = 4096
 SCHEMA_VERSION = 2  # 1: delivery ids AUTOINCREMENT; 2: auto_vacuum=INCREMENTAL
+FULL_RETRY_S = 1.0  # with the disk full, kept writes (acks, retries) are tried again this often
 VACUUM_EVERY_S = 2.0  # how often free pages are looked at
 VACUUM_MIN_FREE_PAGES = 256  # fewer free pages than this are kept for reuse
 VACUUM_STEP_PAGES = 2048  # pages given back per step (8 MiB of 4 KiB pages)
@@ -124,6 +127,13 @@ class Accepted:
 Op = Callable[[sqlite3.Connection], Any]
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """SQLite could not write for lack of space (SQLITE_FULL, or the OS saying ENOSPC)."""
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     """Upgrade a database written by an older router to ``SCHEMA_VERSION``, one step at a time."""
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -176,7 +186,10 @@ class Store:
         self.dedup_window_s = dedup_window_s  # ids sent by adapters are remembered this long
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._conn: sqlite3.Connection | None = None
-        self._ops: list[tuple[Op, asyncio.Future[Any], bool]] = []  # (op, future, durable)
+        # (op, future, durable, kept): a kept op (ack, retry, kill) is tried again when the disk
+        # is full, instead of failing; others fail with StorageFull.
+        self._ops: list[tuple[Op, asyncio.Future[Any], bool, bool]] = []
+        self.full = False  # the last write failed for lack of disk space
         self._acks: list[Lease] = []
         self._synchronous = ""
         self._pruned_at = 0.0
@@ -222,20 +235,28 @@ class Store:
             while self._ops or self._acks:
                 if self._acks:
                     acks, self._acks = self._acks, []
-                    self._ops.insert(0, (self._ack_op(acks), self._ack_future(len(acks)), False))
+                    self._ops.insert(0, (self._ack_op(acks), self._ack_future(len(acks)), False, True))
                 batch = self._ops[:MAX_OPS_PER_TRANSACTION]
                 del self._ops[:MAX_OPS_PER_TRANSACTION]
-                durable = any(flag for _, _, flag in batch)
+                durable = any(item[2] for item in batch)
                 outcomes = await loop.run_in_executor(
-                    self._executor, self._apply, [op for op, _, _ in batch], durable
+                    self._executor, self._apply, [item[0] for item in batch], durable
                 )
-                for (_, future, _), (ok, value) in zip(batch, outcomes, strict=True):
+                kept = []
+                for item, (ok, value) in zip(batch, outcomes, strict=True):
+                    future = item[1]
                     if future.done():
                         continue
                     if ok:
                         future.set_result(value)
+                    elif is_disk_full(value) and item[3] and not self._closing:
+                        kept.append(item)  # written once there is room again
                     else:
-                        future.set_exception(value)
+                        future.set_exception(StorageFull(self.path) if is_disk_full(value) else value)
+                await self._note_space(full=any(not ok and is_disk_full(v) for ok, v in outcomes))
+                if kept:
+                    self._ops[:0] = kept
+                    await asyncio.sleep(FULL_RETRY_S)
             if self._closing:
                 return
 
@@ -286,8 +307,8 @@ class Store:
         self._vacuumed_at = now
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._vacuum_step)
-        except sqlite3.Error as exc:  # the disk may be full: space comes back another time
-            log.warning("store.vacuum_failed", error=str(exc))
+        except sqlite3.Error as exc:  # the disk may be full (said once, by the writer): later
+            log.debug("store.vacuum_failed", error=str(exc))
 
     def _vacuum_step(self) -> None:
         conn = self._conn
@@ -297,11 +318,21 @@ class Store:
             # outside any transaction here, on the writer's thread, between two batches.
             conn.executescript(f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES});")
 
-    def _submit(self, op: Callable[[sqlite3.Connection], T], durable: bool = False) -> asyncio.Future[T]:
+    async def _note_space(self, full: bool) -> None:
+        """One log line when the disk fills up, one when writes go through again."""
+        if full and not self.full:
+            log.error("store.disk_full", path=str(self.path), hint="intake answers 503 until there is room")
+        elif self.full and not full:
+            log.info("store.writable", path=str(self.path))
+        self.full = full
+
+    def _submit(
+        self, op: Callable[[sqlite3.Connection], T], durable: bool = False, kept: bool = False
+    ) -> asyncio.Future[T]:
         if self._closing and self._conn is None:
             raise RuntimeError("store is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._ops.append((op, future, durable))
+        self._ops.append((op, future, durable, kept))
         self._wake.set()
         return future
 
@@ -477,11 +508,11 @@ class Store:
 
     def retry(self, lease: Lease, due_at: float, error: str) -> asyncio.Future[None]:
         """Failed, try again at ``due_at``; the error is kept with the attempt."""
-        return self._submit(self._fail_op(lease, PENDING, due_at, error))
+        return self._submit(self._fail_op(lease, PENDING, due_at, error), kept=True)
 
     def kill(self, lease: Lease, error: str) -> asyncio.Future[None]:
         """Failed for good: keep it as a dead letter with its last error."""
-        return self._submit(self._fail_op(lease, DEAD, time.time(), error))
+        return self._submit(self._fail_op(lease, DEAD, time.time(), error), kept=True)
 
     @staticmethod
     def _fail_op(lease: Lease, state: int, due_at: float, error: str) -> Op:

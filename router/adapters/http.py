@@ -2,7 +2,8 @@
 
 The body is one envelope (upstream's webhook format), a JSON array of them, or NDJSON. The answer
 is 202 with the event ids once they are durably stored; 400 names what is wrong, 401 means no
-valid key, 413 means the body is over ``ROUTER_INGEST_MAX_BYTES``.
+valid key, 413 means the body is over ``ROUTER_INGEST_MAX_BYTES``, 503 that the state
+directory's disk is full (nothing was stored; retry).
 
 The key is the ``apikey`` header, or the password of HTTP Basic credentials: stock Evolution API
 can only put it in ``WEBHOOK_GLOBAL_URL`` (``http://evolution:KEY@router:8080/ingest``). Clients
@@ -19,11 +20,12 @@ from aiohttp import web
 from router.addresses import AddressList
 from router.apikeys import key_matches, request_keys
 from router.bodies import BodyError, leave_unread, read_body
-from router.errors import IntakeError
+from router.errors import IntakeError, StorageFull
 from router.events import UnknownEventError, wire_from_suffix
 from router.intake import Intake
 
 INTAKE_KEY = web.AppKey("intake", Intake)
+FULL_RETRY_AFTER_S = 10
 TRUSTED_KEY = web.AppKey("ingest trusted hosts", AddressList)
 MISSING_KEY = (
     "missing apikey: send an apikey header, or the key as the password of the URL"
@@ -96,7 +98,12 @@ async def ingest(request: web.Request) -> web.Response:
             token = intake.routes.token_of(event.instance)
             if not any(key_matches(key, token) for key in keys):
                 return _error(401, f"apikey is not valid for instance {event.instance!r}")
-    ids = await intake.accept(events)
+    try:
+        ids = await intake.accept(events)
+    except StorageFull as exc:  # senders (upstream among them) retry a 503; nothing was taken
+        answer = _error(503, str(exc))
+        answer.headers["Retry-After"] = str(FULL_RETRY_AFTER_S)
+        return answer
     return web.json_response({"status": 202, "accepted": len(ids), "ids": ids}, status=202)
 
 

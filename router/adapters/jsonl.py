@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from router import logs
-from router.errors import IntakeError
+from router.errors import IntakeError, StorageFull
 from router.intake import Intake
 
 log = logs.get_logger("router.adapters.jsonl")
@@ -27,6 +27,7 @@ log = logs.get_logger("router.adapters.jsonl")
 BATCH_LINES = 1000
 # A file has no "data ready" signal that works everywhere; like `tail -f`, look again after this.
 FOLLOW_INTERVAL_S = 0.2
+FULL_RETRY_S = 1.0  # with the disk full, lines wait this long before they are tried again
 
 
 class JsonlAdapter:
@@ -82,7 +83,16 @@ class JsonlAdapter:
                 )
             except IntakeError as exc:
                 log.error("jsonl.bad_line", source=self.path, line=number, offset=offset, error=str(exc))
-        await self.intake.accept(objects, checkpoint, adapter="jsonl")
+        while True:  # the checkpoint moves only once they are stored: retried, never skipped
+            try:
+                await self.intake.accept(objects, checkpoint, adapter="jsonl")
+                return
+            except StorageFull as exc:
+                log.error("jsonl.cannot_store", source=self.path, error=str(exc), retry_in_s=FULL_RETRY_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), FULL_RETRY_S)
+                if self._stop.is_set():
+                    return
 
     async def _read_stdin(self) -> None:
         loop = asyncio.get_running_loop()
