@@ -32,6 +32,7 @@ from router.adapters import http
 from router.adapters.jsonl import JsonlAdapter
 from router.adapters.whatsapp import WhatsAppSessions
 from router.admin import Admin, upstream_not_found
+from router.bodies import close_marked
 from router.delivery import Dispatcher
 from router.events import Event, new_event_id, utc_timestamp
 from router.health import Health, check_sinks
@@ -198,6 +199,7 @@ class App:
         app = web.Application(
             client_max_size=settings.router_ingest_max_bytes, middlewares=[upstream_not_found]
         )
+        app.on_response_prepare.append(close_marked)
         http.add_routes(app, intake)
         Admin(self).add_routes(app)
         health = Health(self)

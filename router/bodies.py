@@ -19,8 +19,19 @@ class BodyError(Exception):
         self.status = status
 
 
+CLOSE = web.RequestKey("close after the answer", bool)
+
+
+async def close_marked(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: an answer that ends its connection says so (``Connection: close``),
+    so the client does not send its next request on it."""
+    if request.get(CLOSE):
+        response.force_close()
+
+
 def _close_after_answer(request: web.Request) -> None:
     """Answer, then close, without reading (and decompressing) what is left of the body."""
+    request[CLOSE] = True
     protocol = request.protocol
     if protocol is not None and hasattr(protocol, "_lingering_time"):
         # aiohttp reads an unread body after the answer for up to 10 s ("lingering"), to keep
