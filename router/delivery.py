@@ -401,7 +401,9 @@ class Dispatcher:
     def _start(self, key: str) -> None:
         sink_name = key.split(":", 1)[0]
         sink = self.sinks.get(sink_name)
-        if sink is None or self._group is None:
+        if sink is None or self._group is None or key in self.workers:
+            # One worker per target: a reload during start-up may have started it already, and a
+            # second one would replace the first in ``workers``, which would then never stop.
             return
         concurrency = (
             self.settings.router_webhook_concurrency
