@@ -49,21 +49,15 @@ from router.instances import (
     InvalidInstance,
     check_instance_name,
     same_but_for_case,
-    topic_safe,
     validate_instance,
 )
+from router.sinks.registry import SECTIONS
 from router.yamlfile import format_loc, load_yaml
 
 if TYPE_CHECKING:
     from router.app import App
 
 log = logs.get_logger("router.admin")
-SINK_ENABLED_SETTING = {
-    "rabbitmq": "rabbitmq_enabled",
-    "sqs": "sqs_enabled",
-    "pusher": "pusher_enabled",
-    "websocket": "websocket_enabled",
-}
 QRCODE_WAIT_S = 5.0  # upstream waits 5 s for the first QR code when create asks for one
 MAX_BODY_BYTES = 1 << 20  # an instance's settings are a few KB
 MAX_DEPTH = 32  # levels of nesting in a body; instance files are a few levels deep
@@ -188,11 +182,13 @@ class Admin:
             config = validate_instance(data, name)
         except InvalidInstance as exc:
             raise Refused(400, *_problems(exc)) from None
-        if self.app.routes.needs_topic_safe_names and not topic_safe(name):
-            raise Refused(400, f"instanceName: {name!r} cannot be routed by RabbitMQ (a word '*' or '#')")
-        for sink, setting in SINK_ENABLED_SETTING.items():
-            if getattr(config, sink).enabled and not getattr(self.app.settings, setting):
-                log.warning("admin.sink_disabled", instance=name, sink=sink, setting=setting.upper())
+        if (refusal := self.app.routes.refuses_instance(name)) is not None:
+            raise Refused(400, f"instanceName: {refusal}")
+        for sink, section in config.sections.items():
+            if section.enabled and not SECTIONS[sink].enabled(self.app.settings):
+                log.warning(
+                    "admin.sink_disabled", instance=name, sink=sink, setting=f"{sink.upper()}_ENABLED"
+                )
         return config
 
     async def _write(self, path: Path, data: dict[str, Any], written_by: str) -> None:
@@ -322,7 +318,7 @@ class Admin:
             data = {**data, sink: merged}
             config = self._validated(data, instance)
             await self._write(path, data, f"POST /{sink}/set/{instance}")
-        log.info("admin.sink_set", instance=instance, sink=sink, enabled=getattr(config, sink).enabled)
+        log.info("admin.sink_set", instance=instance, sink=sink, enabled=config.section(sink).enabled)
         return _answer(201, sink_row(config, sink))
 
     async def find_sink(self, request: web.Request, sink: str) -> web.Response:

@@ -19,27 +19,18 @@ from pydantic import BaseModel
 
 from router.events import STARTUP, config_name
 from router.instance_status import Connection
-from router.instances import (
-    UPSTREAM_KEYS,
-    InstanceConfig,
-    PusherConfig,
-    Subscription,
-    WebhookConfig,
-    accepted_keys,
-)
+from router.instances import UPSTREAM_KEYS, InstanceConfig, accepted_keys
+from router.sections import Subscription
+from router.sinks.registry import SECTIONS
 
-SINKS = ("webhook", "rabbitmq", "sqs", "pusher", "websocket")
-# Upstream's sections with no sink here yet: accepted and kept in the file.
-KEPT_SECTIONS = ("nats", "kafka")
+# The sections a request may set: every sink's, and the live streams'. Kafka's (upstream's,
+# with no sink here) is accepted and kept in the file.
 SECTION_MODELS: dict[str, type[BaseModel]] = {
-    "webhook": WebhookConfig,
-    "pusher": PusherConfig,
-    "rabbitmq": Subscription,
-    "sqs": Subscription,
+    **{name: kind.section for name, kind in SECTIONS.items() if kind.section is not None},
     "websocket": Subscription,
-    "nats": Subscription,
     "kafka": Subscription,
 }
+SINKS = (*SECTIONS, "websocket")  # the /{sink}/set and /{sink}/find routes
 TOP_LEVEL_KEYS = accepted_keys(InstanceConfig) | UPSTREAM_KEYS | {"instanceName", "instanceId"}
 # instance.schema.ts' flat keys -> (section, key in it)
 FLAT_KEYS: dict[str, tuple[str, str]] = {
@@ -173,35 +164,23 @@ def event_names(section: Subscription) -> list[str]:
 
 def sink_row(config: InstanceConfig, sink: str) -> dict[str, Any] | None:
     """A sink section as upstream's database row; None where the instance has no such section."""
-    if sink in KEPT_SECTIONS:
+    section: Subscription | None
+    if sink == "websocket":
+        section = config.websocket if "websocket" in config.model_fields_set else None
+    elif sink in SECTIONS:
+        section = config.sections.get(sink)
+    else:  # kept as upstream sent it (kafka)
         raw = (config.model_extra or {}).get(sink)
-        if not isinstance(raw, dict):
-            return None
-        section: Subscription = Subscription.model_validate(raw)
-    elif sink in config.model_fields_set:
-        section = getattr(config, sink)
-    else:
+        section = Subscription.model_validate(raw) if isinstance(raw, dict) else None
+    if section is None:
         return None
     row: dict[str, Any] = {
         "id": str(uuid.uuid5(uuid.UUID(config.id), sink)),
         "enabled": section.enabled,
         "events": event_names(section),
     }
-    if isinstance(section, WebhookConfig):
-        row |= {
-            "url": section.url,
-            "headers": section.headers or None,
-            "webhookByEvents": section.by_events,
-            "webhookBase64": section.base64,
-        }
-    elif isinstance(section, PusherConfig):
-        row |= {
-            "appId": section.app_id,
-            "key": section.key,
-            "secret": section.secret,
-            "cluster": section.cluster,
-            "useTLS": section.use_tls,
-        }
+    if sink in SECTIONS:
+        row |= SECTIONS[sink].row(section)
     row["instanceId"] = config.id
     return row
 
@@ -234,7 +213,7 @@ def instance_row(config: InstanceConfig, connection: Connection, updated_at: str
         "Chatwoot": None,
         "Proxy": None,
     }
-    for sink in (*SINKS, *KEPT_SECTIONS):
+    for sink in SINKS:
         row[sink.capitalize()] = sink_row(config, sink)
     row["Setting"] = {
         "id": str(uuid.uuid5(uuid.UUID(config.id), "setting")),
@@ -249,7 +228,7 @@ def create_answer(
     config: InstanceConfig, state: str, qrcode: dict[str, Any] | None, qrcode_asked: bool
 ) -> dict[str, Any]:
     """``instance/create``'s answer, as upstream's controller builds it."""
-    hook = config.webhook
+    hook = config.section("webhook")
     answer: dict[str, Any] = {
         "instance": {
             "instanceName": config.instance_name,
@@ -261,15 +240,16 @@ def create_answer(
         },
         "hash": config.token,
         "webhook": {
-            "webhookUrl": hook.url,
-            "webhookHeaders": hook.headers or None,
-            "webhookByEvents": hook.by_events,
-            "webhookBase64": hook.base64,
+            "webhookUrl": getattr(hook, "url", None),
+            "webhookHeaders": getattr(hook, "headers", None) or None,
+            "webhookByEvents": getattr(hook, "by_events", False),
+            "webhookBase64": getattr(hook, "base64", False),
         },
     }
-    for sink in ("websocket", "rabbitmq", "nats", "sqs", "pusher"):
-        row = sink_row(config, sink)
-        answer[sink] = {"enabled": row["enabled"] if row is not None else False}
+    for sink in SINKS:
+        if sink != "webhook":
+            row = sink_row(config, sink)
+            answer[sink] = {"enabled": row["enabled"] if row is not None else False}
     answer["settings"] = settings_of(config)
     if qrcode_asked:
         answer["qrcode"] = qrcode

@@ -42,7 +42,8 @@ from router.intake import Intake
 from router.metrics import Metrics
 from router.routing import Routes, build_routes, startup_targets
 from router.settings import Settings
-from router.sinks import BaseSink, build_sinks
+from router.sinks import BaseSink
+from router.sinks.registry import build_sinks
 from router.sinks.websocket import WebSocketHub
 from router.store import Store
 from router.systemd import Notifier
@@ -52,7 +53,7 @@ DEFAULT_API_KEYS = frozenset({"change-me", "429683C4C977415CAAFCCE10F7D57E11"})
 
 
 def database_path(settings: Settings) -> Path:
-    return settings.router_state_dir / "router.db"
+    return settings.database_path
 
 
 class App:
@@ -225,9 +226,9 @@ class App:
             hub = self.websocket
             metrics.websocket_clients.set(len(hub.clients) + sum(hub.sio_clients.values()))
             metrics.websocket_slow_disconnects.set(hub.slow_disconnects)
-        rabbit = self.dispatcher.sinks.get("rabbitmq") if self.dispatcher is not None else None
-        if rabbit is not None:
-            metrics.broker_connected.set(1 if getattr(rabbit, "connected", False) else 0)
+        for name, sink in (self.dispatcher.sinks if self.dispatcher is not None else {}).items():
+            if sink.connected is not None:
+                metrics.sink_connected.labels(name).set(1 if sink.connected else 0)
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _emit_startup(self, intake: Intake) -> None:

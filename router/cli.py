@@ -17,12 +17,13 @@ import orjson
 
 from router import __version__, logs
 from router.adapters import whatsapp
+from router.deadletters import pending_by_target
 from router.errors import ConfigError
 from router.events import EVERY_EVENT, STARTUP, WIRE_NAMES, by_events_suffix, config_name
 from router.instances import load_instances
-from router.redact import redact_url
-from router.routing import PusherTarget, Routes, SqsTarget, WebhookTarget, build_routes
+from router.routing import Routes, build_routes
 from router.settings import DEFAULT_CONFIG_FILE, DEFAULT_ENV_FILE, Settings, load_settings
+from router.sinks.registry import SINKS, kind_of
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -62,50 +63,21 @@ def run_loop(main: Coroutine[Any, Any, None], loop: str) -> None:
 def describe_routes(routes: Routes, settings: Settings) -> list[str]:
     """Which sinks receive which events: one line per target."""
     lines = []
-    for _, target in sorted(routes.targets.items()):
+    for key, target in sorted(routes.targets.items()):
         events = sorted(target.events)
         shown = ", ".join(events) or "no events"
         if target.events >= EVERY_EVENT:
             shown = "all events" + (f", {STARTUP}" if STARTUP in target.events else "")
         scope = target.instance or "global (every instance)"
-        if isinstance(target, WebhookTarget):
-            suffix = " (+ /<event> suffix)" if target.by_events else ""
-            where = f"{redact_url(target.url)}{suffix}"
-        elif isinstance(target, SqsTarget):
-            base = target.instance or settings.sqs_global_prefix_name
-            fifo = ".fifo" if settings.sqs_fifo else ""
-            upstream = settings.sqs_naming == "upstream"
-            where = f"queues {base}_<event>{fifo}" if upstream else f"queues {base}-<event>{fifo}"
-        elif isinstance(target, PusherTarget):
-            where = f"app {target.app_id}, channel <instance>"
-        elif settings.rabbitmq_topology == "upstream":
-            exchange = target.instance or settings.rabbitmq_exchange_name
-            where = f"exchange {exchange}, key <event>"
-        else:
-            where = f"exchange {settings.rabbitmq_exchange_name}, key <instance>.<event>"
+        kind = kind_of(key)
+        where = kind.describe(target, settings) if kind is not None else "?"
         lines.append(f"  {scope}: {target.sink} -> {where}: {shown}")
     return lines
 
 
-def describe_compatibility(settings: Settings) -> list[str]:
-    """Which queue layout consumers see, for the sinks that have two."""
-    lines = []
-    if settings.rabbitmq_enabled:
-        layout = {
-            "router": f"one exchange {settings.rabbitmq_exchange_name!r}, routing key <instance>.<event>",
-            "upstream": (
-                "Evolution API 2.3.6's: an exchange per instance with routing key <event>,"
-                f" global events to {settings.rabbitmq_exchange_name!r} with routing key <event>"
-            ),
-        }[settings.rabbitmq_topology]
-        lines.append(f"rabbitmq topology: {settings.rabbitmq_topology} ({layout})")
-    if settings.sqs_enabled:
-        naming = {
-            "router": "queues <instance>-<event>, MessageGroupId <instance>",
-            "upstream": "Evolution API 2.3.6's: queues <instance>_<event>, MessageGroupId as upstream",
-        }[settings.sqs_naming]
-        lines.append(f"sqs naming: {settings.sqs_naming} ({naming})")
-    return lines
+def describe_layouts(settings: Settings) -> list[str]:
+    """Which layout consumers see, for the sinks that have more than one."""
+    return [line for kind in SINKS if kind.enabled(settings) and (line := kind.layout(settings))]
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -122,32 +94,52 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"instances: {len(loaded.instances)} valid in {settings.router_instances_dir}")
     for name in sorted(loaded.instances):
         print(f"  {name}: {loaded.files[name]}")
-    for line in describe_compatibility(settings):
+    for line in describe_layouts(settings):
         print(line)
     print("routes:")
     print("\n".join(describe_routes(routes, settings)) or "  (none: no sink is enabled)")
-    if settings.sqs_enabled:
-        problems += asyncio.run(_check_sqs(settings))
+    problems += asyncio.run(_check_sinks(settings, routes))
     problems += whatsapp.check(loaded.instances)
-    if settings.webhook_global_enabled and not settings.events_enabled("webhook"):
-        print(
-            "warning: the global webhook is enabled but no WEBHOOK_EVENTS_* is true",
-            file=sys.stderr,
-        )
+    problems += waiting_without_sink(settings)
+    for kind in SINKS:
+        for warning in kind.warnings(settings) if kind.enabled(settings) else ():
+            print(f"warning: {warning}", file=sys.stderr)
     _print_problems(problems)
     return 1 if problems else 0
 
 
-async def _check_sqs(settings: Settings) -> list[str]:
+async def _check_sinks(settings: Settings, routes: Routes) -> list[str]:
+    """Each enabled sink's own check (an authenticated call, a connection), as at start."""
     from router.errors import DeliveryError  # noqa: PLC0415
-    from router.sinks.sqs import SqsSink  # noqa: PLC0415
 
-    async with SqsSink(settings) as sink:
-        try:
-            await sink.check(())
-        except DeliveryError as exc:
-            return [f"SQS ({settings.sqs_endpoint_url or settings.sqs_region}): {exc}"]
-    return []
+    problems = []
+    for kind in SINKS:
+        if not kind.enabled(settings) or not kind.checked_by_cli:
+            continue
+        targets = [target for key, target in routes.targets.items() if kind_of(key) is kind]
+        async with kind.open(settings) as sink:
+            try:
+                await sink.check(targets)
+            except DeliveryError as exc:
+                problems.append(f"{kind.name}: {exc}")
+    return problems
+
+
+def waiting_without_sink(settings: Settings) -> list[str]:
+    """Deliveries stored for a sink that is not enabled now: they become dead letters at start."""
+    database = settings.database_path
+    if not database.exists():
+        return []
+    problems = []
+    for target, count in pending_by_target(database).items():
+        kind = kind_of(target)
+        if kind is None or not kind.enabled(settings):
+            sink = target.split(":", 1)[0]
+            problems.append(
+                f"{count} deliveries stored for {target} wait for the {sink} sink, which is not enabled:"
+                " at the next start they become dead letters (replay them once it is back)"
+            )
+    return problems
 
 
 def cmd_events(_: argparse.Namespace) -> int:
@@ -276,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("ids", nargs="*", type=int, metavar="ID")
             sub.add_argument("--all", action="store_true", help="every dead letter the filters leave")
         sub.add_argument("--instance")
-        sub.add_argument("--sink", choices=["webhook", "rabbitmq", "sqs", "pusher"])
+        sub.add_argument("--sink", choices=[kind.name for kind in SINKS])
         sub.add_argument("--event", help="wire name, e.g. messages.upsert")
         sub.add_argument("--since", help="died at or after (ISO-8601 or unix seconds)")
         sub.add_argument("--until", help="died before (ISO-8601 or unix seconds)")

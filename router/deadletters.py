@@ -102,6 +102,15 @@ _COLUMNS = (
 _SELECTED = "SELECT d.id, d.event_id FROM deliveries d JOIN events e ON e.id = d.event_id"
 
 
+def pending_by_target(path: Path) -> dict[str, int]:
+    """Deliveries waiting (not dead), by target."""
+    with connect(path) as conn:
+        rows = conn.execute(
+            "SELECT target, COUNT(*) FROM deliveries WHERE state != ? GROUP BY target", (DEAD,)
+        )
+        return {row[0]: int(row[1]) for row in rows}
+
+
 def dead_letters(path: Path, selection: Selection | None = None) -> list[dict[str, Any]]:
     """The selected dead letters (all of them by default), oldest first."""
     where, params = (selection or Selection()).where()

@@ -11,55 +11,25 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from router import logs
 from router.errors import PermanentError, RetryableError, Unavailable
 from router.metrics import Metrics
+from router.retry import RetryPolicy
 from router.routing import Routes, Target
 from router.settings import Settings
 from router.sinks import BaseSink
+from router.sinks.registry import kind_of
 from router.store import Lease, Store
 
 log = logs.get_logger("router.delivery")
-QUEUE_MAX_ATTEMPTS = 2**62  # "forever": a broker outage never turns events into dead letters
 LEASE_AHEAD = 16  # a worker keeps up to this many times its concurrency leased ahead
 EXTERNAL_POLL_S = 2.0  # how often the dispatcher looks for writes by other processes
 STORE_RETRY_S = 1.0  # a worker whose lease failed (disk full ...) leases again after this
 SINK_WAIT_S = 1.0  # lanes waiting for a sink that is down look at whether to stop this often
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Upstream's schedule: the delay before attempt n+1 after n failed attempts is
-    ``min(initial * 2**(n-1), max)``, then jittered by ±``jitter``, never below ``initial``."""
-
-    max_attempts: int = 10
-    initial_delay_s: float = 5.0
-    exponential: bool = True
-    max_delay_s: float = 300.0
-    jitter: float = 0.2
-
-    def delay_s(self, failed_attempts: int, rng: random.Random | None = None) -> float:
-        if not self.exponential:
-            return self.initial_delay_s
-        delay = min(self.initial_delay_s * 2 ** (failed_attempts - 1), self.max_delay_s)
-        spread = delay * self.jitter * (rng or random).uniform(-1.0, 1.0)
-        return float(max(self.initial_delay_s, delay + spread))
-
-    @classmethod
-    def for_webhooks(cls, settings: Settings) -> RetryPolicy:
-        return cls(
-            max_attempts=settings.webhook_retry_max_attempts,
-            initial_delay_s=settings.webhook_retry_initial_delay_seconds,
-            exponential=settings.webhook_retry_use_exponential_backoff,
-            max_delay_s=settings.webhook_retry_max_delay_seconds,
-            jitter=settings.webhook_retry_jitter_factor,
-        )
 
 
 class TargetWorker:
@@ -388,29 +358,16 @@ class Dispatcher:
     def is_retired(self, key: str) -> bool:
         return key in self.retired
 
-    def _policy(self, sink: str) -> RetryPolicy:
-        if sink == "webhook":
-            return RetryPolicy.for_webhooks(self.settings)
-        # Queues: while the broker is down, events wait in the store; retry forever, gently.
-        return RetryPolicy(
-            max_attempts=QUEUE_MAX_ATTEMPTS,
-            initial_delay_s=self.settings.router_queue_retry_initial_delay_s,
-            max_delay_s=self.settings.router_queue_retry_max_delay_s,
-        )
-
     def _start(self, key: str) -> None:
-        sink_name = key.split(":", 1)[0]
-        sink = self.sinks.get(sink_name)
-        if sink is None or self._group is None or key in self.workers:
+        kind = kind_of(key)
+        sink = self.sinks.get(kind.name) if kind is not None else None
+        if sink is None or kind is None or self._group is None or key in self.workers:
             # One worker per target: a reload during start-up may have started it already, and a
             # second one would replace the first in ``workers``, which would then never stop.
+            # A target of a sink that is not configured has no worker (see ``run``).
             return
-        concurrency = (
-            self.settings.router_webhook_concurrency
-            if sink_name == "webhook"
-            else self.settings.router_queue_concurrency
-        )
-        worker = TargetWorker(key, self, sink, self._policy(sink_name), concurrency)
+        policy, concurrency = kind.policy(self.settings), kind.concurrency(self.settings)
+        worker = TargetWorker(key, self, sink, policy, concurrency)
         self.workers[key] = worker
         task = self._group.create_task(worker.run(), name=f"worker {key}")
         self._tasks[key] = task
@@ -441,6 +398,23 @@ class Dispatcher:
             if key in self.workers:
                 self.workers[key].wake()
 
+    def _sink_missing(self, key: str) -> str | None:
+        """Why stored deliveries of ``key`` have no sink to go to, or None when they have one."""
+        kind = kind_of(key)
+        if kind is None:
+            return f"no sink called {key.split(':', 1)[0]!r} exists"
+        if kind.name not in self.sinks:
+            return f"the {kind.name} sink is not enabled ({kind.name.upper()}_ENABLED is not true)"
+        return None
+
+    async def _bury(self, key: str) -> None:
+        """Deliveries waiting for a sink that is not configured: dead letters saying so, which
+        ``dlq replay`` sends again once the sink is back; never pending for ever."""
+        why = self._sink_missing(key)
+        count = await self.store.kill_target(key, f"{why}; replay with 'evolution-router dlq replay'")
+        if count:
+            log.error("delivery.sink_missing", target=key, dead_letters=count, error=why)
+
     async def _watch_other_writers(self) -> None:
         """Wake every worker when another process (``dlq replay``) changed the database, so
         deliveries it made due are picked up without a signal."""
@@ -460,7 +434,10 @@ class Dispatcher:
         async with asyncio.TaskGroup() as group:
             self._group = group
             for key in set(self.routes.targets) | await self.store.pending_targets():
-                self._start(key)
+                if key not in self.routes.targets and self._sink_missing(key) is not None:
+                    await self._bury(key)
+                else:
+                    self._start(key)
             watcher = group.create_task(self._watch_other_writers(), name="external writes")
             await self._stopped.wait()
             watcher.cancel()

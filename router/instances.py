@@ -12,14 +12,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from router.errors import ConfigError
-from router.events import EVERY_EVENT, UnknownEventError, wire_name
-from router.redact import redact_url
-from router.signing import parse_secrets
+from router.sections import Subscription
+from router.sinks.registry import SECTIONS
 from router.yamlfile import YamlDoc, format_loc, load_yaml
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
@@ -43,8 +41,7 @@ UPSTREAM_KEYS = frozenset(
         "readStatus",
         "syncFullHistory",
         "wavoipToken",
-        "nats",  # upstream's NATS and Kafka sections: kept in the file, not used
-        "kafka",
+        "kafka",  # upstream's Kafka section: kept in the file, not used
         "proxyHost",
         "proxyPort",
         "proxyProtocol",
@@ -66,12 +63,6 @@ UPSTREAM_KEYS = frozenset(
         "chatwootAutoCreate",
     ]
 )
-
-
-def topic_safe(name: str) -> bool:
-    """Usable in a RabbitMQ binding key ``{instance}.{event}``: no word of it is a wildcard
-    (``*`` or ``#``). Dots are fine: they only add words before the event's."""
-    return not any(word in ("*", "#") for word in name.split("."))
 
 
 def check_instance_name(name: str) -> str:
@@ -102,92 +93,12 @@ def same_but_for_case(name: str, names: Iterable[str]) -> str | None:
     return next((other for other in names if other != name and other.casefold() == folded), None)
 
 
-class Subscription(BaseModel):
-    """``{enabled, events}``: ``events: []`` with ``enabled: true`` means every event."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
-
-    enabled: bool = False
-    events: tuple[str, ...] = ()
-
-    @field_validator("events", mode="before")
-    @classmethod
-    def _resolve_events(cls, value: Any) -> Any:
-        if value is None:
-            return ()
-        if not isinstance(value, list | tuple):
-            raise ValueError("must be a list of event names")  # noqa: TRY004 - pydantic wants ValueError
-        resolved = []
-        for index, name in enumerate(value):
-            try:
-                resolved.append(wire_name(str(name)))
-            except UnknownEventError:
-                raise ValueError(f"item {index}: unknown event {name!r}") from None
-        return tuple(resolved)
-
-    def subscribed(self) -> frozenset[str]:
-        """The wire names this subscription receives (``application.startup`` only when named)."""
-        if not self.enabled:
-            return frozenset()
-        return frozenset(self.events) if self.events else EVERY_EVENT
-
-
-class WebhookConfig(Subscription):
-    url: str | None = None
-    by_events: bool = Field(
-        False, validation_alias=AliasChoices("byEvents", "webhookByEvents", "webhook_by_events", "by_events")
-    )
-    base64: bool = Field(False, validation_alias=AliasChoices("base64", "webhookBase64", "webhook_base64"))
-    headers: dict[str, str] = Field(default_factory=dict)
-    # Standard Webhooks signing (ours): one whsec_ secret, or several while changing it.
-    signing_secret: tuple[str, ...] = Field(
-        (), validation_alias=AliasChoices("signingSecret", "signing_secret")
-    )
-
-    @field_validator("signing_secret", mode="before")
-    @classmethod
-    def _check_signing_secret(cls, value: Any) -> Any:
-        parse_secrets(value)
-        if value is None or value == "":
-            return ()
-        return tuple(part.strip() for part in value.split(",")) if isinstance(value, str) else value
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"must be an http:// or https:// URL, got {redact_url(value)!r}")
-        return value
-
-    @field_validator("headers", mode="before")
-    @classmethod
-    def _stringify_headers(cls, value: Any) -> Any:
-        if not isinstance(value, dict):
-            return value
-        headers = {str(k): str(v) for k, v in value.items()}
-        for name, text in headers.items():
-            if not _HEADER_NAME.fullmatch(name):
-                raise ValueError(f"{name!r} is not a valid header name")
-            if any(char in text for char in "\r\n\0"):
-                raise ValueError(f"header {name!r}: its value must not contain CR, LF or NUL")
-        return headers
-
-
-class PusherConfig(Subscription):
-    app_id: str | None = Field(None, validation_alias=AliasChoices("appId", "app_id"))
-    key: str | None = None
-    secret: str | None = None
-    cluster: str | None = None
-    use_tls: bool = Field(True, validation_alias=AliasChoices("useTLS", "use_tls"))
-
-    @field_validator("app_id", mode="before")
-    @classmethod
-    def _app_id_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int) else value
-
-
 class InstanceConfig(BaseModel):
-    """One instance file. Unknown keys are errors, except upstream's (kept, unused)."""
+    """One instance file. Unknown keys are errors, except upstream's (kept, unused).
+
+    ``sections`` holds each sink's section (``webhook``, ``rabbitmq`` ...), validated by the
+    model the sink declares (``router.sinks.registry``); ``websocket`` is the live streams'.
+    """
 
     model_config = ConfigDict(extra="allow", populate_by_name=True, frozen=True)
 
@@ -195,11 +106,8 @@ class InstanceConfig(BaseModel):
     instance_id: str | None = Field(None, validation_alias=AliasChoices("instanceId", "instance_id"))
     integration: str = "WHATSAPP-BAILEYS"
     token: str | None = None
-    webhook: WebhookConfig = WebhookConfig()
-    rabbitmq: Subscription = Subscription()
-    sqs: Subscription = Subscription()
     websocket: Subscription = Subscription()
-    pusher: PusherConfig = PusherConfig()
+    sections: dict[str, Subscription] = Field(default_factory=dict, exclude=True)
 
     @field_validator("instance_name")
     @classmethod
@@ -211,16 +119,15 @@ class InstanceConfig(BaseModel):
     def _token_text(cls, value: Any) -> Any:
         return str(value) if isinstance(value, int) else value
 
+    def section(self, sink: str) -> Subscription:
+        """The sink's section, or a disabled one when the file has none."""
+        return self.sections.get(sink) or Subscription()
+
     def secret_values(self) -> list[str]:
         """Every secret this instance holds, for ``logs.set_secrets``."""
-        values = [
-            self.token,
-            self.pusher.secret,
-            *self.webhook.headers.values(),
-            *self.webhook.signing_secret,
-        ]
-        if self.webhook.url and (password := urlsplit(self.webhook.url).password):
-            values.append(password)
+        values: list[str | None] = [self.token]
+        for name, section in self.sections.items():
+            values += SECTIONS[name].section_secrets(section)
         return [value for value in values if value]
 
     @property
@@ -263,18 +170,19 @@ def validate_instance(data: Mapping[str, Any], name: str) -> InstanceConfig:
     name = unicodedata.normalize("NFC", name)
     data.setdefault("instanceName", name)
     problems: list[tuple[Loc, str]] = []
-    for key in data:
-        known = key in InstanceConfig.model_fields or key in _FIELD_ALIASES or key in UPSTREAM_KEYS
-        if not known:
-            problems.append(((key,), "unknown field"))
-    for section in ("nats", "kafka"):  # upstream's, kept unused: still valid subscriptions
-        if section in data:
+    sections: dict[str, Subscription] = {}
+    for key in list(data):
+        kind = SECTIONS.get(key)
+        if kind is not None and kind.section is not None:
+            value = data.pop(key)
             try:
-                Subscription.model_validate(data[section])
+                sections[key] = kind.section.model_validate(value if value is not None else {})
             except ValidationError as exc:
-                problems += _located(exc, (section,))
+                problems += _located(exc, (key,))
+        elif key not in _KNOWN and key not in UPSTREAM_KEYS:
+            problems.append(((key,), "unknown field"))
     try:
-        config = InstanceConfig.model_validate(data)
+        config = InstanceConfig.model_validate({**data, "sections": sections})
     except ValidationError as exc:
         raise InvalidInstance(problems + _located(exc)) from exc
     if config.instance_name != name:
@@ -285,20 +193,8 @@ def validate_instance(data: Mapping[str, Any], name: str) -> InstanceConfig:
                 " name the file after the instance",
             )
         )
-    if config.rabbitmq.enabled and not topic_safe(config.instance_name):
-        problems.append(
-            (
-                ("instanceName",),
-                f"{config.instance_name!r} cannot be used with RabbitMQ:"
-                " a word '*' or '#' between dots is a wildcard in its binding keys",
-            )
-        )
-    if config.pusher.enabled:
-        for field_name, alias in (("app_id", "appId"), ("key", "key"), ("secret", "secret")):
-            if not getattr(config.pusher, field_name):
-                problems.append((("pusher", "enabled"), f"pusher is enabled but has no {alias}"))
-    if config.webhook.enabled and not config.webhook.url:
-        problems.append((("webhook", "enabled"), "webhook is enabled but has no url"))
+    for sink, section in sections.items():
+        problems += SECTIONS[sink].instance_problems(config.instance_name, section)
     if problems:
         raise InvalidInstance(problems)
     return config
@@ -327,7 +223,9 @@ def parse_instance(doc: YamlDoc) -> InstanceConfig:
         raise ConfigError([f"{doc.where(loc)}: {what}" for loc, what in exc.problems]) from exc
 
 
-_FIELD_ALIASES = frozenset({"instanceName", "instanceId"})
+_KNOWN = frozenset(
+    {"instanceName", "instanceId", "instance_name", "instance_id", "integration", "token", "websocket"}
+)
 
 
 def accepted_keys(model: type[BaseModel]) -> frozenset[str]:

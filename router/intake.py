@@ -24,7 +24,7 @@ from router.events import (
     wire_name,
 )
 from router.instance_status import InstanceStatus
-from router.instances import check_instance_name, topic_safe
+from router.instances import check_instance_name
 from router.metrics import Metrics
 from router.routing import Routes
 from router.settings import Settings
@@ -109,11 +109,8 @@ class Intake:
             instance = check_instance_name(instance)  # NFC: "café" is one instance however typed
         except ValueError as exc:
             raise IntakeError(f"invalid instance name {instance!r}: {exc}") from None
-        if self.routes.needs_topic_safe_names and not topic_safe(instance):
-            raise IntakeError(
-                f"instance name {instance!r} cannot be routed by RabbitMQ:"
-                " a word '*' or '#' between dots is a wildcard in its binding keys"
-            )
+        if (refusal := self.routes.refuses_instance(instance)) is not None:
+            raise IntakeError(refusal)
 
         date_time = _optional_text(obj, "date_time")
         if date_time is None:

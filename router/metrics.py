@@ -12,10 +12,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from router.sinks.registry import SINKS
+
 ATTEMPT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # Acceptance to delivery spans retries and outages: milliseconds to hours.
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400)
-SINKS = ("webhook", "rabbitmq", "sqs", "pusher")
 
 
 class Metrics:
@@ -62,8 +63,11 @@ class Metrics:
             "router_websocket_slow_disconnects", "Clients dropped for falling behind", registry=registry
         )
         self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
-        self.broker_connected = Gauge(
-            "router_rabbitmq_connected", "1 while the RabbitMQ connection is open", registry=registry
+        self.sink_connected = Gauge(
+            "router_sink_connected",
+            "1 while a sink with a connection of its own (RabbitMQ, NATS) has it open",
+            ["sink"],
+            registry=registry,
         )
 
     def attempt(self, sink: str, event: str, outcome: str, seconds: float, latency_s: float | None) -> None:
@@ -84,7 +88,7 @@ class Metrics:
 
     def set_store_state(self, state: Mapping[str, tuple[int, int, float | None]]) -> None:
         """``sink -> (waiting, dead, oldest waiting age in seconds)``, as the store reports it."""
-        for sink in sorted(set(SINKS) | set(state)):
+        for sink in sorted({kind.name for kind in SINKS} | set(state)):
             waiting, dead, oldest = state.get(sink, (0, 0, None))
             self.queue_depth.labels(sink).set(waiting)
             self.dead_letters.labels(sink).set(dead)

@@ -19,9 +19,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast
-from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -33,31 +32,18 @@ from pydantic_settings import (
 from router.addresses import parse_networks
 from router.errors import ConfigError
 from router.events import CONFIG_TO_WIRE
-from router.redact import redact_text, redact_url
-from router.signing import parse_secrets
+from router.redact import redact_text
+from router.sinks.registry import SINKS
+from router.urls import check_http_url
 from router.yamlfile import YamlDoc, load_yaml
 
 DEFAULT_CONFIG_FILE = Path("config/router.yaml")
-# Never echoed in an error message, whatever is wrong with them.
-SECRET_SETTINGS = frozenset(
-    {
-        "AUTHENTICATION_API_KEY",
-        "WEBHOOK_GLOBAL_SIGNING_SECRET",
-        "SQS_ACCESS_KEY_ID",
-        "SQS_SECRET_ACCESS_KEY",
-        "PUSHER_GLOBAL_KEY",
-        "PUSHER_GLOBAL_SECRET",
-    }
-)
+# Settings whose name says they hold a secret are never echoed in an error message.
+_SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD")
 DEFAULT_ENV_FILE = Path(".env")
 
-# Per-event switches, by sink: ``<PREFIX><CONFIG NAME>=true``.
-EVENT_FLAG_PREFIXES = {
-    "webhook": "WEBHOOK_EVENTS_",
-    "rabbitmq": "RABBITMQ_EVENTS_",
-    "sqs": "SQS_GLOBAL_",  # upstream's name; SQS_GLOBAL_ENABLED and co. are settings, not events
-    "pusher": "PUSHER_EVENTS_",
-}
+# Per-event switches, by sink: ``<PREFIX><CONFIG NAME>=true`` (each sink names its prefix).
+EVENT_FLAG_PREFIXES = {kind.name: kind.event_flags for kind in SINKS if kind.event_flags}
 # Upstream names under those prefixes that are settings, not events; accepted and ignored.
 IGNORED_FLAG_NAMES = frozenset({"WEBHOOK_EVENTS_ERRORS", "WEBHOOK_EVENTS_ERRORS_WEBHOOK"})
 
@@ -78,14 +64,6 @@ def _split_csv(value: Any) -> Any:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
-
-
-def _check_http_url(value: str | None, name: str) -> None:
-    if value is None:
-        return
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"{name} must be an http:// or https:// URL, got {redact_url(value)!r}")
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -119,56 +97,6 @@ class Settings(BaseSettings):
     authentication_expose_in_fetch_instances: bool = False
     log_level: Annotated[list[str], NoDecode] = ["ERROR", "WARN", "INFO", "LOG"]
     log_color: bool = True
-
-    # --- webhook (upstream) ---
-    webhook_global_enabled: bool = False
-    webhook_global_url: str | None = None
-    webhook_global_webhook_by_events: bool = False
-    webhook_global_signing_secret: str | None = None  # ours: Standard Webhooks, whsec_... (comma: rotation)
-    webhook_request_timeout_ms: int = Field(30_000, gt=0)
-    webhook_retry_max_attempts: int = Field(10, ge=1)
-    webhook_retry_initial_delay_seconds: float = Field(5.0, ge=0)
-    webhook_retry_use_exponential_backoff: bool = True
-    webhook_retry_max_delay_seconds: float = Field(300.0, ge=0)
-    webhook_retry_jitter_factor: float = Field(0.2, ge=0, le=1)
-    webhook_retry_non_retryable_status_codes: Annotated[frozenset[int], NoDecode] = frozenset(
-        {400, 401, 403, 404, 422}
-    )
-
-    # --- RabbitMQ (upstream) ---
-    rabbitmq_enabled: bool = False
-    rabbitmq_uri: str | None = None
-    rabbitmq_exchange_name: str = "evolution_exchange"
-    rabbitmq_global_enabled: bool = False
-    rabbitmq_prefix_key: str = ""
-    rabbitmq_frame_max: int = Field(8192, ge=4096)
-    # ours: "router" (one exchange, keys {instance}.{event}) or "upstream" (Evolution API 2.3.6's)
-    rabbitmq_topology: Literal["router", "upstream"] = "router"
-
-    # --- Amazon SQS (upstream, plus SQS_ENDPOINT_URL and SQS_FIFO) ---
-    sqs_enabled: bool = False
-    sqs_access_key_id: str | None = None
-    sqs_secret_access_key: str | None = None
-    sqs_account_id: str | None = None
-    sqs_region: str | None = None
-    sqs_global_enabled: bool = False
-    sqs_global_force_single_queue: bool = False
-    sqs_global_prefix_name: str = "global"
-    sqs_max_payload_size: int = Field(1_048_576, gt=0)
-    sqs_endpoint_url: str | None = None
-    sqs_fifo: bool = True
-    # ours: "router" ({instance}-{event}) or "upstream" (Evolution API 2.3.6's {instance}_{event}.fifo)
-    sqs_naming: Literal["router", "upstream"] = "router"
-
-    pusher_enabled: bool = False
-    pusher_global_enabled: bool = False
-    pusher_global_app_id: str | None = None
-    pusher_global_key: str | None = None
-    pusher_global_secret: str | None = None
-    pusher_global_cluster: str | None = None
-    pusher_global_use_tls: bool = True
-    pusher_host: str | None = None  # ours: a Pusher-protocol server other than api-<cluster>.pusher.com
-    pusher_port: int | None = Field(None, ge=1, le=65535)
 
     websocket_enabled: bool = False
     websocket_global_events: bool = False
@@ -208,41 +136,15 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown level {', '.join(unknown)}; known: {', '.join(LOG_LEVEL_NAMES)}")
         return names
 
-    @field_validator("webhook_retry_non_retryable_status_codes", mode="before")
-    @classmethod
-    def _parse_codes(cls, value: Any) -> Any:
-        codes = _split_csv(value)
-        if isinstance(codes, list):
-            bad = [c for c in codes if not str(c).isdigit() or not 100 <= int(c) <= 599]
-            if bad:
-                raise ValueError(f"not HTTP status codes: {', '.join(map(str, bad))}")
-            return frozenset(int(c) for c in codes)
-        return codes
-
-    @field_validator(
-        "server_url",
-        "webhook_global_url",
-        "webhook_global_signing_secret",
-        "authentication_api_key",
-        "rabbitmq_uri",
-        "sqs_endpoint_url",
-        "pusher_global_app_id",
-        "pusher_global_key",
-        "pusher_global_secret",
-        "pusher_global_cluster",
-        "pusher_host",
-        "pusher_port",
-        mode="before",
-    )
+    @field_validator("server_url", "authentication_api_key", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("webhook_global_signing_secret")
+    @field_validator("server_url")
     @classmethod
-    def _check_signing_secret(cls, value: str | None) -> str | None:
-        parse_secrets(value)
-        return value
+    def _check_server_url(cls, value: str | None) -> str | None:
+        return check_http_url(value) if value is not None else None
 
     @field_validator("router_ingest_trusted_hosts")
     @classmethod
@@ -250,58 +152,22 @@ class Settings(BaseSettings):
         parse_networks(value)
         return value
 
-    @field_validator("rabbitmq_topology", "sqs_naming", mode="before")
-    @classmethod
-    def _lower(cls, value: Any) -> Any:
-        return value.strip().lower() if isinstance(value, str) else value
-
-    @field_validator("pusher_global_app_id", mode="before")
-    @classmethod
-    def _app_id_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int) else value
-
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
-        if self.webhook_global_enabled and not self.webhook_global_url:
-            raise ValueError("WEBHOOK_GLOBAL_ENABLED is true but WEBHOOK_GLOBAL_URL is not set")
-        _check_http_url(self.webhook_global_url, "WEBHOOK_GLOBAL_URL")
-        if self.rabbitmq_enabled and not self.rabbitmq_uri:
-            raise ValueError("RABBITMQ_ENABLED is true but RABBITMQ_URI is not set")
-        if self.rabbitmq_uri and urlsplit(self.rabbitmq_uri).scheme not in ("amqp", "amqps"):
-            uri = redact_url(self.rabbitmq_uri)
-            raise ValueError(f"RABBITMQ_URI must be an amqp:// or amqps:// URI, got {uri!r}")
-        if self.sqs_enabled:
-            missing = [
-                name.upper()
-                for name in ("sqs_access_key_id", "sqs_secret_access_key", "sqs_account_id", "sqs_region")
-                if not getattr(self, name)
-            ]
-            if missing:
-                raise ValueError(f"SQS_ENABLED is true but {', '.join(missing)} not set")
-            account = self.sqs_account_id or ""
-            if not re.fullmatch(r"\d{12}", account):
-                raise ValueError(f"SQS_ACCOUNT_ID must be a 12-digit AWS account id, got {account!r}")
-        if self.pusher_enabled and self.pusher_global_enabled:
-            missing = [
-                name.upper()
-                for name in ("pusher_global_app_id", "pusher_global_key", "pusher_global_secret")
-                if not getattr(self, name)
-            ]
-            if not (self.pusher_global_cluster or self.pusher_host):
-                missing.append("PUSHER_GLOBAL_CLUSTER (or PUSHER_HOST)")
-            if missing:
-                raise ValueError(f"PUSHER_GLOBAL_ENABLED is true but {', '.join(missing)} not set")
         if not self.authentication_api_key:
             raise ValueError("AUTHENTICATION_API_KEY is not set (it guards /ingest)")
         return self
 
+    @property
+    def database_path(self) -> Path:
+        """The queue database, in the state directory."""
+        return self.router_state_dir / "router.db"
+
     def secret_values(self) -> list[str]:
         """Every secret these settings hold, for ``logs.set_secrets``."""
-        values = [self.authentication_api_key, self.sqs_secret_access_key, self.pusher_global_secret]
-        values += (self.webhook_global_signing_secret or "").split(",")
-        for url in (self.rabbitmq_uri, self.webhook_global_url):
-            if url and (password := urlsplit(url).password):
-                values.append(password)
+        values = [self.authentication_api_key]
+        for kind in SINKS:
+            values += kind.secrets(self)
         return [value for value in values if value]
 
     def events_enabled(self, sink: str) -> frozenset[str]:
@@ -330,7 +196,27 @@ _flag_fields: dict[str, Any] = {
     for prefix in EVENT_FLAG_PREFIXES.values()
     for config in CONFIG_TO_WIRE
 }
-_FullSettings = cast(type[Settings], create_model("Settings", __base__=Settings, **_flag_fields))
+
+
+def _distinct_validators(classes: Iterable[type[BaseModel]]) -> None:
+    """Pydantic keeps one validator per name across bases: a sink's ``_check`` would silently
+    replace another's. Prefix validators with the sink's name; this says which clash."""
+    seen: dict[str, str] = {}
+    for cls in classes:
+        decorators = cls.__pydantic_decorators__
+        for name in [*decorators.field_validators, *decorators.model_validators]:
+            if name in seen and seen[name] != cls.__name__:
+                raise TypeError(f"validator {name} of {cls.__name__} hides {seen[name]}'s; rename it")
+            seen[name] = cls.__name__
+
+
+_distinct_validators([Settings, *(kind.settings for kind in SINKS)])
+# The whole class: the cross-cutting settings above, each sink's own (declared in its module),
+# and the per-event switches.
+_FullSettings = cast(
+    type[Settings],
+    create_model("Settings", __base__=(Settings, *(kind.settings for kind in SINKS)), **_flag_fields),
+)
 _yaml_doc: YamlDoc | None = None  # the router.yaml being loaded (read by _YamlSource)
 
 
@@ -352,7 +238,7 @@ def _unknown_flags(names: Iterable[str]) -> list[str]:
             known = (
                 upper in IGNORED_FLAG_NAMES
                 or upper[len(prefix) :] in CONFIG_TO_WIRE
-                or upper.lower() in Settings.model_fields
+                or upper.lower() in _FullSettings.model_fields
             )
             if upper.startswith(prefix) and not known:
                 bad.append(upper)
@@ -371,7 +257,7 @@ def load_settings(
     dotenv_lines = _dotenv_lines(env_path) if env_path else {}
 
     problems: list[str] = []
-    known = set(Settings.model_fields) | set(_flag_fields)
+    known = set(_FullSettings.model_fields)
     if doc is not None:
         for key in doc.data:
             if str(key).lower() not in known:
@@ -398,8 +284,9 @@ def load_settings(
         for error in exc.errors():
             if error["loc"]:
                 name = str(error["loc"][0]).upper()
-                shown = "" if error["type"] == "missing" or name in SECRET_SETTINGS else error["input"]
-                value = f", got {redact_text(repr(shown))}" if shown != "" else ""
+                shown = "" if error["type"] == "missing" or _SECRET_NAME.search(name) else error["input"]
+                said = " got " in error["msg"]  # the message shows the value already
+                value = f", got {redact_text(repr(shown))}" if shown != "" and not said else ""
                 problems.append(f"{origin(name)}: {error['msg']}{value}")
             else:
                 problems.append(error["msg"].removeprefix("Value error, "))

@@ -293,5 +293,5 @@ async def test_concurrent_changes_are_applied_one_at_a_time(make_settings, tmp_p
         ]
         assert [status for status, _ in await asyncio.gather(*sets)] == [201] * 12
         assert len(app.instances) == 12
-        assert all(config.sqs.enabled for config in app.instances.values())
+        assert all(config.section("sqs").enabled for config in app.instances.values())
     assert files(tmp_path / "instances") == sorted(f"i{n}.yaml" for n in range(12))

@@ -97,7 +97,9 @@ def test_global_webhook_needs_a_url_and_an_api_key_is_required(clean_env):
     assert "WEBHOOK_GLOBAL_ENABLED is true but WEBHOOK_GLOBAL_URL is not set" in str(caught.value)
     clean_env.setenv("WEBHOOK_GLOBAL_URL", "ftp://x")
     clean_env.setenv("AUTHENTICATION_API_KEY", "k")
-    with pytest.raises(ConfigError, match="WEBHOOK_GLOBAL_URL must be an http"):
+    with pytest.raises(
+        ConfigError, match=r"WEBHOOK_GLOBAL_URL \(environment\): Value error, must be an http"
+    ):
         load_settings(None, None)
     clean_env.delenv("AUTHENTICATION_API_KEY")
     clean_env.setenv("WEBHOOK_GLOBAL_URL", "http://x")
@@ -124,7 +126,7 @@ def test_instance_file_errors_name_file_line_and_field(tmp_path: Path):
     wrong = write_instance(tmp_path, "wrong", "instanceName: other\n")
     loaded = load_instances(tmp_path)
     assert set(loaded.instances) == {"good"}
-    assert loaded.instances["good"].webhook.url == "http://x/y"
+    assert loaded.instances["good"].sections["webhook"].url == "http://x/y"
     text = "\n".join(loaded.problems)
     assert f"{bad}:4: webhook.url: must be an http:// or https:// URL, got 'not-a-url'" in text
     assert f"{bad}:5: webhook.byEvent: unknown field" in text
@@ -144,8 +146,15 @@ def test_upstream_instance_body_is_accepted(tmp_path: Path):
     loaded = load_instances(tmp_path)
     assert loaded.problems == []
     config = loaded.instances["production-bot"]
-    assert config.webhook.by_events and config.webhook.headers["X-Instance"] == "production-bot"
-    assert config.webhook.subscribed() == {"messages.upsert", "connection.update", "contacts.update"}
+    assert (
+        config.sections["webhook"].by_events
+        and config.sections["webhook"].headers["X-Instance"] == "production-bot"
+    )
+    assert config.section("webhook").subscribed() == {
+        "messages.upsert",
+        "connection.update",
+        "contacts.update",
+    }
 
 
 def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -194,7 +203,7 @@ def test_every_example_file_is_valid(clean_env, tmp_path: Path):
     assert loaded.problems == []
     assert set(loaded.instances) == {"production-bot", "signed-webhook", "queue-consumer", "live-session"}
     assert loaded.instances["live-session"].integration == "WHATSAPP-WHATSMEOW"
-    assert loaded.instances["queue-consumer"].sqs.subscribed() == {"messages.upsert"}
+    assert loaded.instances["queue-consumer"].section("sqs").subscribed() == {"messages.upsert"}
     settings = load_settings(None, ROOT / "examples" / "env.example")
     assert settings.rabbitmq_uri == "amqp://guest:guest@localhost:5672/"
     assert settings.sqs_account_id == "123456789012" and settings.sqs_fifo

@@ -8,8 +8,9 @@ from pathlib import Path
 from router.deadletters import dead_letters, show
 from router.delivery import Dispatcher
 from router.events import Event, new_event_id, utc_timestamp
-from router.routing import Routes, WebhookTarget
+from router.routing import Routes
 from router.sinks import BaseSink
+from router.sinks.webhook import WebhookTarget
 from router.store import NewDelivery, Store
 
 

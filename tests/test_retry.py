@@ -10,7 +10,7 @@ import pytest
 
 from router.app import database_path
 from router.deadletters import dead_letters
-from router.delivery import RetryPolicy
+from router.retry import RetryPolicy
 from tests.conftest import free_port, hook_env, post_ingest, running, write_instance
 
 EVENT = {"event": "messages.upsert", "instance": "bot", "data": {"key": {"id": "A"}}}

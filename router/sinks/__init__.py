@@ -3,21 +3,34 @@
     async with WebhookSink(settings) as sink:
         await sink.send(target, event)   # returns, or raises RetryableError / PermanentError
 
-Sinks never sleep or retry: the delivery worker owns the only retry loop. Adding a sink is one
-module here, one entry in ``SINKS``, one example and one test module.
+Sinks never sleep or retry: the delivery worker owns the only retry loop.
+
+Everything the daemon knows of a sink is declared once, in the sink's module, by a ``SinkKind``:
+its name, its settings, its per-instance section, how its targets are placed, its retry policy
+and concurrency, how ``check`` describes it, the rules it puts on instances, its secrets.
+``router.sinks.registry.SINKS`` lists them; every other module iterates that list. Adding a
+sink is one module here, one line there, an example, a test module and a README section.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 from urllib.parse import urlsplit
 
 from router.errors import RetryableError
 from router.events import Event
-from router.settings import Settings
+from router.retry import RetryPolicy
+from router.sections import Subscription
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from router.instances import InstanceConfig
+    from router.settings import Settings
 
 
 class Sink(Protocol):
@@ -72,6 +85,7 @@ class BaseSink:
 
     name = "sink"
     ready = True
+    connected: bool | None = None  # for sinks with a connection of their own: is it open
 
     async def wait_ready(self) -> None:
         return None
@@ -105,18 +119,87 @@ class BaseSink:
         await self.aclose()
 
 
-def build_sinks(settings: Settings) -> dict[str, BaseSink]:
-    """One instance of every sink, by name (``webhook`` ...)."""
-    from router.sinks.pusher import PusherSink  # noqa: PLC0415 - keeps the registry one place
-    from router.sinks.rabbitmq import RabbitmqSink  # noqa: PLC0415
-    from router.sinks.sqs import SqsSink  # noqa: PLC0415
-    from router.sinks.webhook import WebhookSink  # noqa: PLC0415
+class Target(Protocol):
+    """One place deliveries go. ``key`` names it in the durable queue (``<sink>:...``)."""
 
-    sinks: dict[str, BaseSink] = {"webhook": WebhookSink(settings)}
-    if settings.rabbitmq_enabled:
-        sinks["rabbitmq"] = RabbitmqSink(settings)
-    if settings.sqs_enabled:
-        sinks["sqs"] = SqsSink(settings)
-    if settings.pusher_enabled:
-        sinks["pusher"] = PusherSink(settings)
-    return sinks
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def instance(self) -> str | None: ...  # None: a global target
+
+    @property
+    def events(self) -> frozenset[str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A target and whose events it takes: one instance's, or (``instance`` None) every instance's.
+    ``covers``: for this instance, the key of a global target whose delivery this one makes too
+    (one RabbitMQ publish reaches the instance's and the global queues)."""
+
+    target: Any
+    instance: str | None = None
+    covers: str | None = None
+
+
+class SinkKind:
+    """A sink's declaration; each sink module defines one subclass and ``KIND = ThatKind()``."""
+
+    name: ClassVar[str]  # target keys start with it; metrics labels; ``dlq --sink``
+    settings: ClassVar[type[BaseModel]]  # its settings (upstream's names), merged into ``Settings``
+    section: ClassVar[type[Subscription] | None] = None  # the instance file's ``<name>:`` section
+    event_flags: ClassVar[str | None] = None  # prefix of the global per-event switches
+    # ``check`` runs the sink's own check too: it proves configuration (credentials), not only
+    # that a server is up right now (that is /ready's business).
+    checked_by_cli: ClassVar[bool] = False
+
+    def enabled(self, settings: Any) -> bool:
+        """The sink is switched on (``<NAME>_ENABLED``)."""
+        raise NotImplementedError
+
+    def open(self, settings: Any) -> BaseSink:
+        """The sink, not yet opened."""
+        raise NotImplementedError
+
+    def place(self, settings: Any, instances: Mapping[str, InstanceConfig]) -> Iterable[Placement]:
+        """Its targets, global and per instance, for this configuration."""
+        raise NotImplementedError
+
+    def describe(self, target: Any, settings: Any) -> str:
+        """Where ``target`` delivers, for ``check``."""
+        raise NotImplementedError
+
+    def policy(self, settings: Settings) -> RetryPolicy:
+        return RetryPolicy.for_queues(
+            settings.router_queue_retry_initial_delay_s, settings.router_queue_retry_max_delay_s
+        )
+
+    def concurrency(self, settings: Settings) -> int:
+        return settings.router_queue_concurrency
+
+    def layout(self, settings: Any) -> str | None:
+        """One line for ``check`` when the sink has more than one layout; None otherwise."""
+        return None
+
+    def warnings(self, settings: Any) -> list[str]:
+        """Settings that are valid but probably not what was meant, for ``check``."""
+        return []
+
+    def instance_problems(self, name: str, section: Any) -> list[tuple[tuple[str | int, ...], str]]:
+        """What is wrong with instance ``name``'s section beyond its own validation."""
+        return []
+
+    def refuses_instance(self, settings: Any, name: str) -> str | None:
+        """Why events of instance ``name`` cannot be routed by the global target; None if they can."""
+        return None
+
+    def secrets(self, settings: Any) -> list[str | None]:
+        return []
+
+    def section_secrets(self, section: Any) -> list[str | None]:
+        return []
+
+    def row(self, section: Any) -> dict[str, Any]:
+        """The fields of the sink's own in upstream's row for ``find`` and ``fetchInstances``."""
+        return {}

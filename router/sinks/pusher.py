@@ -14,20 +14,95 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 from pusher.http import make_query_string
 from pusher.signature import sign
+from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 
 from router.errors import PermanentError, RetryableError
 from router.events import Event, envelope, strip_message_base64
-from router.routing import PusherTarget
-from router.settings import Settings
-from router.sinks import BaseSink, tcp_reachable
+from router.sections import Subscription
+from router.sinks import BaseSink, Placement, SinkKind, tcp_reachable
 from router.sinks.batching import Batcher, Item
+
+if TYPE_CHECKING:
+    from router.instances import InstanceConfig
+
+
+class PusherSettings(BaseModel):
+    """Upstream's Pusher settings, and ``PUSHER_HOST``/``PUSHER_PORT`` (ours)."""
+
+    pusher_enabled: bool = False
+    pusher_global_enabled: bool = False
+    pusher_global_app_id: str | None = None
+    pusher_global_key: str | None = None
+    pusher_global_secret: str | None = None
+    pusher_global_cluster: str | None = None
+    pusher_global_use_tls: bool = True
+    pusher_host: str | None = None  # a Pusher-protocol server other than api-<cluster>.pusher.com
+    pusher_port: int | None = Field(None, ge=1, le=65535)
+
+    @field_validator(
+        "pusher_global_app_id",
+        "pusher_global_key",
+        "pusher_global_secret",
+        "pusher_global_cluster",
+        "pusher_host",
+        "pusher_port",
+        mode="before",
+    )
+    @classmethod
+    def _pusher_empty_is_unset(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _pusher_consistent(self) -> PusherSettings:
+        if self.pusher_enabled and self.pusher_global_enabled:
+            names = ("pusher_global_app_id", "pusher_global_key", "pusher_global_secret")
+            missing = [name.upper() for name in names if not getattr(self, name)]
+            if not (self.pusher_global_cluster or self.pusher_host):
+                missing.append("PUSHER_GLOBAL_CLUSTER (or PUSHER_HOST)")
+            if missing:
+                raise ValueError(f"PUSHER_GLOBAL_ENABLED is true but {', '.join(missing)} not set")
+        return self
+
+
+class PusherConfig(Subscription):
+    """An instance's ``pusher:`` section: its own app."""
+
+    app_id: str | None = Field(None, validation_alias=AliasChoices("appId", "app_id"))
+    key: str | None = None
+    secret: str | None = None
+    cluster: str | None = None
+    use_tls: bool = Field(True, validation_alias=AliasChoices("useTLS", "use_tls"))
+
+    @field_validator("app_id", mode="before")
+    @classmethod
+    def _app_id_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value
+
+
+@dataclass(frozen=True, slots=True)
+class PusherTarget:
+    """One Pusher app (global credentials, or an instance's own): channel = instance."""
+
+    key: str
+    instance: str | None
+    events: frozenset[str]
+    app_id: str
+    app_key: str
+    secret: str
+    cluster: str
+    use_tls: bool
+    sink = "pusher"
+
 
 BATCH_LIMIT = 10  # events per batch_events request (a Pusher limit)
 MAX_DATA_BYTES = 10240  # Pusher's limit on one event's data
@@ -58,7 +133,7 @@ def signed_query(target: PusherTarget, method: str, path: str, body: bytes) -> s
 class PusherSink(BaseSink):
     name = "pusher"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: PusherSettings) -> None:
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None
         self._batcher: Batcher[_Message] = Batcher(BATCH_LIMIT, self._send_batch, "Pusher request")
@@ -147,3 +222,75 @@ class PusherSink(BaseSink):
         if 400 <= status < 500 and status != 429:
             raise PermanentError(error, status=status)
         raise RetryableError(error, status=status)
+
+
+class PusherKind(SinkKind):
+    name = "pusher"
+    settings = PusherSettings
+    section = PusherConfig
+    event_flags = "PUSHER_EVENTS_"
+
+    def enabled(self, settings: PusherSettings) -> bool:
+        return settings.pusher_enabled
+
+    def open(self, settings: PusherSettings) -> PusherSink:
+        return PusherSink(settings)
+
+    def place(self, settings: Any, instances: Mapping[str, InstanceConfig]) -> Iterable[Placement]:
+        if settings.pusher_global_enabled:
+            yield Placement(
+                PusherTarget(
+                    key="pusher:global",
+                    instance=None,
+                    events=settings.events_enabled(self.name),
+                    app_id=settings.pusher_global_app_id or "",
+                    app_key=settings.pusher_global_key or "",
+                    secret=settings.pusher_global_secret or "",
+                    cluster=settings.pusher_global_cluster or "mt1",
+                    use_tls=settings.pusher_global_use_tls,
+                )
+            )
+        for name, config in instances.items():
+            push = config.sections.get(self.name)
+            if isinstance(push, PusherConfig) and push.enabled and push.app_id and push.key and push.secret:
+                target = PusherTarget(
+                    key=f"pusher:instance:{name}",
+                    instance=name,
+                    events=push.subscribed(),
+                    app_id=push.app_id,
+                    app_key=push.key,
+                    secret=push.secret,
+                    cluster=push.cluster or "mt1",
+                    use_tls=push.use_tls,
+                )
+                yield Placement(target, name)
+
+    def describe(self, target: PusherTarget, settings: Any) -> str:
+        return f"app {target.app_id}, channel <instance>"
+
+    def instance_problems(self, name: str, section: PusherConfig) -> list[tuple[tuple[str | int, ...], str]]:
+        if not section.enabled:
+            return []
+        return [
+            (("pusher", "enabled"), f"pusher is enabled but has no {alias}")
+            for field_name, alias in (("app_id", "appId"), ("key", "key"), ("secret", "secret"))
+            if not getattr(section, field_name)
+        ]
+
+    def secrets(self, settings: PusherSettings) -> list[str | None]:
+        return [settings.pusher_global_secret]
+
+    def section_secrets(self, section: PusherConfig) -> list[str | None]:
+        return [section.secret]
+
+    def row(self, section: PusherConfig) -> dict[str, Any]:
+        return {
+            "appId": section.app_id,
+            "key": section.key,
+            "secret": section.secret,
+            "cluster": section.cluster,
+            "useTLS": section.use_tls,
+        }
+
+
+KIND = PusherKind()

@@ -25,21 +25,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from router import logs
 from router.errors import PermanentError, RetryableError
 from router.events import Event, by_events_suffix, config_name, envelope
-from router.routing import SqsTarget
-from router.settings import Settings
-from router.sinks import BaseSink
+from router.sections import Subscription
+from router.sinks import BaseSink, Placement, SinkKind
 from router.sinks.batching import Batcher, Item
+
+if TYPE_CHECKING:
+    from router.instances import InstanceConfig
 
 log = logs.get_logger("router.sinks.sqs")
 BATCH_LIMIT = 10  # entries per SendMessageBatch (an SQS limit)
@@ -77,6 +80,57 @@ def legal_queue_name(name: str, fifo: bool) -> str:
     return name + suffix
 
 
+class SqsSettings(BaseModel):
+    """Upstream's SQS settings, and ``SQS_ENDPOINT_URL``, ``SQS_FIFO``, ``SQS_NAMING`` (ours)."""
+
+    sqs_enabled: bool = False
+    sqs_access_key_id: str | None = None
+    sqs_secret_access_key: str | None = None
+    sqs_account_id: str | None = None
+    sqs_region: str | None = None
+    sqs_global_enabled: bool = False
+    sqs_global_force_single_queue: bool = False
+    sqs_global_prefix_name: str = "global"
+    sqs_max_payload_size: int = Field(1_048_576, gt=0)
+    sqs_endpoint_url: str | None = None
+    sqs_fifo: bool = True
+    # "router" ({instance}-{event}) or "upstream" (Evolution API 2.3.6's {instance}_{event}.fifo)
+    sqs_naming: Literal["router", "upstream"] = "router"
+
+    @field_validator("sqs_endpoint_url", mode="before")
+    @classmethod
+    def _sqs_empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("sqs_naming", mode="before")
+    @classmethod
+    def _sqs_lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _sqs_consistent(self) -> SqsSettings:
+        if not self.sqs_enabled:
+            return self
+        needed = ("sqs_access_key_id", "sqs_secret_access_key", "sqs_account_id", "sqs_region")
+        missing = [name.upper() for name in needed if not getattr(self, name)]
+        if missing:
+            raise ValueError(f"SQS_ENABLED is true but {', '.join(missing)} not set")
+        account = self.sqs_account_id or ""
+        if not re.fullmatch(r"\d{12}", account):
+            raise ValueError(f"SQS_ACCOUNT_ID must be a 12-digit AWS account id, got {account!r}")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class SqsTarget:
+    """Sends to the queue named after the instance (or the global prefix) and the event."""
+
+    key: str
+    instance: str | None  # None: global mode, queues named after SQS_GLOBAL_PREFIX_NAME
+    events: frozenset[str]
+    sink = "sqs"
+
+
 @dataclass(frozen=True, slots=True)
 class _Message:
     event: Event
@@ -87,7 +141,7 @@ class _Message:
 class SqsSink(BaseSink):
     name = "sqs"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Any) -> None:  # SqsSettings, within the daemon's Settings
         self.settings = settings
         self.fifo = settings.sqs_fifo
         self.upstream = settings.sqs_naming == "upstream"
@@ -214,3 +268,46 @@ class SqsSink(BaseSink):
             log.info("sqs.queue_created", queue=queue)
         self._urls[queue] = str(url)
         return str(url)
+
+
+class SqsKind(SinkKind):
+    name = "sqs"
+    settings = SqsSettings
+    section = Subscription
+    event_flags = "SQS_GLOBAL_"  # upstream's name; SQS_GLOBAL_ENABLED and co. are settings
+    checked_by_cli = True  # one authenticated call: are the credentials and the account right
+
+    def enabled(self, settings: SqsSettings) -> bool:
+        return settings.sqs_enabled
+
+    def open(self, settings: SqsSettings) -> SqsSink:
+        return SqsSink(settings)
+
+    def place(self, settings: Any, instances: Mapping[str, InstanceConfig]) -> Iterable[Placement]:
+        if settings.sqs_global_enabled:
+            yield Placement(SqsTarget("sqs:global", None, settings.events_enabled(self.name)))
+        for name, config in instances.items():
+            own = config.sections.get(self.name)
+            if own is not None and own.enabled:
+                yield Placement(SqsTarget(f"sqs:instance:{name}", name, own.subscribed()), name)
+
+    def describe(self, target: SqsTarget, settings: SqsSettings) -> str:
+        base = target.instance or settings.sqs_global_prefix_name
+        fifo = ".fifo" if settings.sqs_fifo else ""
+        return (
+            f"queues {base}_<event>{fifo}"
+            if settings.sqs_naming == "upstream"
+            else f"queues {base}-<event>{fifo}"
+        )
+
+    def layout(self, settings: SqsSettings) -> str:
+        if settings.sqs_naming == "upstream":
+            layout = "Evolution API 2.3.6's: queues <instance>_<event>, MessageGroupId as upstream"
+            return f"sqs naming: upstream ({layout})"
+        return "sqs naming: router (queues <instance>-<event>, MessageGroupId <instance>)"
+
+    def secrets(self, settings: SqsSettings) -> list[str | None]:
+        return [settings.sqs_secret_access_key]
+
+
+KIND = SqsKind()
