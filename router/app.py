@@ -222,6 +222,8 @@ class App:
         metrics = self.metrics
         if self.store is not None:
             metrics.set_store_state(await self.store.sink_state())
+        if self.dispatcher is not None:
+            metrics.idle.set(1 if await self.dispatcher.idle() else 0)
         if self.websocket is not None:
             hub = self.websocket
             metrics.websocket_clients.set(len(hub.clients) + sum(hub.sio_clients.values()))

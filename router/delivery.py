@@ -450,3 +450,10 @@ class Dispatcher:
 
     def stop(self) -> None:
         self._stopped.set()
+
+    async def idle(self) -> bool:
+        """Every due delivery has been attempted: nothing in flight or leased, nothing due in the
+        store (retries due later may wait). What has not happened by then will not on its own."""
+        if any(worker.busy for worker in self.workers.values()):
+            return False
+        return await self.store.due_or_leased() == 0

@@ -63,6 +63,11 @@ class Metrics:
             "router_websocket_slow_disconnects", "Clients dropped for falling behind", registry=registry
         )
         self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        self.idle = Gauge(
+            "router_idle",
+            "1 when every due delivery has been attempted and none is in flight (retries due later may wait)",
+            registry=registry,
+        )
         self.sink_connected = Gauge(
             "router_sink_connected",
             "1 while a sink with a connection of its own (RabbitMQ, NATS) has it open",

@@ -589,6 +589,19 @@ class Store:
 
         return await self._submit(op)
 
+    async def due_or_leased(self, now: float | None = None) -> int:
+        """Deliveries being attempted, or due and waiting for an attempt (not those due later)."""
+        due = time.time() if now is None else now
+
+        def op(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT COUNT(*) FROM deliveries WHERE state = ? OR (state = ? AND due_at <= ?)",
+                (LEASED, PENDING, due),
+            ).fetchone()
+            return int(row[0])
+
+        return await self._submit(op)
+
     async def counts(self) -> dict[str, int]:
         """Deliveries by state: ``pending`` (incl. in flight) and ``dead``."""
 

@@ -204,11 +204,21 @@ async def running(settings: Settings) -> AsyncIterator[App]:
 
 
 async def wait_idle(app: App, timeout: float = 10.0) -> None:
-    """Until the daemon reports nothing waiting or in flight (its store's own count): then what
-    has not arrived will not."""
-    assert app.store is not None
+    """Until the daemon reports itself idle: every due delivery attempted, nothing in flight.
+    What has not arrived by then will not (retries due later excepted)."""
+    assert app.dispatcher is not None
     async with asyncio.timeout(timeout):
-        while (await app.store.counts())["pending"]:
+        while not await app.dispatcher.idle():
+            await asyncio.sleep(0.02)
+
+
+async def wait_idle_at(port: int, timeout: float = 10.0) -> None:
+    """``wait_idle`` for a daemon in its own process: until its /metrics says ``router_idle 1``."""
+    async with asyncio.timeout(timeout), aiohttp.ClientSession() as session:
+        while True:
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as answer:
+                if "\nrouter_idle 1.0" in await answer.text():
+                    return
             await asyncio.sleep(0.02)
 
 

@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.conftest import API_KEY, hook_env, post_ingest, running
+from tests.conftest import API_KEY, hook_env, post_ingest, running, wait_idle_at
 
 ONE_EVENT = {"event": "messages.upsert", "instance": "bot", "data": {}}
 
@@ -112,7 +112,7 @@ async def test_sigterm_lets_an_attempt_under_way_finish(receiver, daemon, loop):
     again = daemon(**hook_env(receiver))
     again.start()
     await again.wait_ready()
-    await asyncio.sleep(0.5)
+    await wait_idle_at(again.port)
     assert len(receiver.requests) == 1, "it was acknowledged, so it is not delivered again"
     assert await again.terminate() == 0
 

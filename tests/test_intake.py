@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 
 import orjson
@@ -90,7 +89,7 @@ async def test_bad_input_is_400_naming_the_problem_and_nothing_is_accepted(
         # The daemon is still up and still delivers.
         assert (await post_ingest(app, event(9)))[0] == 202
         got = await receiver.wait_for(1)
-        await asyncio.sleep(0.2)
+        await wait_idle(app)
     assert [r.json()["data"] for r in receiver.requests] == [{"n": 9}]
     assert got[0].json()["event"] == "messages.upsert"
 
@@ -103,7 +102,7 @@ async def test_api_key_is_required(receiver, make_settings):
         assert (status, body["error"]) == (401, "invalid apikey")
         assert (await post_ingest(app, event(2), apikey=API_KEY))[0] == 202
         got = await receiver.wait_for(1)
-        await asyncio.sleep(0.2)
+        await wait_idle(app)
     assert [r.json()["data"]["n"] for r in got] == [2]
 
 
@@ -132,7 +131,7 @@ async def test_an_id_sent_again_is_delivered_once(receiver, make_settings):
         await receiver.wait_for(1)
         await wait_idle(app)  # delivered and pruned: only the dedup window remembers it
         assert (await post_ingest(app, payload))[0] == 202  # the adapter retried late
-        await asyncio.sleep(0.3)
+        await wait_idle(app)
     assert len(receiver.requests) == 1
 
 
@@ -167,9 +166,9 @@ async def test_jsonl_file_is_followed_and_resumed_without_duplicates(receiver, m
     # Restarted: it resumes after the last line it accepted; nothing is read twice.
     with feed.open("ab") as f:
         f.write(orjson.dumps(event(6)) + b"\n")
-    async with running(settings):
+    async with running(settings) as app:
         await receiver.wait_for(7)
-        await asyncio.sleep(0.5)
+        await wait_idle(app)
     assert sorted(r.json()["data"]["n"] for r in receiver.requests) == list(range(7))
 
 

@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 import orjson
 
-from tests.conftest import API_KEY, write_instance
+from tests.conftest import API_KEY, wait_idle_at, write_instance
 
 SECRET_DATA = "very-private-message-text"
 
@@ -75,7 +75,7 @@ async def test_without_webhooks_level_there_are_no_attempt_lines(receiver, daemo
     await proc.wait_ready()
     await send(proc.port, [{"event": "call", "instance": "bot", "data": {}}])
     await receiver.wait_for(1)
-    await asyncio.sleep(0.2)
+    await wait_idle_at(proc.port)
     assert await proc.terminate() == 0
     messages = [line["msg"] for line in log_lines(proc)]
     assert "router.started" in messages and "router.stopped" in messages

@@ -17,7 +17,7 @@ from aiormq.abc import DeliveredMessage
 from router.app import database_path
 from router.deadletters import dead_letters
 from router.instances import load_instances
-from tests.conftest import post_ingest, running, write_instance
+from tests.conftest import post_ingest, running, wait_idle, write_instance
 
 URI = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -157,7 +157,7 @@ async def test_global_and_instance_queues_each_get_exactly_one_copy(broker, make
         global_queue = f"{broker.prefix}.messages.upsert"
         got = await broker.consume(global_queue, 2)
         mine = await broker.consume(f"{broker.instance}.messages.upsert", 1)
-        await asyncio.sleep(0.3)  # give a duplicate the chance to show up
+        await wait_idle(app)  # a duplicate would have been published by now
         assert await broker.depth(global_queue) == 0
         assert await broker.depth(f"{broker.instance}.messages.upsert") == 0
     assert sorted(m.routing_key for m in got) == sorted(
@@ -221,7 +221,7 @@ async def test_connections_closed_by_the_broker_mid_stream_lose_nothing(broker, 
                 await asyncio.to_thread(rabbitmqctl, "close_all_connections", "closed by the test")
         await broker.reconnect()
         got = await broker.consume(queue, len(ids), timeout=60)
-        await asyncio.sleep(0.5)
+        await wait_idle(app)
         extra = await broker.depth(queue)
     received = [m.header.properties.message_id for m in got]
     assert set(received) == set(ids), "every accepted event arrived"

@@ -11,7 +11,7 @@ import pytest
 from router.app import database_path
 from router.deadletters import dead_letters
 from router.retry import RetryPolicy
-from tests.conftest import free_port, hook_env, post_ingest, running, write_instance
+from tests.conftest import free_port, hook_env, post_ingest, running, wait_idle, write_instance
 
 EVENT = {"event": "messages.upsert", "instance": "bot", "data": {"key": {"id": "A"}}}
 
@@ -32,7 +32,7 @@ async def test_retries_with_exponential_backoff_then_delivers(receiver, make_set
     async with running(settings) as app:
         await post_ingest(app, EVENT)
         got = await receiver.wait_for(4, "/hook")
-        await asyncio.sleep(0.5)
+        await wait_idle(app)
         assert len(receiver.on("/hook")) == 4, "delivered once it succeeded, no more"
     assert {r.json()["id"] for r in got} == {got[0].json()["id"]}, "same event id on every retry"
     for gap, expected in zip(gaps(got), [0.2, 0.4, 0.8], strict=True):
@@ -67,7 +67,7 @@ async def test_gives_up_after_max_attempts_into_a_dead_letter(receiver, make_set
     async with running(settings) as app:
         await post_ingest(app, EVENT)
         await receiver.wait_for(3, "/hook")
-        await asyncio.sleep(0.5)
+        await wait_idle(app)
         assert len(receiver.on("/hook")) == 3
     [dead] = dead_letters(database_path(settings))
     assert dead["target"] == "webhook:global" and dead["attempts"] == 3
@@ -82,7 +82,7 @@ async def test_non_retryable_status_stops_at_once(receiver, make_settings, statu
     async with running(settings) as app:
         await post_ingest(app, EVENT)
         await receiver.wait_for(1, "/hook")
-        await asyncio.sleep(0.4)
+        await wait_idle(app)
         assert len(receiver.on("/hook")) == 1
     [dead] = dead_letters(database_path(settings))
     assert dead["last_error"] == f"HTTP {status} (non-retryable)" and dead["attempts"] == 1
@@ -100,7 +100,7 @@ async def test_non_retryable_codes_are_configurable(receiver, make_settings):
     async with running(settings) as app:
         await post_ingest(app, EVENT)
         await receiver.wait_for(2, "/hook")
-        await asyncio.sleep(0.3)
+        await wait_idle(app)
         assert len(receiver.on("/hook")) == 2  # 404 retried, 418 final
     [dead] = dead_letters(database_path(settings))
     assert dead["last_error"].startswith("HTTP 418")

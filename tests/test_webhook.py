@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import warnings
 from datetime import datetime
@@ -12,7 +11,7 @@ import jwt
 import orjson
 from jwt.warnings import InsecureKeyLengthWarning
 
-from tests.conftest import API_KEY, post_ingest, running, write_instance
+from tests.conftest import API_KEY, post_ingest, running, wait_idle, write_instance
 
 MESSAGE = {
     "key": {"remoteJid": "5511999999999@s.whatsapp.net", "fromMe": False, "id": "3EB0C767D82B632A2E4A"},
@@ -151,7 +150,7 @@ async def test_global_and_instance_both_receive_and_filters_apply(receiver, make
             ],
         )
         await receiver.wait_for(3)
-        await asyncio.sleep(0.3)  # let a wrongly routed extra delivery show up
+        await wait_idle(app)  # a wrongly routed extra delivery would have been made by now
     got = sorted((r.path, r.json()["event"], r.json()["instance"]) for r in receiver.requests)
     assert got == [
         ("/g", "connection.update", "bot"),
@@ -166,7 +165,7 @@ async def test_disabled_instance_webhook_gets_nothing(receiver, make_settings, t
     async with running(make_settings()) as app:
         await post_ingest(app, [upsert("off"), upsert("on")])
         await receiver.wait_for(1, "/on")
-        await asyncio.sleep(0.3)
+        await wait_idle(app)
     assert receiver.on("/off") == []
 
 
@@ -235,9 +234,9 @@ async def test_application_startup_is_emitted_once_when_the_daemon_is_up(receive
         WEBHOOK_EVENTS_APPLICATION_STARTUP="true",
         SERVER_NAME="router-7",
     )
-    async with running(settings):
+    async with running(settings) as app:
         [got] = await receiver.wait_for(1, "/g")
-        await asyncio.sleep(0.3)
+        await wait_idle(app)
         assert len(receiver.requests) == 1
     body = got.json()
     assert (body["event"], body["instance"]) == ("application.startup", "router-7")
