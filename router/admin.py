@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -44,6 +45,7 @@ from router.apikeys import key_matches
 from router.bodies import BodyError, leave_unread, read_body
 from router.errors import ConfigError, StorageFull
 from router.events import utc_timestamp
+from router.instance_status import InstanceStatus
 from router.instances import (
     InstanceConfig,
     InvalidInstance,
@@ -51,11 +53,35 @@ from router.instances import (
     same_but_for_case,
     validate_instance,
 )
+from router.intake import Intake
+from router.routing import Routes
+from router.settings import Settings
 from router.sinks.registry import SECTIONS
 from router.yamlfile import format_loc, load_yaml
 
-if TYPE_CHECKING:
-    from router.app import App
+
+class AdminHost(Protocol):
+    """What the admin API needs of the daemon (``App`` is one): the instances in force, their
+    files, the lock that serialises changes, and a reload that publishes them."""
+
+    settings: Settings
+    status: InstanceStatus
+    config_lock: asyncio.Lock
+
+    @property
+    def instances(self) -> Mapping[str, InstanceConfig]: ...
+
+    @property
+    def instance_paths(self) -> Mapping[str, Path]: ...
+
+    @property
+    def routes(self) -> Routes: ...
+
+    @property
+    def intake(self) -> Intake | None: ...
+
+    async def reload_locked(self) -> None: ...
+
 
 log = logs.get_logger("router.admin")
 QRCODE_WAIT_S = 5.0  # upstream waits 5 s for the first QR code when create asks for one
@@ -107,7 +133,7 @@ async def upstream_not_found(request: web.Request, handler: Any) -> web.StreamRe
 class Admin:
     """The handlers; the daemon (``App``) holds the instances, their files and the lock."""
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: AdminHost) -> None:
         self.app = app
 
     def add_routes(self, web_app: web.Application) -> None:

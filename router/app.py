@@ -33,6 +33,7 @@ from router.adapters.jsonl import JsonlAdapter
 from router.adapters.whatsapp import WhatsAppSessions
 from router.admin import Admin, upstream_not_found
 from router.bodies import close_marked
+from router.current import Current
 from router.delivery import Dispatcher
 from router.events import Event, new_event_id, utc_timestamp
 from router.health import Health, check_sinks
@@ -72,7 +73,7 @@ class App:
         # Held while instance files are written or read and the routes swapped: one change at a time.
         self.config_lock = asyncio.Lock()
         self.reloads = 0  # completed, for tests and operators' curiosity
-        self.routes: Routes = build_routes(settings, self.instances)
+        self.current = Current(build_routes(settings, self.instances))
         self.started = asyncio.Event()
         self.port: int | None = None
         self.intake: Intake | None = None
@@ -88,6 +89,10 @@ class App:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    @property
+    def routes(self) -> Routes:
+        return self.current.routes
 
     def _forget_secrets(self) -> None:
         """No log line may show a secret of the settings or of any instance."""
@@ -132,14 +137,19 @@ class App:
 
     async def _serve(self, store: Store, sinks: Mapping[str, BaseSink]) -> None:
         settings = self.settings
-        dispatcher = Dispatcher(store, sinks, self.routes, settings)
-        intake = Intake(store, settings, self.routes, self.status)
-        intake.handoff = dispatcher
-        dispatcher.metrics = intake.metrics = self.metrics
-        self.dispatcher, self.intake, self.store = dispatcher, intake, store
+        dispatcher = Dispatcher(store, sinks, self.current, settings, self.metrics)
         if settings.websocket_enabled:
-            self.websocket = WebSocketHub(settings, lambda: self.routes)
-            intake.live = self.websocket.publish
+            self.websocket = WebSocketHub(settings, self.current)
+        intake = Intake(
+            store,
+            settings,
+            self.current,
+            status=self.status,
+            handoff=dispatcher,
+            live=self.websocket.publish if self.websocket is not None else None,
+            metrics=self.metrics,
+        )
+        self.dispatcher, self.intake, self.store = dispatcher, intake, store
 
         async with asyncio.TaskGroup() as tasks:
             store_task = tasks.create_task(store.run(), name="store")
@@ -290,11 +300,9 @@ class App:
                 paths[name] = self.instance_paths[name]
         self.instances, self.instance_paths, self._fingerprint = instances, paths, loaded.fingerprint
         self._forget_secrets()
-        self.routes = build_routes(self.settings, instances)
-        if self.intake is not None:
-            self.intake.routes = self.routes
+        self.current.routes = build_routes(self.settings, instances)  # in force for every reader
         if self.dispatcher is not None:
-            await self.dispatcher.apply(self.routes)
+            await self.dispatcher.apply()
         if self.whatsapp is not None:
             await self.whatsapp.apply(instances)
         self.reloads += 1

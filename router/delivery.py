@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from router import logs
+from router.current import Current
 from router.errors import PermanentError, RetryableError, Unavailable
 from router.metrics import Metrics
 from router.retry import RetryPolicy
@@ -276,15 +277,21 @@ class Dispatcher:
     """Owns one worker per target and tells them when new deliveries are stored."""
 
     def __init__(
-        self, store: Store, sinks: Mapping[str, BaseSink], routes: Routes, settings: Settings
+        self,
+        store: Store,
+        sinks: Mapping[str, BaseSink],
+        current: Current,
+        settings: Settings,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.sinks = sinks
-        self.routes = routes
+        self.current = current
+        self._applied = current.routes  # the routes the workers were last set up for
         self.settings = settings
         self.workers: dict[str, TargetWorker] = {}
         self.counters: dict[tuple[str, str], int] = {}
-        self.metrics: Metrics | None = None
+        self.metrics = metrics
         # Targets a reload removed: their workers deliver what is already stored for them, then stop.
         self.retired: dict[str, Target] = {}
         self._group: asyncio.TaskGroup | None = None
@@ -378,15 +385,20 @@ class Dispatcher:
 
         task.add_done_callback(forget)
 
-    async def apply(self, routes: Routes) -> None:
-        """Swap the routing index; start workers for new targets.
+    @property
+    def routes(self) -> Routes:
+        return self.current.routes
+
+    async def apply(self) -> None:
+        """Follow the routing index just published in ``current``; start workers for new targets.
 
         A removed target's deliveries were accepted while it was subscribed, so they are still
         delivered, to the target as it was (this is how ``instance.delete`` reaches the deleted
         instance's own webhook); then its worker stops. After a restart, what is left for a
         target that no longer exists becomes a dead letter saying so.
         """
-        previous, self.routes = self.routes, routes
+        previous, routes = self._applied, self.current.routes
+        self._applied = routes
         for key, target in previous.targets.items():
             if key not in routes.targets:
                 self.retired[key] = target

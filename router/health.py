@@ -15,18 +15,34 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Awaitable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
 from router import __version__
+from router.delivery import Dispatcher
 from router.errors import RouterError
 from router.routing import Routes, Target
 from router.sinks import BaseSink
+from router.store import Store
 
-if TYPE_CHECKING:
-    from router.app import App
+
+class HealthHost(Protocol):
+    """What the health checks need of the daemon (``App`` is one)."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    @property
+    def store(self) -> Store | None: ...
+
+    @property
+    def dispatcher(self) -> Dispatcher | None: ...
+
+    @property
+    def routes(self) -> Routes: ...
+
 
 READY_TIMEOUT_S = 3.0
 
@@ -53,7 +69,7 @@ async def check_sinks(sinks: Mapping[str, BaseSink], routes: Routes) -> dict[str
 
 
 class Health:
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: HealthHost) -> None:
         self.app = app
 
     async def alive(self, _: web.Request) -> web.Response:

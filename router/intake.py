@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import orjson
 
 from router import logs
+from router.current import Current
 from router.errors import IntakeError
 from router.events import (
     Event,
@@ -74,16 +75,28 @@ class Intake:
     """Validates, routes and stores events; see the module docstring."""
 
     def __init__(
-        self, store: Store, settings: Settings, routes: Routes, status: InstanceStatus | None = None
+        self,
+        store: Store,
+        settings: Settings,
+        current: Current,
+        *,
+        status: InstanceStatus | None = None,
+        handoff: Handoff | None = None,
+        live: Callable[[Sequence[Event]], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
-        self.routes = routes
+        self.current = current
         self.status = status if status is not None else InstanceStatus()  # connections seen
-        self.handoff: Handoff = NoHandoff()
-        self.live: Callable[[Sequence[Event]], None] | None = None  # WebSocket fan-out, after commit
+        self.handoff: Handoff = handoff if handoff is not None else NoHandoff()
+        self.live = live  # WebSocket fan-out, after commit
         self.accepted = 0
-        self.metrics: Metrics | None = None
+        self.metrics = metrics
+
+    @property
+    def routes(self) -> Routes:
+        return self.current.routes
 
     def parse(self, obj: Any, path_event: str | None = None) -> Event:
         """One ingested envelope -> Event; raise IntakeError naming what is wrong."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from router.current import Current
 from router.deadletters import dead_letters, show
 from router.delivery import Dispatcher
 from router.events import Event, new_event_id, utc_timestamp
@@ -34,7 +35,7 @@ async def test_an_unexpected_error_counts_as_an_attempt_and_ends_as_a_dead_lette
     store_task = asyncio.create_task(store.run())
     target = WebhookTarget("webhook:global", None, "http://127.0.0.1:9/x", False, events=frozenset({"call"}))
     sink = BrokenSink()
-    dispatcher = Dispatcher(store, {"webhook": sink}, Routes(targets={target.key: target}), settings)
+    dispatcher = Dispatcher(store, {"webhook": sink}, Current(Routes(targets={target.key: target})), settings)
     running = asyncio.create_task(dispatcher.run(grace_s=1))
     try:
         event = Event(new_event_id(), "bot", "call", b"{}", utc_timestamp())

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import orjson
@@ -38,8 +38,8 @@ from socketio.exceptions import ConnectionRefusedError as SocketIoRefused
 from router import logs
 from router.addresses import AddressList
 from router.apikeys import key_matches
+from router.current import Current
 from router.events import EVERY_EVENT, WIRE_NAMES, Event, envelope
-from router.routing import Routes
 from router.settings import Settings
 
 log = logs.get_logger("router.sinks.websocket")
@@ -92,9 +92,9 @@ class Client:
 class WebSocketHub:
     """Accepts clients and fans accepted events out to them."""
 
-    def __init__(self, settings: Settings, routes: Callable[[], Routes]) -> None:
+    def __init__(self, settings: Settings, current: Current) -> None:
         self.settings = settings
-        self._routes = routes
+        self.current = current
         self.allowed_hosts = AddressList(settings.websocket_allowed_hosts)
         self.clients: set[Client] = set()
         self.sent = 0  # messages handed to clients
@@ -136,7 +136,7 @@ class WebSocketHub:
             return "missing apikey (query parameter or header)"
         if key_matches(given, self.settings.authentication_api_key):
             return None
-        if instance is not None and key_matches(given, self._routes().token_of(instance)):
+        if instance is not None and key_matches(given, self.current.routes.token_of(instance)):
             return None
         return "invalid apikey" + (f" for instance {instance!r}" if instance is not None else "")
 
@@ -235,7 +235,7 @@ class WebSocketHub:
         """Hand ``events`` to every client whose stream includes them (never waits)."""
         if not self.clients and not self.sio_clients:
             return
-        routes = self._routes()
+        routes = self.current.routes
         global_on = self.settings.websocket_global_events
         emits: list[tuple[str, str, Any]] = []  # socket.io: (namespace, event name, envelope)
         for event in events:
