@@ -32,6 +32,7 @@ from pathlib import Path
 
 import aiohttp
 import aiormq
+import nats
 import orjson
 import uvloop
 from aiobotocore.session import get_session
@@ -308,6 +309,86 @@ async def bench_rabbit_router(tag: str) -> dict[str, float]:
     finally:
         await rabbit_cleanup(channel, exchange, queue)
     return {"events_per_s": N_EVENTS / elapsed, "cpu_us_per_event": cpu / N_EVENTS * 1e6}
+
+
+NATS_URI = os.environ.get("BENCH_NATS_URI", "nats://127.0.0.1:4222")
+
+
+async def nats_counter(subject: str) -> tuple[object, asyncio.Event, list[int]]:
+    """A core subscriber counting what reaches ``subject``; set fires at N_EVENTS."""
+    client = await nats.connect(NATS_URI)
+    done, seen = asyncio.Event(), [0]
+
+    async def count(_: object) -> None:
+        seen[0] += 1
+        if seen[0] >= N_EVENTS:
+            done.set()
+
+    await client.subscribe(subject, cb=count)
+    await client.flush()
+    return client, done, seen
+
+
+async def bench_nats_bare(tag: str) -> dict[str, float]:
+    """nats-py with the router's acknowledgement (publish, then flush: the server's answer),
+    CONCURRENCY publishes in flight, the same 1 KB envelopes with the same header."""
+    subject = f"bench{tag}.messages.upsert"
+    counter, done, _ = await nats_counter(subject)
+    client = await nats.connect(NATS_URI)
+    try:
+        next_n = iter(range(N_EVENTS))
+
+        async def worker() -> None:
+            for n in next_n:
+                body = orjson.dumps({**make_event(n, time.time()), "id": str(n)})
+                await client.publish(subject, body, headers={"Nats-Msg-Id": str(n)})
+                await client.flush()
+
+        cpu0 = cpu_s()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        elapsed = time.perf_counter() - started
+        cpu = cpu_s() - cpu0
+        await asyncio.wait_for(done.wait(), 60)
+    finally:
+        await client.close()
+        await counter.close()  # type: ignore[attr-defined]
+    return {"events_per_s": N_EVENTS / elapsed, "cpu_us_per_event": cpu / N_EVENTS * 1e6}
+
+
+async def bench_nats_router(tag: str) -> dict[str, float]:
+    counter, done, _ = await nats_counter(f"bench{tag}.messages.upsert")
+    env = {
+        "NATS_ENABLED": "true",
+        "NATS_URI": NATS_URI,
+        "NATS_GLOBAL_ENABLED": "true",
+        "NATS_PREFIX_KEY": f"bench{tag}",
+        "NATS_EVENTS_MESSAGES_UPSERT": "true",
+        "ROUTER_QUEUE_CONCURRENCY": str(CONCURRENCY),
+    }
+    try:
+        async with daemon(**env) as (port, pid), aiohttp.ClientSession() as session:
+            elapsed, cpu = await timed_burst(session, port, pid, N_EVENTS, done.wait())
+    finally:
+        await counter.close()  # type: ignore[attr-defined]
+    return {"events_per_s": N_EVENTS / elapsed, "cpu_us_per_event": cpu / N_EVENTS * 1e6}
+
+
+async def nats_section() -> dict[str, object]:
+    bare_runs, router_runs = [], []
+    for round_no in range(ROUNDS):
+        tag = f"{os.getpid()}n{round_no}"
+        bare_runs.append(await bench_nats_bare(tag + "b"))
+        router_runs.append(await bench_nats_router(tag + "d"))
+    paired = Paired(bare_runs, router_runs)
+    print(f"\nnats, {N_EVENTS} events of ~1 KB, each acknowledged by the server, concurrency {CONCURRENCY}")
+    print(f"{'path':<40} {'events/s':>10} {'CPU us/event':>13}")
+    for name, row in (
+        ("bare nats-py publisher (publish + flush)", paired.bare),
+        ("router: /ingest -> SQLite -> NATS", paired.router),
+    ):
+        print(f"{name:<40} {row['events_per_s']:>10.0f} {row['cpu_us_per_event']:>13.0f}")
+    return paired.report(target=0.6)
 
 
 class Paired:
@@ -612,6 +693,7 @@ SECTIONS = {
     "sqs": sqs_section,
     "websocket": websocket_section,
     "pusher": pusher_section,
+    "nats": nats_section,
 }
 
 
