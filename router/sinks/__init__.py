@@ -143,6 +143,14 @@ class Placement:
     covers: str | None = None
 
 
+def subscribed(name: str, instances: Mapping[str, InstanceConfig]) -> Iterable[tuple[str, Any]]:
+    """(instance, its section) for every instance whose ``name`` section is enabled."""
+    for instance, config in instances.items():
+        section = config.sections.get(name)
+        if section is not None and section.enabled:
+            yield instance, section
+
+
 class SinkKind:
     """A sink's declaration; each sink module defines one subclass and ``KIND = ThatKind()``."""
 

@@ -43,7 +43,7 @@ from router import logs
 from router.errors import PermanentError, RetryableError, Unavailable
 from router.events import Event, envelope
 from router.sections import Subscription
-from router.sinks import BaseSink, Placement, SinkKind
+from router.sinks import BaseSink, Placement, SinkKind, subscribed
 
 if TYPE_CHECKING:
     from router.instances import InstanceConfig
@@ -108,6 +108,7 @@ class NatsSink(BaseSink):
         self._keeper: asyncio.Task[None] | None = None
         self._last_error = "not connected yet"
         self._streams: dict[str, tuple[bool, float]] = {}  # subject -> (captured, until)
+        self._closing = False
 
     @property
     def ready(self) -> bool:  # type: ignore[override]
@@ -123,6 +124,7 @@ class NatsSink(BaseSink):
         self._keeper = asyncio.create_task(self._keep_connected(), name="nats connection")
 
     async def aclose(self) -> None:
+        self._closing = True
         if self._keeper is not None:
             self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -147,7 +149,7 @@ class NatsSink(BaseSink):
 
             async def disconnected() -> None:
                 self.connected = False
-                if self._up.is_set():
+                if self._up.is_set() and not self._closing:  # not when the daemon closes it
                     log.warning("nats.disconnected", hint="events wait in the store")
                 self._up.clear()
                 self._last_error = "the connection was lost"
@@ -249,10 +251,8 @@ class NatsKind(SinkKind):
     def place(self, settings: Any, instances: Mapping[str, InstanceConfig]) -> Iterable[Placement]:
         if settings.nats_global_enabled:
             yield Placement(NatsTarget("nats:global", None, settings.events_enabled(self.name)))
-        for name, config in instances.items():
-            own = config.sections.get(self.name)
-            if own is not None and own.enabled:
-                yield Placement(NatsTarget(f"nats:instance:{name}", name, own.subscribed()), name)
+        for name, own in subscribed(self.name, instances):
+            yield Placement(NatsTarget(f"nats:instance:{name}", name, own.subscribed()), name)
 
     def describe(self, target: NatsTarget, settings: NatsSettings) -> str:
         if target.instance is not None:

@@ -42,7 +42,7 @@ from router.errors import PermanentError, RetryableError, Unavailable
 from router.events import Event, envelope
 from router.redact import redact_url
 from router.sections import Subscription
-from router.sinks import BaseSink, Placement, SinkKind
+from router.sinks import BaseSink, Placement, SinkKind, subscribed
 
 if TYPE_CHECKING:
     from router.instances import InstanceConfig
@@ -336,10 +336,7 @@ class RabbitmqKind(SinkKind):
         if settings.rabbitmq_global_enabled:
             everyone = settings.events_enabled(self.name)
             yield Placement(RabbitmqTarget(GLOBAL_KEY, None, frozenset(), everyone))
-        for name, config in instances.items():
-            own = config.sections.get(self.name)
-            if own is None or not own.enabled:
-                continue
+        for name, own in subscribed(self.name, instances):
             target = RabbitmqTarget(
                 f"rabbitmq:instance:{name}", name, own.subscribed(), everyone if shared else frozenset()
             )

@@ -38,7 +38,7 @@ from router import logs
 from router.errors import PermanentError, RetryableError
 from router.events import Event, by_events_suffix, config_name, envelope
 from router.sections import Subscription
-from router.sinks import BaseSink, Placement, SinkKind
+from router.sinks import BaseSink, Placement, SinkKind, subscribed
 from router.sinks.batching import Batcher, Item
 
 if TYPE_CHECKING:
@@ -286,10 +286,8 @@ class SqsKind(SinkKind):
     def place(self, settings: Any, instances: Mapping[str, InstanceConfig]) -> Iterable[Placement]:
         if settings.sqs_global_enabled:
             yield Placement(SqsTarget("sqs:global", None, settings.events_enabled(self.name)))
-        for name, config in instances.items():
-            own = config.sections.get(self.name)
-            if own is not None and own.enabled:
-                yield Placement(SqsTarget(f"sqs:instance:{name}", name, own.subscribed()), name)
+        for name, own in subscribed(self.name, instances):
+            yield Placement(SqsTarget(f"sqs:instance:{name}", name, own.subscribed()), name)
 
     def describe(self, target: SqsTarget, settings: SqsSettings) -> str:
         base = target.instance or settings.sqs_global_prefix_name
