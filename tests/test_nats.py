@@ -186,3 +186,32 @@ async def test_admin_api_sets_and_finds_nats_and_ready_names_an_unreachable_serv
 def test_nats_settings_are_checked(make_settings):
     with pytest.raises(ConfigError, match="NATS_ENABLED is true but NATS_URI is not set"):
         make_settings(NATS_ENABLED="true")
+
+
+async def test_deliveries_of_a_sink_no_longer_enabled_are_reported_then_dead_letters(
+    make_settings, base_env, tmp_path
+):
+    from router.deadletters import dead_letters  # noqa: PLC0415
+    from tests.conftest import run_router  # noqa: PLC0415
+
+    write_instance(tmp_path / "instances", "bot", "nats: {enabled: true, events: [CALL]}\n")
+    dead = f"nats://127.0.0.1:{free_port()}"  # nothing answers: the deliveries stay stored
+    async with running(make_settings(**nats_env(dead))) as app:
+        assert (
+            await post_ingest(app, [{"event": "call", "instance": "bot", "data": {"n": n}} for n in range(3)])
+        )[0] == 202
+        database = app.settings.database_path
+    env = {**base_env, "PATH": "/usr/bin:/bin", "NATS_ENABLED": "false"}
+    checked = run_router(env, "check")
+    assert checked.returncode == 1
+    assert (
+        "3 deliveries stored for nats:instance:bot wait for the nats sink, which is not enabled"
+        in checked.stderr
+    )
+    async with running(make_settings(NATS_ENABLED="false")) as app:
+        await wait_idle(app)
+    letters = dead_letters(database)
+    assert len(letters) == 3
+    assert letters[0]["last_error"] == (
+        "the nats sink is not enabled (NATS_ENABLED is not true); replay with 'evolution-router dlq replay'"
+    )
