@@ -32,7 +32,8 @@ SECTION_MODELS: dict[str, type[BaseModel]] = {
 }
 SINKS = (*SECTIONS, "websocket")  # the /{sink}/set and /{sink}/find routes
 TOP_LEVEL_KEYS = accepted_keys(InstanceConfig) | UPSTREAM_KEYS | {"instanceName", "instanceId"}
-# instance.schema.ts' flat keys -> (section, key in it)
+# instance.schema.ts' flat keys -> (section, key in it). Upstream's API names its own sinks; this
+# is its schema, read once, not a list of ours (a sink added here gets no flat keys upstream lacks).
 FLAT_KEYS: dict[str, tuple[str, str]] = {
     "webhookUrl": ("webhook", "url"),
     "webhookByEvents": ("webhook", "byEvents"),

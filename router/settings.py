@@ -45,7 +45,7 @@ DEFAULT_ENV_FILE = Path(".env")
 # Per-event switches, by sink: ``<PREFIX><CONFIG NAME>=true`` (each sink names its prefix).
 EVENT_FLAG_PREFIXES = {kind.name: kind.event_flags for kind in SINKS if kind.event_flags}
 # Upstream names under those prefixes that are settings, not events; accepted and ignored.
-IGNORED_FLAG_NAMES = frozenset({"WEBHOOK_EVENTS_ERRORS", "WEBHOOK_EVENTS_ERRORS_WEBHOOK"})
+IGNORED_FLAG_NAMES = frozenset(name for kind in SINKS for name in kind.ignored_settings)
 
 LOG_LEVEL_NAMES = (
     "ERROR",
@@ -111,7 +111,6 @@ class Settings(BaseSettings):
     router_ingest_max_bytes: int = Field(32 * 1024 * 1024, gt=0)
     router_ingest_trusted_hosts: str = ""  # addresses or networks whose /ingest needs no key
     router_shutdown_grace_s: float = Field(10.0, ge=0)
-    router_webhook_concurrency: int = Field(64, ge=1)
     router_queue_concurrency: int = Field(64, ge=1)
     router_queue_retry_initial_delay_s: float = Field(1.0, ge=0)
     router_queue_retry_max_delay_s: float = Field(30.0, ge=0)

@@ -161,6 +161,8 @@ class SinkKind:
     # ``check`` runs the sink's own check too: it proves configuration (credentials), not only
     # that a server is up right now (that is /ready's business).
     checked_by_cli: ClassVar[bool] = False
+    # Upstream settings under its event-flag prefix that are not events: accepted, not used.
+    ignored_settings: ClassVar[frozenset[str]] = frozenset()
 
     def enabled(self, settings: Any) -> bool:
         """The sink is switched on (``<NAME>_ENABLED``)."""

@@ -44,6 +44,7 @@ class WebhookKind(SinkKind):
     settings = WebhookSettings
     section = WebhookConfig
     event_flags = "WEBHOOK_EVENTS_"
+    ignored_settings = frozenset({"WEBHOOK_EVENTS_ERRORS", "WEBHOOK_EVENTS_ERRORS_WEBHOOK"})
 
     def enabled(self, settings: WebhookSettings) -> bool:
         return True  # instance webhooks need no switch, as upstream
