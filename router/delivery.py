@@ -52,7 +52,8 @@ class TargetWorker:
         self.in_flight = 0
         self._ready: collections.deque[Lease] = collections.deque()
         self._wake = asyncio.Event()  # new deliveries stored, or an attempt finished
-        self._has_work = asyncio.Event()  # lanes: something is in ``_ready``
+        self._lanes = 0  # lane tasks running: started when there is work, ended when there is none
+        self._group: asyncio.TaskGroup | None = None
         self._need_more = asyncio.Event()  # leaser: ``_ready`` is running low
         self._stopping = False
         # Nothing due is left in the store (the last lease came back short): new deliveries may
@@ -78,7 +79,15 @@ class TargetWorker:
         self.reserved -= reserved
         if leases:
             self._ready.extend(leases)
-            self._has_work.set()
+            self._start_lanes()
+
+    def _start_lanes(self) -> None:
+        """A lane per leased delivery, up to ``concurrency``: an idle target runs none."""
+        if self._group is None or self._stopping:
+            return
+        while self._lanes < min(self.concurrency, len(self._ready)):
+            self._lanes += 1
+            self._group.create_task(self._lane())
 
     def wake(self) -> None:
         self._wake.set()
@@ -87,9 +96,8 @@ class TargetWorker:
         """Stop leasing and starting attempts; attempts under way finish (bounded by the dispatcher)."""
         self._stopping = True
         self._wake.set()
-        self._has_work.set()
         self._need_more.set()
-        self.dispatcher.release(0)
+        self.dispatcher.stop_waiting(self)
 
     async def run(self) -> None:
         """One leaser keeps a buffer of leased deliveries; ``concurrency`` lanes attempt them.
@@ -98,8 +106,8 @@ class TargetWorker:
         leased but not attempted when the process stops is pending again at the next start.
         """
         async with asyncio.TaskGroup() as group:
-            for _ in range(self.concurrency):
-                group.create_task(self._lane())
+            self._group = group
+            self._start_lanes()  # for what intake handed over before this ran
             await self._lease_loop()
 
     async def _lease_loop(self) -> None:
@@ -111,7 +119,7 @@ class TargetWorker:
                 continue
             want = self.dispatcher.reserve(self.concurrency * LEASE_AHEAD - len(self._ready))
             if want == 0:  # every target together holds ROUTER_LEASE_BUFFER leased events
-                await self.dispatcher.budget_freed()
+                await self.dispatcher.budget_freed(self)
                 continue
             self._wake.clear()  # before leasing: a notify during the lease is not lost
             refused = self._refused
@@ -126,7 +134,7 @@ class TargetWorker:
             self.caught_up = len(leases) < want and self._refused == refused
             if leases:
                 self._ready.extend(leases)
-                self._has_work.set()
+                self._start_lanes()
                 continue
             try:
                 due_at = await store.next_due(self.key)
@@ -153,12 +161,17 @@ class TargetWorker:
         return bool(self._ready) or self.in_flight > 0 or self.reserved > 0
 
     async def _lane(self) -> None:
+        """Attempt leased deliveries until there are none left (or the worker stops)."""
+        try:
+            await self._attempt_ready()
+        finally:
+            self._lanes -= 1
+        if self._ready and not self._stopping:  # handed over while this lane was finishing
+            self._start_lanes()
+
+    async def _attempt_ready(self) -> None:
         ready = self._ready
-        while not self._stopping:
-            if not ready:
-                self._has_work.clear()
-                await self._has_work.wait()
-                continue
+        while ready and not self._stopping:
             if not self.sink.ready:  # its connection is down: wait for it, not attempt by attempt
                 with contextlib.suppress(TimeoutError):  # and look at _stopping now and then
                     await asyncio.wait_for(self.sink.wait_ready(), SINK_WAIT_S)
@@ -301,7 +314,11 @@ class Dispatcher:
         self.buffer_limit = settings.router_lease_buffer
         self.buffered = 0
         self.handed_over = 0  # deliveries given to workers by intake without a lease query
-        self._budget_freed = asyncio.Event()
+        # Workers waiting for room in the buffer, first come first served: a release wakes as
+        # many as it freed places, not every worker of every target.
+        self._budget_waiters: collections.OrderedDict[TargetWorker, asyncio.Future[None]] = (
+            collections.OrderedDict()
+        )
 
     def reserve(self, wanted: int) -> int:
         """Take up to ``wanted`` places in the shared lease buffer; return how many."""
@@ -312,11 +329,27 @@ class Dispatcher:
     def release(self, count: int) -> None:
         if count:
             self.buffered -= count
-            self._budget_freed.set()
+            room = self.buffer_limit - self.buffered
+            while room > 0 and self._budget_waiters:
+                _, waiter = self._budget_waiters.popitem(last=False)
+                if not waiter.done():
+                    waiter.set_result(None)
+                    room -= 1
 
-    async def budget_freed(self) -> None:
-        self._budget_freed.clear()
-        await self._budget_freed.wait()
+    async def budget_freed(self, worker: TargetWorker) -> None:
+        """Until the buffer has room for ``worker`` again (or it stops)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._budget_waiters[worker] = waiter
+        try:
+            await waiter
+        finally:
+            if self._budget_waiters.get(worker) is waiter:
+                del self._budget_waiters[worker]
+
+    def stop_waiting(self, worker: TargetWorker) -> None:
+        waiter = self._budget_waiters.pop(worker, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def count(
         self, sink: str, event: str, outcome: str, seconds: float, latency_s: float | None = None

@@ -55,3 +55,27 @@ async def test_an_unexpected_error_counts_as_an_attempt_and_ends_as_a_dead_lette
     shown = show(Path(path), dead["id"])
     assert shown["last_error"] == "internal error: RuntimeError: a bug in the sink (gave up after 3 attempts)"
     assert [error["attempt"] for error in shown["errors"]] == [1, 2, 3]
+
+
+async def test_idle_targets_run_no_lanes_and_busy_ones_end_theirs(receiver, make_settings, tmp_path):
+    """An attempt lane exists only while its target has deliveries in hand: 300 idle webhooks
+    cost one task each (their leaser), not one per unit of concurrency."""
+    from tests.conftest import post_ingest, running, wait_idle, write_instance  # noqa: PLC0415
+
+    for n in range(300):
+        write_instance(
+            tmp_path / "instances", f"i{n}", f"webhook: {{enabled: true, url: '{receiver.url}/{n}'}}\n"
+        )
+    async with running(make_settings(ROUTER_WEBHOOK_CONCURRENCY="64")) as app:
+        async with asyncio.timeout(10):
+            while len(app.dispatcher.workers) < 300:  # type: ignore[union-attr]
+                await asyncio.sleep(0.01)
+        await wait_idle(app)
+        idle_tasks = len(asyncio.all_tasks())
+        assert 300 <= idle_tasks < 300 + 100, idle_tasks  # 64 lanes a target would be 19,200
+        events = [{"event": "call", "instance": f"i{n % 3}", "data": {"n": n}} for n in range(90)]
+        assert (await post_ingest(app, events))[0] == 202
+        await receiver.wait_for(90)
+        await wait_idle(app)
+        lanes = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "TargetWorker._lane"]
+        assert lanes == [], "lanes end when their work is done"
