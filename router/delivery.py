@@ -43,8 +43,11 @@ class TargetWorker:
         sink: BaseSink,
         policy: RetryPolicy,
         concurrency: int,
+        *,
+        nothing_stored: bool = False,
     ) -> None:
         self.key = key
+        self._nothing_stored = nothing_stored  # skip the first lease: wait for work to come
         self.dispatcher = dispatcher
         self.sink = sink
         self.policy = policy
@@ -112,6 +115,9 @@ class TargetWorker:
 
     async def _lease_loop(self) -> None:
         store = self.dispatcher.store
+        if self._nothing_stored and not self._wake.is_set():
+            self.caught_up = True  # intake may hand new deliveries straight over
+            await self._sleep_until(None)
         while not self._stopping:
             if len(self._ready) >= self.concurrency:
                 self._need_more.clear()
@@ -324,17 +330,23 @@ class Dispatcher:
         """Take up to ``wanted`` places in the shared lease buffer; return how many."""
         granted = max(0, min(wanted, self.buffer_limit - self.buffered))
         self.buffered += granted
+        if granted:
+            self._wake_next()  # what is left may serve the next in line
         return granted
 
     def release(self, count: int) -> None:
         if count:
             self.buffered -= count
-            room = self.buffer_limit - self.buffered
-            while room > 0 and self._budget_waiters:
-                _, waiter = self._budget_waiters.popitem(last=False)
-                if not waiter.done():
-                    waiter.set_result(None)
-                    room -= 1
+            self._wake_next()
+
+    def _wake_next(self) -> None:
+        """One waiting worker, while there is room: it reserves, and wakes the next if room is
+        left. A release never wakes a herd that would find the room taken."""
+        while self.buffered < self.buffer_limit and self._budget_waiters:
+            _, waiter = self._budget_waiters.popitem(last=False)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def budget_freed(self, worker: TargetWorker) -> None:
         """Until the buffer has room for ``worker`` again (or it stops)."""
@@ -398,7 +410,7 @@ class Dispatcher:
     def is_retired(self, key: str) -> bool:
         return key in self.retired
 
-    def _start(self, key: str) -> None:
+    def _start(self, key: str, nothing_stored: bool = False) -> None:
         kind = kind_of(key)
         sink = self.sinks.get(kind.name) if kind is not None else None
         if sink is None or kind is None or self._group is None or key in self.workers:
@@ -407,7 +419,7 @@ class Dispatcher:
             # A target of a sink that is not configured has no worker (see ``run``).
             return
         policy, concurrency = kind.policy(self.settings), kind.concurrency(self.settings)
-        worker = TargetWorker(key, self, sink, policy, concurrency)
+        worker = TargetWorker(key, self, sink, policy, concurrency, nothing_stored=nothing_stored)
         self.workers[key] = worker
         task = self._group.create_task(worker.run(), name=f"worker {key}")
         self._tasks[key] = task
@@ -478,11 +490,14 @@ class Dispatcher:
         """Run every worker until ``stop``; then give attempts under way ``grace_s`` to finish."""
         async with asyncio.TaskGroup() as group:
             self._group = group
-            for key in set(self.routes.targets) | await self.store.pending_targets():
+            stored = await self.store.pending_targets()
+            for key in set(self.routes.targets) | stored:
                 if key not in self.routes.targets and self._sink_missing(key) is not None:
                     await self._bury(key)
                 else:
-                    self._start(key)
+                    # A target with nothing stored needs no first lease: it waits, caught up,
+                    # for intake (so 10,000 idle targets cost no store queries at start).
+                    self._start(key, nothing_stored=key not in stored)
             watcher = group.create_task(self._watch_other_writers(), name="external writes")
             await self._stopped.wait()
             watcher.cancel()

@@ -272,6 +272,7 @@ def load_instances(directory: Path) -> LoadResult:
         return result
     files = instance_files(directory)
     result.fingerprint = fingerprint(files)
+    folded: dict[str, str] = {}  # casefolded name -> the name loaded: one lookup per file
     for path in files:
         try:
             config = parse_instance(load_yaml(path))
@@ -284,7 +285,7 @@ def load_instances(directory: Path) -> LoadResult:
             result.failed_names.add(path.stem)
             continue
         name = config.instance_name
-        other = name if name in result.instances else same_but_for_case(name, result.instances)
+        other = folded.get(name.casefold())
         if other is not None:
             how = "also" if other == name else f"differs only by case from {other!r},"
             result.problems.append(f"{path}:1: instanceName: {name!r} {how} defined in {result.files[other]}")
@@ -292,4 +293,5 @@ def load_instances(directory: Path) -> LoadResult:
             continue
         result.instances[name] = config
         result.files[name] = path
+        folded[name.casefold()] = name
     return result

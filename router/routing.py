@@ -24,11 +24,13 @@ Target = Any  # each sink's own target type (``router.sinks.Target`` describes t
 
 @dataclass(frozen=True)
 class Routes:
-    """The routing index. ``targets_for`` is a dictionary lookup, never a scan."""
+    """The routing index. ``targets_for`` is two dictionary lookups, never a scan; its size grows
+    with the targets there are, not with instances times events."""
 
     targets: Mapping[str, Target] = field(default_factory=dict)
     _global: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    _by_instance: Mapping[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    _own: Mapping[str, tuple[Target, ...]] = field(default_factory=dict)  # instance -> its targets
+    _covered: Mapping[str, frozenset[str]] = field(default_factory=dict)  # instance -> global keys
     instances: Mapping[str, InstanceConfig] = field(default_factory=dict)
     _websocket: Mapping[str, frozenset[str]] = field(default_factory=dict)
     # Rules of sinks whose global target routes every instance by its name (RabbitMQ's topic keys).
@@ -36,8 +38,14 @@ class Routes:
 
     def targets_for(self, instance: str, wire: str) -> tuple[str, ...]:
         """Keys of every target subscribed to ``wire`` for ``instance``, global ones first."""
-        keys = self._by_instance.get((instance, wire))
-        return keys if keys is not None else self._global.get(wire, ())
+        everyone = self._global.get(wire, ())
+        own = self._own.get(instance)
+        if own is None:  # most instances: the global targets alone
+            return everyone
+        covered = self._covered.get(instance)
+        if covered:
+            everyone = tuple(key for key in everyone if key not in covered)
+        return everyone + tuple(target.key for target in own if wire in target.events)
 
     def refuses_instance(self, instance: str) -> str | None:
         """Why events of ``instance`` cannot be routed (a sink's naming rule), or None."""
@@ -58,8 +66,8 @@ class Routes:
 def build_routes(settings: Settings, instances: Mapping[str, InstanceConfig]) -> Routes:
     targets: dict[str, Target] = {}
     global_keys: dict[str, list[str]] = {wire: [] for wire in WIRE_NAMES}
-    own: dict[str, dict[str, list[str]]] = {name: {} for name in instances}
-    covered: dict[str, set[str]] = {name: set() for name in instances}
+    own: dict[str, list[Target]] = {}
+    covered: dict[str, set[str]] = {}
     rules = []
     for kind in SINKS:
         if not kind.enabled(settings):
@@ -71,23 +79,16 @@ def build_routes(settings: Settings, instances: Mapping[str, InstanceConfig]) ->
                 for wire in target.events:
                     global_keys[wire].append(target.key)
             else:
-                for wire in target.events:
-                    own[placement.instance].setdefault(wire, []).append(target.key)
+                own.setdefault(placement.instance, []).append(target)
                 if placement.covers is not None:
-                    covered[placement.instance].add(placement.covers)
+                    covered.setdefault(placement.instance, set()).add(placement.covers)
         rules.append(lambda name, kind=kind: kind.refuses_instance(settings, name))
-
-    by_instance: dict[tuple[str, str], tuple[str, ...]] = {}
-    for name in instances:
-        for wire in WIRE_NAMES:
-            keys = [key for key in global_keys[wire] if key not in covered[name]] + own[name].get(wire, [])
-            if keys:
-                by_instance[(name, wire)] = tuple(keys)
 
     return Routes(
         targets=targets,
         _global={wire: tuple(keys) for wire, keys in global_keys.items() if keys},
-        _by_instance=by_instance,
+        _own={name: tuple(mine) for name, mine in own.items()},
+        _covered={name: frozenset(keys) for name, keys in covered.items()},
         instances=dict(instances),
         _websocket={name: config.websocket.subscribed() for name, config in instances.items()},
         _name_rules=tuple(rules),

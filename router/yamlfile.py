@@ -18,6 +18,8 @@ import yaml
 from router.errors import ConfigError
 
 Loc = tuple[str | int, ...]
+# libyaml's loader when PyYAML has it (ten times faster on thousands of instance files).
+_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_DEPTH = 50
 MAX_NODES = 100_000
 _OPEN = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
@@ -76,7 +78,7 @@ def _check_bounds(text: str, path: Path) -> None:
     nodes = 0  # values so far, aliases counted as what they stand for
     sizes: dict[str, int] = {}  # anchor -> the number of values it stands for
     open_nodes: list[tuple[str | None, int]] = []  # (anchor, nodes when it opened)
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+    for event in yaml.parse(text, Loader=_LOADER):
         if isinstance(event, _OPEN):
             open_nodes.append((event.anchor, nodes))
             nodes += 1
@@ -106,8 +108,12 @@ def load_yaml(path: Path) -> YamlDoc:
         raise ConfigError([f"{path}: cannot read: {exc}"]) from exc
     try:
         _check_bounds(text, path)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        loader = _LOADER(text)
+        try:
+            node = loader.get_single_node()  # parsed once: the lines come from it, the data too
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
