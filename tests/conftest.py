@@ -186,16 +186,16 @@ def write_instance(directory: Path, name: str, text: str) -> Path:
 
 
 @asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[App]:
+async def running(settings: Settings, start_timeout: float = 10) -> AsyncIterator[App]:
     """Run the daemon in this event loop until the block ends."""
     app = App(settings)
     task = asyncio.create_task(app.run())
     started = asyncio.create_task(app.started.wait())
-    done, _ = await asyncio.wait({task, started}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    done, _ = await asyncio.wait({task, started}, timeout=start_timeout, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         started.cancel()
         task.result()  # raises what stopped it
-    assert started in done, "daemon did not start within 10 s"
+    assert started in done, f"daemon did not start within {start_timeout} s"
     try:
         yield app
     finally:

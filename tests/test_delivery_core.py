@@ -79,3 +79,20 @@ async def test_idle_targets_run_no_lanes_and_busy_ones_end_theirs(receiver, make
         await wait_idle(app)
         lanes = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "TargetWorker._lane"]
         assert lanes == [], "lanes end when their work is done"
+
+
+async def test_ten_thousand_instances_start_and_deliver(receiver, make_settings, tmp_path):
+    """A correctness test with generous timeouts, not a timing threshold (`make bench` measures)."""
+    from tests.conftest import post_ingest, running, wait_idle  # noqa: PLC0415
+
+    instances = tmp_path / "instances"
+    for n in range(10_000):
+        (instances / f"i{n}.yaml").write_text(f"webhook: {{enabled: true, url: '{receiver.url}/{n}'}}\n")
+    async with running(make_settings(), start_timeout=60) as app:
+        assert len(app.instances) == 10_000
+        picks = [0, 4321, 9999]
+        events = [{"event": "call", "instance": f"i{n}", "data": {"n": n}} for n in picks]
+        assert (await post_ingest(app, events))[0] == 202
+        got = await receiver.wait_for(3, timeout=60)
+        await wait_idle(app, timeout=60)
+    assert sorted(request.path for request in got) == ["/0", "/4321", "/9999"]
