@@ -38,7 +38,7 @@ from router.delivery import Dispatcher
 from router.events import Event, new_event_id, utc_timestamp
 from router.health import Health, check_sinks
 from router.instance_status import InstanceStatus
-from router.instances import directory_fingerprint, load_instances
+from router.instances import InstanceConfig, LoadResult, directory_fingerprint, load_instances
 from router.intake import Intake
 from router.metrics import Metrics
 from router.routing import Routes, build_routes, startup_targets
@@ -68,6 +68,8 @@ class App:
             log.error("config.invalid", problem=problem)
         self.instances = loaded.instances
         self.instance_paths = loaded.files
+        # What each file gave: the next reload reads only the files that changed since.
+        self._loaded: LoadResult | None = loaded
         self._forget_secrets()
         self._fingerprint = loaded.fingerprint
         # Held while instance files are written or read and the routes swapped: one change at a time.
@@ -96,8 +98,24 @@ class App:
 
     def _forget_secrets(self) -> None:
         """No log line may show a secret of the settings or of any instance."""
-        instances = self.instances.values()
-        logs.set_secrets([*self.settings.secret_values(), *(v for c in instances for v in c.secret_values())])
+        logs.set_secrets(self._secrets(self.instances))
+
+    def _secrets(self, instances: Mapping[str, InstanceConfig]) -> list[str]:
+        return [*self.settings.secret_values(), *(v for c in instances.values() for v in c.secret_values())]
+
+    def _prepare_reload(
+        self,
+    ) -> tuple[LoadResult, dict[str, InstanceConfig], dict[str, Path], Routes, list[str]]:
+        """In a thread: the instance files read again (those changed), the index, the secrets.
+        A file that no longer validates keeps its instance's previous configuration."""
+        loaded = load_instances(self.settings.router_instances_dir, self._loaded)
+        instances, paths = dict(loaded.instances), dict(loaded.files)
+        for name in loaded.failed_names:
+            if name in self.instances and name not in instances:
+                instances[name] = self.instances[name]
+                paths[name] = self.instance_paths[name]
+        routes = build_routes(self.settings, instances)
+        return loaded, instances, paths, routes, self._secrets(instances)
 
     @property
     def stopping(self) -> bool:
@@ -263,7 +281,7 @@ class App:
         while True:
             await self._reload.wait()
             self._reload.clear()
-            await self.reload()
+            await self.reload(every_file=True)  # SIGHUP: the operator asks for everything again
 
     async def _reload_if_changed(self) -> None:
         """The watcher saw changes: reload unless the files are as last loaded (our own writes)."""
@@ -271,11 +289,14 @@ class App:
         if await asyncio.to_thread(directory_fingerprint, directory) != self._fingerprint:
             await self.reload()
 
-    async def reload(self) -> None:
-        """Re-read the instance files; a file that does not validate keeps its previous config."""
+    async def reload(self, every_file: bool = False) -> None:
+        """Read the instance files again (those changed, or ``every_file``); a file that does not
+        validate keeps its previous config."""
         async with self.config_lock:
             self.systemd.reloading()
             try:
+                if every_file:
+                    self._loaded = None
                 await self.reload_locked()
             finally:
                 self.systemd.ready(self._status())
@@ -289,18 +310,16 @@ class App:
 
     async def reload_locked(self) -> None:
         """``reload`` for a caller that holds ``config_lock`` (the admin API, after a write)."""
-        # Parsing many files takes a while: off the event loop, so deliveries go on meanwhile.
-        loaded = await asyncio.to_thread(load_instances, self.settings.router_instances_dir)
+        # Reading the files that changed, building the index and the secrets take a while with
+        # thousands of instances: off the event loop, so deliveries go on meanwhile; the loop
+        # only swaps the results in.
+        loaded, instances, paths, routes, secrets = await asyncio.to_thread(self._prepare_reload)
         for problem in loaded.problems:
             log.error("config.invalid", problem=problem, hint="previous configuration kept")
-        instances, paths = dict(loaded.instances), dict(loaded.files)
-        for name in loaded.failed_names:
-            if name in self.instances and name not in instances:
-                instances[name] = self.instances[name]
-                paths[name] = self.instance_paths[name]
         self.instances, self.instance_paths, self._fingerprint = instances, paths, loaded.fingerprint
-        self._forget_secrets()
-        self.current.routes = build_routes(self.settings, instances)  # in force for every reader
+        self._loaded = loaded
+        logs.set_secrets(secrets)
+        self.current.routes = routes  # in force for every reader
         if self.dispatcher is not None:
             await self.dispatcher.apply()
         if self.whatsapp is not None:

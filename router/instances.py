@@ -159,6 +159,8 @@ class LoadResult:
     failed_names: set[str] = field(default_factory=set)  # file stems whose file did not validate
     # (file name, mtime_ns, size) of every file read: tells whether the directory changed since.
     fingerprint: frozenset[tuple[str, int, int]] = frozenset()
+    # What each file gave, by (name, mtime_ns, size): a reload parses only the files that changed.
+    parsed: dict[tuple[str, int, int], InstanceConfig | ConfigError] = field(default_factory=dict)
 
 
 def validate_instance(data: Mapping[str, Any], name: str) -> InstanceConfig:
@@ -215,6 +217,15 @@ def _located(exc: ValidationError, prefix: Loc = ()) -> list[tuple[Loc, str]]:
     return problems
 
 
+def _parse_file(path: Path) -> InstanceConfig | ConfigError:
+    try:
+        return parse_instance(load_yaml(path))
+    except ConfigError as exc:
+        return exc
+    except Exception as exc:  # a file must never stop the daemon, whatever is in it
+        return ConfigError([f"{path}:1: cannot be read: {type(exc).__name__}: {exc}"])
+
+
 def parse_instance(doc: YamlDoc) -> InstanceConfig:
     """Validate one instance file; raise ConfigError with ``file:line: field: what`` lines."""
     try:
@@ -264,8 +275,9 @@ def directory_fingerprint(directory: Path) -> frozenset[tuple[str, int, int]]:
     return fingerprint(instance_files(directory))
 
 
-def load_instances(directory: Path) -> LoadResult:
-    """Read every ``*.yaml`` in ``directory``; a bad file is reported and left out."""
+def load_instances(directory: Path, previous: LoadResult | None = None) -> LoadResult:
+    """Read every ``*.yaml`` in ``directory``; a bad file is reported and left out. Files whose
+    name, modification time and size are as in ``previous`` are not read again."""
     result = LoadResult()
     if not directory.is_dir():
         result.problems.append(f"{directory}: instances directory does not exist")
@@ -273,17 +285,19 @@ def load_instances(directory: Path) -> LoadResult:
     files = instance_files(directory)
     result.fingerprint = fingerprint(files)
     folded: dict[str, str] = {}  # casefolded name -> the name loaded: one lookup per file
+    stamps = {name: (name, mtime, size) for name, mtime, size in result.fingerprint}
     for path in files:
-        try:
-            config = parse_instance(load_yaml(path))
-        except ConfigError as exc:
-            result.problems.extend(exc.problems)
+        stamp = stamps.get(path.name)
+        outcome = previous.parsed.get(stamp) if previous is not None and stamp is not None else None
+        if outcome is None:
+            outcome = _parse_file(path)
+        if stamp is not None:
+            result.parsed[stamp] = outcome
+        if isinstance(outcome, ConfigError):
+            result.problems.extend(outcome.problems)
             result.failed_names.add(path.stem)
             continue
-        except Exception as exc:  # a file must never stop the daemon, whatever is in it
-            result.problems.append(f"{path}:1: cannot be read: {type(exc).__name__}: {exc}")
-            result.failed_names.add(path.stem)
-            continue
+        config = outcome
         name = config.instance_name
         other = folded.get(name.casefold())
         if other is not None:

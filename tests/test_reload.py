@@ -99,3 +99,23 @@ def test_app_creates_a_missing_instances_directory(make_settings, tmp_path: Path
     settings = make_settings(ROUTER_INSTANCES_DIR=str(tmp_path / "new" / "instances"))
     App(settings)
     assert (tmp_path / "new" / "instances").is_dir()
+
+
+async def test_a_reload_reads_only_the_files_that_changed(make_settings, tmp_path, monkeypatch):
+    import router.instances  # noqa: PLC0415
+
+    instances = tmp_path / "instances"
+    for n in range(50):
+        write_instance(instances, f"i{n}", "webhook: {enabled: false}\n")
+    read: list[str] = []
+    parse = router.instances._parse_file
+    monkeypatch.setattr(router.instances, "_parse_file", lambda path: read.append(path.name) or parse(path))
+    async with running(make_settings()) as app:
+        read.clear()
+        write_instance(instances, "i7", "webhook: {enabled: true, url: 'http://127.0.0.1:9/x'}\n")
+        await app.reload()
+        assert read == ["i7.yaml"]
+        assert app.routes.targets_for("i7", "call") == ("webhook:instance:i7",)
+        read.clear()
+        await app.reload(every_file=True)  # SIGHUP reads everything again
+        assert len(read) == 50
