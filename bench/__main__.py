@@ -50,7 +50,7 @@ BATCH = 500
 API_KEY = "bench-key"
 RESULTS = Path(__file__).parent / "results"
 # The daemon on its embedded defaults plus the environment each section gives it.
-SETTING_PREFIXES = ("WEBHOOK_", "ROUTER_", "RABBITMQ_", "SQS_", "PUSHER_", "WEBSOCKET_")
+SETTING_PREFIXES = ("WEBHOOK_", "ROUTER_", "RABBITMQ_", "SQS_", "PUSHER_", "WEBSOCKET_", "NATS_")
 DAEMON = [sys.executable, "-m", "router", "--config", "/nonexistent", "--env-file", "/nonexistent", "run"]
 
 
@@ -687,6 +687,73 @@ async def pusher_section() -> dict[str, object]:
     return row
 
 
+SCALE_INSTANCES = [int(n) for n in os.environ.get("BENCH_SCALE_INSTANCES", "1,1000,10000").split(",")]
+SCALE_EVENTS = int(os.environ.get("BENCH_SCALE_EVENTS", "10000"))
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def scale_run(instances: int, base: str) -> dict[str, float]:
+    """``instances`` instance files, each with its own webhook; SCALE_EVENTS spread over them."""
+    with tempfile.TemporaryDirectory() as directory:
+        for n in range(instances):
+            Path(directory, f"i{n}.yaml").write_text(f"webhook: {{enabled: true, url: '{base}/hook'}}\n")
+        started = time.perf_counter()
+        env = {"ROUTER_INSTANCES_DIR": directory, "ROUTER_WEBHOOK_CONCURRENCY": str(CONCURRENCY)}
+        async with daemon(**env) as (port, pid), aiohttp.ClientSession() as session:
+            listening_s = time.perf_counter() - started
+            await session.post(f"{base}/reset")
+            began = time.perf_counter()
+            url, headers = f"http://127.0.0.1:{port}/ingest", {"apikey": API_KEY}
+            for first in range(0, SCALE_EVENTS, BATCH):
+                now = time.time()
+                batch = [
+                    {**make_event(n, now), "instance": f"i{n % instances}"}
+                    for n in range(first, min(first + BATCH, SCALE_EVENTS))
+                ]
+                async with session.post(url, data=orjson.dumps(batch), headers=headers) as answer:
+                    assert answer.status == 202, await answer.text()
+            await wait_count(session, base, SCALE_EVENTS)
+            elapsed = time.perf_counter() - began
+            rss = rss_mib(pid)
+    return {
+        "instances": instances,
+        "listening_s": listening_s,
+        "events_per_s": SCALE_EVENTS / elapsed,
+        "rss_mib": rss,
+    }
+
+
+async def scale_section() -> dict[str, object]:
+    port = free_port()
+    receiver = subprocess.Popen([sys.executable, "-m", "bench.receiver", "--port", str(port)])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_http(f"{base}/count")
+        rows = [await scale_run(instances, base) for instances in SCALE_INSTANCES]
+    finally:
+        receiver.terminate()
+        receiver.wait(10)
+    print(
+        f"\nscale, {SCALE_EVENTS} events of ~1 KB in batches of {BATCH},"
+        " spread over N instances, a webhook each"
+    )
+    print(f"{'instances':>10} {'listening after s':>18} {'delivered events/s':>19} {'RSS MiB':>9}")
+    for row in rows:
+        print(
+            f"{row['instances']:>10.0f} {row['listening_s']:>18.1f} {row['events_per_s']:>19.0f}"
+            f" {row['rss_mib']:>9.0f}"
+        )
+    flat = rows[-1]["events_per_s"] / rows[0]["events_per_s"]
+    print(f"{'rate at the most instances / at one':<49} {flat:>9.2f}   (target >= 0.80)")
+    return {"runs": rows, "flatness": flat}
+
+
 SECTIONS = {
     "webhook": webhook_section,
     "rabbitmq": rabbitmq_section,
@@ -694,6 +761,7 @@ SECTIONS = {
     "websocket": websocket_section,
     "pusher": pusher_section,
     "nats": nats_section,
+    "scale": scale_section,
 }
 
 
