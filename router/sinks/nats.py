@@ -42,6 +42,7 @@ from pydantic import BaseModel, field_validator, model_validator
 from router import logs
 from router.errors import PermanentError, RetryableError, Unavailable
 from router.events import Event, envelope
+from router.retry import RetryPolicy
 from router.sections import Subscription
 from router.sinks import BaseSink, Placement, SinkKind, subscribed
 
@@ -99,9 +100,9 @@ class NatsSink(BaseSink):
         assert settings.nats_uri is not None
         self.servers = [server.strip() for server in settings.nats_uri.split(",") if server.strip()]
         self.prefix = settings.nats_prefix_key
-        self.retry_initial_s = max(settings.router_queue_retry_initial_delay_s, 0.05)
-        self.retry_max_s = max(
-            getattr(settings, "router_queue_retry_max_delay_s", 30.0), self.retry_initial_s
+        # Reconnecting follows the queue retry schedule (ROUTER_QUEUE_RETRY_*), never faster than 50 ms.
+        self.backoff = RetryPolicy.for_queues(
+            max(settings.router_queue_retry_initial_delay_s, 0.05), settings.router_queue_retry_max_delay_s
         )
         self._client: Client | None = None
         self._up = asyncio.Event()
@@ -172,7 +173,7 @@ class NatsSink(BaseSink):
                     connect_timeout=CONNECT_TIMEOUT_S,
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=self.retry_initial_s,
+                    reconnect_time_wait=self.backoff.initial_delay_s,
                     disconnected_cb=disconnected,
                     reconnected_cb=reconnected,
                     closed_cb=on_closed,
@@ -183,7 +184,7 @@ class NatsSink(BaseSink):
                 self._last_error = logs.scrub(f"{type(exc).__name__}: {exc}")
                 if failures == 1:
                     log.error("nats.unreachable", error=self._last_error, hint="events wait in the store")
-                await asyncio.sleep(min(self.retry_initial_s * 2 ** (failures - 1), self.retry_max_s))
+                await asyncio.sleep(self.backoff.delay_s(failures))
                 continue
             failures = 0
             self._client = client

@@ -16,6 +16,7 @@ from pamqp.common import FieldValue
 from router import logs
 from router.errors import PermanentError, RetryableError, Unavailable
 from router.events import Event, envelope
+from router.retry import RetryPolicy
 from router.sinks import BaseSink
 from router.sinks.rabbitmq.config import RabbitmqTarget
 
@@ -63,8 +64,10 @@ class RabbitmqSink(BaseSink):
         self._keeper: asyncio.Task[None] | None = None
         self._last_error = "not connected yet"
         self._closed_because: str | None = None
-        self.retry_initial_s = max(settings.router_queue_retry_initial_delay_s, 0.05)
-        self.retry_max_s = max(settings.router_queue_retry_max_delay_s, self.retry_initial_s)
+        # Reconnecting follows the queue retry schedule (ROUTER_QUEUE_RETRY_*), never faster than 50 ms.
+        self.backoff = RetryPolicy.for_queues(
+            max(settings.router_queue_retry_initial_delay_s, 0.05), settings.router_queue_retry_max_delay_s
+        )
 
     def where(self, target: RabbitmqTarget, event: Event) -> dict[str, str]:
         publish = self.plan(target, event)
@@ -123,7 +126,7 @@ class RabbitmqSink(BaseSink):
                 self._last_error = logs.scrub(f"{type(exc).__name__}: {exc}")
                 if failures == 1:
                     log.error("rabbitmq.unreachable", error=self._last_error, hint="events wait in the store")
-                delay = min(self.retry_initial_s * 2 ** (failures - 1), self.retry_max_s)
+                delay = self.backoff.delay_s(failures)
                 await asyncio.sleep(delay)
                 continue
             failures = 0
