@@ -54,13 +54,20 @@ SETTING_PREFIXES = ("WEBHOOK_", "ROUTER_", "RABBITMQ_", "SQS_", "PUSHER_", "WEBS
 DAEMON = [sys.executable, "-m", "router", "--config", "/nonexistent", "--env-file", "/nonexistent", "run"]
 
 
-def make_event(n: int, sent_at: float) -> dict[str, object]:
-    """An event whose envelope is about 1 KB."""
+CHATS = int(os.environ.get("BENCH_CHATS", "1000"))  # conversations the events are spread over
+
+
+def make_event(n: int, sent_at: float, chats: int = CHATS) -> dict[str, object]:
+    """An event whose envelope is about 1 KB, of chat ``n % chats``."""
     return {
         "event": "messages.upsert",
         "instance": "bench",
         "data": {
-            "key": {"remoteJid": "5511999999999@s.whatsapp.net", "fromMe": False, "id": f"BENCH{n:012d}"},
+            "key": {
+                "remoteJid": f"5511{n % chats:09d}@s.whatsapp.net",
+                "fromMe": False,
+                "id": f"BENCH{n:012d}",
+            },
             "pushName": "Bench",
             "message": {"conversation": "x" * 700},
             "messageTimestamp": 1700000000 + n,
@@ -176,14 +183,16 @@ async def daemon(**sink_env: str) -> AsyncIterator[tuple[int, int]]:
             process.wait(30)
 
 
-async def ingest_all(session: aiohttp.ClientSession, port: int, count: int, posters: int = 4) -> None:
+async def ingest_all(
+    session: aiohttp.ClientSession, port: int, count: int, posters: int = 4, chats: int = CHATS
+) -> None:
     """POST events 0..count-1 to the daemon in batches of BATCH, ``posters`` requests at a time."""
     batches = list(range(0, count, BATCH))
 
     async def post_batches(mine: list[int]) -> None:
         for start in mine:
             now = time.time()
-            batch = [make_event(n, now) for n in range(start, min(start + BATCH, count))]
+            batch = [make_event(n, now, chats) for n in range(start, min(start + BATCH, count))]
             async with session.post(
                 f"http://127.0.0.1:{port}/ingest",
                 data=orjson.dumps(batch),
@@ -205,13 +214,19 @@ async def timed_burst(
     return time.perf_counter() - started, cpu_s(pid) - cpu0
 
 
-async def bench_router(base: str, receiver_pid: int) -> dict[str, float]:
-    hook = {
+def hook_env(base: str, **extra: str) -> dict[str, str]:
+    """The daemon's settings for a global webhook at the benchmark receiver."""
+    return {
         "WEBHOOK_GLOBAL_ENABLED": "true",
         "WEBHOOK_GLOBAL_URL": f"{base}/hook",
         "WEBHOOK_EVENTS_MESSAGES_UPSERT": "true",
         "ROUTER_WEBHOOK_CONCURRENCY": str(CONCURRENCY),
+        **extra,
     }
+
+
+async def bench_router(base: str, receiver_pid: int) -> dict[str, float]:
+    hook = hook_env(base)
     async with daemon(**hook) as (port, pid), aiohttp.ClientSession() as session:
         await session.post(f"{base}/reset")
         cpu0, rcpu0 = cpu_s(pid), cpu_s(receiver_pid)
@@ -754,6 +769,131 @@ async def scale_section() -> dict[str, object]:
     return {"runs": rows, "flatness": flat}
 
 
+ORDER_EVENTS = int(os.environ.get("BENCH_ORDER_EVENTS", "5000"))
+
+
+async def ordering_run(base: str, ordering: str, chats: int) -> dict[str, float]:
+    """ORDER_EVENTS to one webhook under ``ROUTER_WEBHOOK_ORDERING=ordering``, over ``chats``."""
+    hook = hook_env(base, ROUTER_WEBHOOK_ORDERING=ordering)
+    async with daemon(**hook) as (port, _), aiohttp.ClientSession() as session:
+        await session.post(f"{base}/reset")
+        started = time.perf_counter()
+        await ingest_all(session, port, ORDER_EVENTS, chats=chats)
+        await wait_count(session, base, ORDER_EVENTS)
+        elapsed = time.perf_counter() - started
+        result = await stats(session, base)
+    lat: list[float] = result["latencies_ms"]  # type: ignore[assignment]
+    return {
+        "events_per_s": ORDER_EVENTS / elapsed,
+        "p50_ms": percentile(lat, 0.5),
+        "p99_ms": percentile(lat, 0.99),
+    }
+
+
+async def ordering_section() -> dict[str, object]:
+    """Ordering none / per chat / per instance side by side, rounds alternating."""
+    port = free_port()
+    receiver = subprocess.Popen([sys.executable, "-m", "bench.receiver", "--port", str(port)])
+    base = f"http://127.0.0.1:{port}"
+    cases = [
+        ("none", CHATS, f"none, {CHATS} chats"),
+        ("chat", CHATS, f"chat, {CHATS} chats"),
+        ("instance", CHATS, f"instance, {CHATS} chats (one instance)"),
+        ("chat", 1, "chat, all in one chat"),
+    ]
+    runs: dict[str, list[dict[str, float]]] = {label: [] for *_, label in cases}
+    try:
+        await wait_http(f"{base}/count")
+        for _ in range(ROUNDS):
+            for ordering, chats, label in cases:
+                runs[label].append(await ordering_run(base, ordering, chats))
+    finally:
+        receiver.terminate()
+        receiver.wait(10)
+    rows = {label: median_run(found) for label, found in runs.items()}
+    print(
+        f"\nordering, {ORDER_EVENTS} events of ~1 KB to one webhook,"
+        f" concurrency {CONCURRENCY}, median of {ROUNDS}"
+    )
+    print(f"{'ROUTER_WEBHOOK_ORDERING':<40} {'events/s':>10} {'p50 ms':>9} {'p99 ms':>9}")
+    for label, row in rows.items():
+        print(f"{label:<40} {row['events_per_s']:>10.0f} {row['p50_ms']:>9.1f} {row['p99_ms']:>9.1f}")
+    ratios = [
+        b["events_per_s"] / a["events_per_s"]
+        for a, b in zip(runs[cases[0][2]], runs[cases[1][2]], strict=True)
+    ]
+    ratio = statistics.median(ratios)
+    print(f"{'chat / none over many chats (paired median)':<49} {ratio:>9.2f}   (target >= 0.90)")
+    return {"runs": rows, "chat_over_none": ratio}
+
+
+LATENCY_RATES = [int(r) for r in os.environ.get("BENCH_LATENCY_RATES", "1000,2000").split(",")]
+LATENCY_SECONDS = float(os.environ.get("BENCH_LATENCY_SECONDS", "5"))
+
+
+async def latency_run(base: str, port: int, rate: int) -> dict[str, float]:
+    """Single-event requests at ``rate`` per second (open loop) for LATENCY_SECONDS: the time
+    from each 202 to the event's arrival at the receiver."""
+    total = int(rate * LATENCY_SECONDS)
+    answered: dict[str, float] = {}
+    url, headers = f"http://127.0.0.1:{port}/ingest", {"apikey": API_KEY, "Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=512)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await session.post(f"{base}/reset")
+
+        async def post(n: int) -> None:
+            async with session.post(url, data=orjson.dumps(make_event(n, time.time())), headers=headers) as r:
+                assert r.status == 202, await r.text()
+                answered[f"BENCH{n:012d}"] = time.time()
+
+        tasks, late = [], 0
+        started = time.perf_counter()
+        for n in range(total):
+            delay = started + n / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -0.01:
+                late += 1  # the generator itself fell behind by over 10 ms
+            tasks.append(asyncio.create_task(post(n)))
+        await asyncio.gather(*tasks)
+        await wait_count(session, base, total)
+        arrivals: dict[str, float] = (await stats(session, base))["arrivals"]  # type: ignore[assignment]
+    waits = [(arrivals[key] - at) * 1000 for key, at in answered.items()]
+    return {
+        "rate": rate,
+        "p50_ms": percentile(waits, 0.5),
+        "p99_ms": percentile(waits, 0.99),
+        "late_sends": late,
+    }
+
+
+async def latency_section() -> dict[str, object]:
+    """Fixed offered rates of single-event requests: p50/p99 from the 202 to the arrival."""
+    port = free_port()
+    receiver = subprocess.Popen([sys.executable, "-m", "bench.receiver", "--port", str(port)])
+    base = f"http://127.0.0.1:{port}"
+    hook = hook_env(base)
+    runs: dict[int, list[dict[str, float]]] = {rate: [] for rate in LATENCY_RATES}
+    try:
+        await wait_http(f"{base}/count")
+        for _ in range(ROUNDS):
+            for rate in LATENCY_RATES:
+                async with daemon(**hook) as (router_port, _):
+                    runs[rate].append(await latency_run(base, router_port, rate))
+    finally:
+        receiver.terminate()
+        receiver.wait(10)
+    rows = [sorted(found, key=lambda run: run["p99_ms"])[len(found) // 2] for found in runs.values()]
+    print(
+        f"\nlatency, single-event requests at fixed rates for {LATENCY_SECONDS:g} s, from the 202 to"
+        f" arrival, median p99 of {ROUNDS}"
+    )
+    print(f"{'requests/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'late sends':>11}")
+    for row in rows:
+        print(f"{row['rate']:>10.0f} {row['p50_ms']:>9.1f} {row['p99_ms']:>9.1f} {row['late_sends']:>11.0f}")
+    return {"runs": rows}
+
+
 SECTIONS = {
     "webhook": webhook_section,
     "rabbitmq": rabbitmq_section,
@@ -762,6 +902,8 @@ SECTIONS = {
     "pusher": pusher_section,
     "nats": nats_section,
     "scale": scale_section,
+    "ordering": ordering_section,
+    "latency": latency_section,
 }
 
 

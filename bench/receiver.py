@@ -1,8 +1,9 @@
 """The benchmark's webhook receiver, in a process of its own.
 
-POST anything: counted, and the latency from the event's ``data.sent_at`` recorded.
-GET /count: ``{"count": n}`` (cheap, for polling); GET /stats adds ``latencies_ms``;
-POST /reset clears them.
+POST anything: counted, and the latency from the event's ``data.sent_at`` recorded, and when
+it arrived by its ``data.key.id``.
+GET /count: ``{"count": n}`` (cheap, for polling); GET /stats adds ``latencies_ms`` and
+``arrivals`` (key id -> unix time); POST /reset clears them.
 """
 
 from __future__ import annotations
@@ -16,18 +17,25 @@ from aiohttp import web
 
 def make_app() -> web.Application:
     state: dict[str, list[float]] = {"latencies": []}
+    arrivals: dict[str, float] = {}
     counter = {"count": 0}
 
     async def receive(request: web.Request) -> web.Response:
         body = await request.read()
+        now = time.time()
         counter["count"] += 1
-        sent_at = orjson.loads(body).get("data", {}).get("sent_at")
+        data = orjson.loads(body).get("data", {})
+        sent_at = data.get("sent_at")
         if sent_at is not None:
-            state["latencies"].append((time.time() - sent_at) * 1000)
+            state["latencies"].append((now - sent_at) * 1000)
+        key_id = (data.get("key") or {}).get("id")
+        if key_id is not None:
+            arrivals[key_id] = now
         return web.Response(status=200)
 
     async def stats(_: web.Request) -> web.Response:
-        return web.json_response({"count": counter["count"], "latencies_ms": state["latencies"]})
+        body = {"count": counter["count"], "latencies_ms": state["latencies"], "arrivals": arrivals}
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
 
     async def count(_: web.Request) -> web.Response:
         return web.json_response({"count": counter["count"]})
@@ -35,6 +43,7 @@ def make_app() -> web.Application:
     async def reset(_: web.Request) -> web.Response:
         counter["count"] = 0
         state["latencies"] = []
+        arrivals.clear()
         return web.Response(status=204)
 
     app = web.Application()

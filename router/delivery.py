@@ -4,11 +4,17 @@ One ``TargetWorker`` per target leases that target's due deliveries from the sto
 ``concurrency`` attempts at once, so a slow or dead target only ever occupies its own slots.
 Each attempt ends in exactly one of: ack (delivered), retry (rescheduled with backoff, or the
 receiver's ``Retry-After``), or kill (a dead letter with its last error).
+
+Deliveries that share an ordering key (``router.ordering``: one chat, one instance) are attempted
+one at a time, oldest first: the others of that key wait in memory behind the one ready or in
+flight, and a retry gives them back to the store, due with it (``Store.retry``), so nothing of a
+key overtakes a delivery waiting for its retry. Deliveries without a key use any free slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import time
@@ -53,7 +59,13 @@ class TargetWorker:
         self.policy = policy
         self.concurrency = concurrency
         self.in_flight = 0
+        # Leased and ready to attempt: the oldest of their key here or in flight, or keyless.
         self._ready: collections.deque[Lease] = collections.deque()
+        # Key -> the leased deliveries of that key waiting behind the one ready or in flight
+        # (a key is here exactly while one of its deliveries is ready or in flight).
+        self._followers: dict[str, collections.deque[Lease]] = {}
+        self._held = 0  # deliveries in ``_followers``
+        self._blocked: dict[str, float] = {}  # key -> until: a retry of it is waiting
         self._wake = asyncio.Event()  # new deliveries stored, or an attempt finished
         self._lanes = 0  # lane tasks running: started when there is work, ended when there is none
         self._group: asyncio.TaskGroup | None = None
@@ -63,14 +75,20 @@ class TargetWorker:
         # then come straight from intake without overtaking older ones.
         self.caught_up = False
         self.reserved = 0  # places promised to intake for deliveries being stored
-        # Claims refused so far: those deliveries are stored pending, possibly after a lease
-        # under way read the store, so that lease cannot tell the worker it is caught up.
+        # Deliveries stored pending so far (claims refused, wakes): possibly after a lease under
+        # way read the store, so that lease cannot tell the worker it is caught up.
         self._refused = 0
         self._troubled = False  # the store failed us last time (logged once until it works)
 
+    @property
+    def free_lanes(self) -> int:
+        """Attempt slots with nothing ready for them: this many may be leased whatever the shared
+        lease buffer holds, so no backlog of other targets ever keeps this one waiting."""
+        return max(0, self.concurrency - self.in_flight - len(self._ready) - self._held - self.reserved)
+
     def claim(self, count: int) -> bool:
         """Take ``count`` new deliveries straight from intake, if that keeps their order."""
-        room = self.concurrency * LEASE_AHEAD - len(self._ready) - self.reserved
+        room = self.concurrency * LEASE_AHEAD - len(self._ready) - self._held - self.reserved
         if self._stopping or not self.caught_up or count > room:
             self.caught_up = False  # they go through the store, behind what is there
             self._refused += 1
@@ -81,8 +99,61 @@ class TargetWorker:
     def take(self, leases: Sequence[Lease], reserved: int) -> None:
         self.reserved -= reserved
         if leases:
-            self._ready.extend(leases)
-            self._start_lanes()
+            self._admit(leases)
+
+    def _admit(self, leases: Sequence[Lease]) -> None:
+        """Leased deliveries, oldest first: ready, or behind the one of their key ready or in flight."""
+        ready, now = self._ready, 0.0
+        late: list[Lease] = []
+        for lease in leases:
+            key = lease.okey
+            if key is None:
+                ready.append(lease)
+                continue
+            if key in self._blocked:
+                now = now or time.time()
+                if self._blocked[key] > now:  # leased just before its key's retry was stored
+                    late.append(lease)
+                    continue
+                del self._blocked[key]
+            followers = self._followers.get(key)
+            if followers is None:
+                self._followers[key] = collections.deque()
+                ready.append(lease)
+                continue
+            self._held += 1
+            if followers and followers[-1].delivery_id > lease.delivery_id:  # a replayed dead letter
+                bisect.insort(followers, lease, key=lambda held: held.delivery_id)
+            else:
+                followers.append(lease)
+        if late:
+            self._give_back(late, max(self._blocked[lease.okey] for lease in late if lease.okey))
+        self._start_lanes()
+
+    def _give_back(self, leases: Sequence[Lease], until: float) -> None:
+        """Leases not to attempt now: pending in the store again, due at ``until``."""
+        self._track(self.dispatcher.store.hold(leases, until))
+        self.dispatcher.release(len(leases))
+        self._need_more.set()
+
+    def _done(self, lease: Lease, retry_at: float | None) -> None:
+        """``lease``'s attempt ended: the next of its key is ready, or (a retry) they all wait."""
+        key = lease.okey
+        if key is None:
+            return
+        if retry_at is not None:
+            self._blocked[key] = retry_at
+            followers = self._followers.pop(key)
+            if followers:
+                self._held -= len(followers)
+                self._give_back(followers, retry_at)
+            return
+        followers = self._followers[key]
+        if followers:
+            self._held -= 1
+            self._ready.append(followers.popleft())
+        else:
+            del self._followers[key]
 
     def _start_lanes(self) -> None:
         """A lane per leased delivery, up to ``concurrency``: an idle target runs none."""
@@ -93,6 +164,10 @@ class TargetWorker:
             self._group.create_task(self._lane())
 
     def wake(self) -> None:
+        """Deliveries of this target were stored pending: lease them before taking any more
+        from intake (a handover now would overtake them)."""
+        self.caught_up = False
+        self._refused += 1
         self._wake.set()
 
     def stop(self) -> None:
@@ -119,11 +194,12 @@ class TargetWorker:
             self.caught_up = True  # intake may hand new deliveries straight over
             await self._sleep_until(None)
         while not self._stopping:
-            if len(self._ready) >= self.concurrency:
-                self._need_more.clear()
+            room = self.concurrency * LEASE_AHEAD - len(self._ready) - self._held - self.reserved
+            if len(self._ready) >= self.concurrency or room <= 0 or (room < self.concurrency and self._ready):
+                self._need_more.clear()  # enough to do; lease again in batches, not one by one
                 await self._need_more.wait()
                 continue
-            want = self.dispatcher.reserve(self.concurrency * LEASE_AHEAD - len(self._ready))
+            want = self.dispatcher.reserve(room, floor=self.free_lanes)
             if want == 0:  # every target together holds ROUTER_LEASE_BUFFER leased events
                 await self.dispatcher.budget_freed(self)
                 continue
@@ -139,8 +215,7 @@ class TargetWorker:
             self._troubled = False
             self.caught_up = len(leases) < want and self._refused == refused
             if leases:
-                self._ready.extend(leases)
-                self._start_lanes()
+                self._admit(leases)
                 continue
             try:
                 due_at = await store.next_due(self.key)
@@ -164,7 +239,7 @@ class TargetWorker:
 
     @property
     def busy(self) -> bool:
-        return bool(self._ready) or self.in_flight > 0 or self.reserved > 0
+        return bool(self._ready) or self.in_flight > 0 or self.reserved > 0 or self._held > 0
 
     async def _lane(self) -> None:
         """Attempt leased deliveries until there are none left (or the worker stops)."""
@@ -188,33 +263,39 @@ class TargetWorker:
                 self._need_more.set()
             self.in_flight += 1
             try:
-                if not await self._attempt(lease):
-                    ready.appendleft(lease)  # not attempted after all: first again, uncounted
-                    self.dispatcher.buffered += 1  # held in memory again
+                attempted, retry_at = await self._attempt(lease)
             finally:
                 self.in_flight -= 1
+            if attempted:
+                self._done(lease, retry_at)
+                # A slot is free: a leaser waiting for room in the shared buffer may fill it.
+                self.dispatcher.stop_waiting(self)
+            else:
+                ready.appendleft(lease)  # not attempted after all: first again, uncounted
+                self.dispatcher.buffered += 1  # held in memory again
 
     async def _sleep_until(self, due_at: float | None) -> None:
         timeout = None if due_at is None else max(0.0, due_at - time.time())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _attempt(self, lease: Lease) -> bool:
-        """Attempt ``lease``; False when the sink turned out to be unavailable (not an attempt)."""
+    async def _attempt(self, lease: Lease) -> tuple[bool, float | None]:
+        """Attempt ``lease``: (False, None) when the sink turned out to be unavailable (not an
+        attempt); (True, when it is tried again) for a retry; (True, None) once it is done."""
         try:
-            await self._attempt_once(lease)
+            return True, await self._attempt_once(lease)
         except Unavailable:
-            return False
+            return False, None
         except Exception:  # a bug here must not stop the other attempts or the daemon
             log.exception("delivery.bug", target=self.key, event_id=lease.event.id)
-        return True
+        return True, None
 
-    async def _attempt_once(self, lease: Lease) -> None:
+    async def _attempt_once(self, lease: Lease) -> float | None:
         store = self.dispatcher.store
         target = self.dispatcher.target(self.key)
         started = time.perf_counter()
         status: int | None = None
-        outcome, error = "delivered", ""
+        outcome, error, retry_at = "delivered", "", None
         try:
             if target is None:
                 raise PermanentError(f"target {self.key} is no longer configured")
@@ -223,14 +304,14 @@ class TargetWorker:
             raise  # not the delivery's failure: nothing is recorded, the lane waits for the sink
         except RetryableError as exc:
             status, error = exc.status, logs.scrub(str(exc))
-            outcome, error = self._retry_or_kill(lease, error, exc.retry_after_s)
+            outcome, error, retry_at = self._retry_or_kill(lease, error, exc.retry_after_s)
         except PermanentError as exc:
             status, error, outcome = exc.status, logs.scrub(str(exc)), "dead"
             self._track(store.kill(lease, error))
         except Exception as exc:  # a bug in a sink must not kill the worker, nor retry forever
             log.exception("delivery.bug", target=self.key, event_id=lease.event.id)
             error = logs.scrub(f"internal error: {type(exc).__name__}: {exc}")
-            outcome, error = self._retry_or_kill(lease, error, None)
+            outcome, error, retry_at = self._retry_or_kill(lease, error, None)
         else:
             store.ack(lease)
         elapsed = time.perf_counter() - started
@@ -264,22 +345,26 @@ class TargetWorker:
                 attempt=lease.attempts + 1,
                 error=error,
             )
+        return retry_at
 
-    def _retry_or_kill(self, lease: Lease, error: str, retry_after_s: float | None) -> tuple[str, str]:
+    def _retry_or_kill(
+        self, lease: Lease, error: str, retry_after_s: float | None
+    ) -> tuple[str, str, float | None]:
         """A failed attempt counts, whatever failed: retried by the policy, or a dead letter.
-        Returns the outcome and the error as recorded."""
+        Returns the outcome, the error as recorded and when the retry is due (None: dead)."""
         store = self.dispatcher.store
         attempt = lease.attempts + 1
         if attempt >= self.policy.max_attempts:
             error = f"{error} (gave up after {attempt} attempts)"
             self._track(store.kill(lease, error))
-            return "dead", error
+            return "dead", error, None
         delay = self.policy.delay_s(attempt)
         if retry_after_s is not None:
             delay = min(retry_after_s, self.policy.max_delay_s)
-        self._track(store.retry(lease, time.time() + delay, error))
+        retry_at = time.time() + delay
+        self._track(store.retry(lease, retry_at, error))
         self._wake.set()  # the leaser recomputes when the next delivery is due
-        return f"retry in {delay:.2f}s", error
+        return f"retry in {delay:.2f}s", error, retry_at
 
     @staticmethod
     def _track(future: asyncio.Future[Any]) -> None:
@@ -320,15 +405,18 @@ class Dispatcher:
         self.buffer_limit = settings.router_lease_buffer
         self.buffered = 0
         self.handed_over = 0  # deliveries given to workers by intake without a lease query
+        self._stored_early: set[str] = set()  # targets given deliveries before their worker ran
+        self._started = False  # every worker of the configuration at start is running
         # Workers waiting for room in the buffer, first come first served: a release wakes as
         # many as it freed places, not every worker of every target.
         self._budget_waiters: collections.OrderedDict[TargetWorker, asyncio.Future[None]] = (
             collections.OrderedDict()
         )
 
-    def reserve(self, wanted: int) -> int:
-        """Take up to ``wanted`` places in the shared lease buffer; return how many."""
-        granted = max(0, min(wanted, self.buffer_limit - self.buffered))
+    def reserve(self, wanted: int, floor: int = 0) -> int:
+        """Take up to ``wanted`` places in the shared lease buffer; return how many. ``floor``
+        places are granted even beyond the buffer (a worker's free attempt slots)."""
+        granted = max(0, min(wanted, self.buffer_limit - self.buffered), min(wanted, floor))
         self.buffered += granted
         if granted:
             self._wake_next()  # what is left may serve the next in line
@@ -359,6 +447,7 @@ class Dispatcher:
                 del self._budget_waiters[worker]
 
     def stop_waiting(self, worker: TargetWorker) -> None:
+        """``worker`` no longer waits for room in the buffer (it stops, or has a free slot)."""
         waiter = self._budget_waiters.pop(worker, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -378,7 +467,7 @@ class Dispatcher:
         claimed = set()
         for key, count in counts.items():
             worker = self.workers.get(key)
-            if worker is None or self.buffered + count > self.buffer_limit:
+            if worker is None or (self.buffered + count > self.buffer_limit and count > worker.free_lanes):
                 continue
             if worker.claim(count):
                 self.buffered += count
@@ -402,6 +491,8 @@ class Dispatcher:
                 worker.wake()
             elif key in self.retired:  # stored by a request that began before the reload
                 self._start(key)
+            elif not self._started:  # stored before the workers started: this one reads first
+                self._stored_early.add(key)
 
     def target(self, key: str) -> Target | None:
         """The target ``key`` names: configured, or removed but still draining."""
@@ -497,7 +588,9 @@ class Dispatcher:
                 else:
                     # A target with nothing stored needs no first lease: it waits, caught up,
                     # for intake (so 10,000 idle targets cost no store queries at start).
-                    self._start(key, nothing_stored=key not in stored)
+                    self._start(key, nothing_stored=key not in stored and key not in self._stored_early)
+            self._started = True
+            self._stored_early.clear()
             watcher = group.create_task(self._watch_other_writers(), name="external writes")
             await self._stopped.wait()
             watcher.cancel()

@@ -173,6 +173,7 @@ class Event:
     sender: str | None = None
     server_url: str | None = None
     apikey: str | None = None  # already what the envelope carries
+    chat: str | None = None  # the conversation it belongs to (router.ordering.chat_of); not sent
     # The id came from the adapter (so a repeat of it must be recognised); not stored.
     id_from_source: bool = False
 

@@ -27,6 +27,7 @@ from router.events import (
 from router.instance_status import InstanceStatus
 from router.instances import check_instance_name
 from router.metrics import Metrics
+from router.ordering import Ordering, chat_of
 from router.routing import Routes
 from router.settings import Settings
 from router.store import Lease, NewDelivery, Store
@@ -93,6 +94,7 @@ class Intake:
         self.live = live  # WebSocket fan-out, after commit
         self.accepted = 0
         self.metrics = metrics
+        self.ordering = Ordering(settings.ordering_modes())
 
     @property
     def routes(self) -> Routes:
@@ -144,8 +146,9 @@ class Intake:
         apikey = None
         if self.settings.authentication_expose_in_fetch_instances:
             apikey = self.routes.token_of(instance) or _optional_text(obj, "apikey")
+        raw_data = obj.get("data")
         try:
-            data = orjson.dumps(obj.get("data"))
+            data = orjson.dumps(raw_data)
         except orjson.JSONEncodeError:
             raise IntakeError(f"field 'data' is nested deeper than {MAX_DATA_DEPTH} levels") from None
         return Event(
@@ -157,6 +160,7 @@ class Intake:
             sender=_optional_text(obj, "sender"),
             server_url=self.settings.server_url or _optional_text(obj, "server_url"),
             apikey=apikey,
+            chat=chat_of(wire, raw_data),
             id_from_source=id_from_source,
         )
 
@@ -182,7 +186,8 @@ class Intake:
         for event in events:
             targets = self.routes.targets_for(event.instance, event.event)
             if targets:
-                batch.append(NewDelivery(event, targets))
+                keys = self.ordering.keys(targets, event.instance, event.chat)
+                batch.append(NewDelivery(event, targets, keys))
                 counts.update(targets)
         if batch or checkpoint is not None:
             claimed = self.handoff.claim(counts)
@@ -208,7 +213,8 @@ class Intake:
     async def emit(self, event: Event, targets: Sequence[str]) -> None:
         """Store an event the router makes itself (``application.startup``) for ``targets``."""
         if targets:
-            await self.store.accept([NewDelivery(event, tuple(targets))])
+            keys = self.ordering.keys(tuple(targets), event.instance, event.chat)
+            await self.store.accept([NewDelivery(event, tuple(targets), keys)])
             self.handoff.notify(targets)
         if self.live is not None:
             self.live([event])

@@ -176,6 +176,10 @@ class Settings(BaseSettings):
             wire for config, wire in CONFIG_TO_WIRE.items() if getattr(self, prefix + config.lower(), False)
         )
 
+    def ordering_modes(self) -> dict[str, str]:
+        """Each sink's ordering (``ROUTER_<SINK>_ORDERING``): ``chat``, ``instance`` or ``none``."""
+        return {kind.name: getattr(self, f"router_{kind.name}_ordering") for kind in SINKS}
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -197,6 +201,13 @@ _flag_fields: dict[str, Any] = {
 }
 
 
+# How each sink orders its deliveries (``router.ordering``): ROUTER_WEBHOOK_ORDERING=chat, ...
+_ordering_fields: dict[str, Any] = {
+    f"router_{kind.name}_ordering": (Literal["chat", "instance", "none"], kind.default_ordering)
+    for kind in SINKS
+}
+
+
 def _distinct_validators(classes: Iterable[type[BaseModel]]) -> None:
     """Pydantic keeps one validator per name across bases: a sink's ``_check`` would silently
     replace another's. Prefix validators with the sink's name; this says which clash."""
@@ -214,7 +225,12 @@ _distinct_validators([Settings, *(kind.settings for kind in SINKS)])
 # and the per-event switches.
 _FullSettings = cast(
     type[Settings],
-    create_model("Settings", __base__=(Settings, *(kind.settings for kind in SINKS)), **_flag_fields),
+    create_model(
+        "Settings",
+        __base__=(Settings, *(kind.settings for kind in SINKS)),
+        **_flag_fields,
+        **_ordering_fields,
+    ),
 )
 _yaml_doc: YamlDoc | None = None  # the router.yaml being loaded (read by _YamlSource)
 

@@ -42,7 +42,7 @@ T = TypeVar("T")
 log = logs.get_logger("router.store")
 PENDING, LEASED, DEAD = 0, 1, 2
 MAX_OPS_PER_TRANSACTION = 4096
-SCHEMA_VERSION = 2  # 1: delivery ids AUTOINCREMENT; 2: auto_vacuum=INCREMENTAL
+SCHEMA_VERSION = 3  # 1: delivery ids AUTOINCREMENT; 2: auto_vacuum=INCREMENTAL; 3: ordering keys
 FULL_RETRY_S = 1.0  # with the disk full, kept writes (acks, retries) are tried again this often
 VACUUM_EVERY_S = 2.0  # how often free pages are looked at
 VACUUM_MIN_FREE_PAGES = 256  # fewer free pages than this are kept for reuse
@@ -57,11 +57,14 @@ DELIVERIES = (
     due_at     REAL NOT NULL,
     attempts   INTEGER NOT NULL DEFAULT 0,
     last_error TEXT,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    okey       TEXT
 )""",
     "CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (target, state, due_at)",
     "CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_id)",
+    "CREATE INDEX IF NOT EXISTS deliveries_key ON deliveries (target, okey)",
 )
+_V0_COLUMNS = "id, event_id, target, state, due_at, attempts, last_error, updated_at"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -73,7 +76,8 @@ CREATE TABLE IF NOT EXISTS events (
     sender      TEXT,
     server_url  TEXT,
     apikey      TEXT,
-    accepted_at REAL NOT NULL
+    accepted_at REAL NOT NULL,
+    chat        TEXT
 );
 {deliveries}
 CREATE TABLE IF NOT EXISTS attempt_errors (
@@ -108,12 +112,14 @@ class Lease:
     attempts: int  # attempts made before this one
     event: Event
     accepted_at: float  # when intake stored the event (unix seconds)
+    okey: str | None = None  # its ordering key (router.ordering): None, no order to keep
 
 
 @dataclass(frozen=True, slots=True)
 class NewDelivery:
     event: Event
     targets: tuple[str, ...]
+    keys: tuple[str | None, ...] = ()  # the ordering key of each target's delivery (none: all None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +152,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
         conn.execute("DROP INDEX IF EXISTS deliveries_event")
         for statement in DELIVERIES:
             conn.execute(statement)
-        conn.execute("INSERT INTO deliveries SELECT * FROM deliveries_v0")
+        conn.execute(f"INSERT INTO deliveries ({_V0_COLUMNS}) SELECT {_V0_COLUMNS} FROM deliveries_v0")
         conn.execute("DROP TABLE deliveries_v0")
         conn.execute("DELETE FROM attempt_errors WHERE delivery_id NOT IN (SELECT id FROM deliveries)")
         conn.execute("PRAGMA user_version=1")
@@ -158,6 +164,16 @@ def _migrate(conn: sqlite3.Connection) -> None:
         conn.execute("VACUUM")
         conn.execute("PRAGMA user_version=2")
         log.info("store.migrated", version=2)
+    if version < 3:
+        # Ordering keys: a delivery's key, and the chat its event belongs to. Older rows have
+        # none, so they are delivered as before, in no particular order.
+        conn.execute("BEGIN IMMEDIATE")
+        for table, column in (("deliveries", "okey"), ("events", "chat")):
+            if column not in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
+        conn.execute("PRAGMA user_version=3")
+        conn.execute("COMMIT")
+        log.info("store.migrated", version=3)
 
 
 def _event_from_row(row: Sequence[Any]) -> Event:
@@ -170,10 +186,19 @@ def _event_from_row(row: Sequence[Any]) -> Event:
         sender=row[5],
         server_url=row[6],
         apikey=row[7],
+        chat=row[8],
     )
 
 
-_EVENT_COLUMNS = "id, instance, event, data, date_time, sender, server_url, apikey"
+def _event_row(e: Event, accepted_at: float) -> tuple[Any, ...]:
+    """The values of ``_EVENT_COLUMNS`` and ``accepted_at``."""
+    return (
+        *(e.id, e.instance, e.event, e.data, e.date_time),
+        *(e.sender, e.server_url, e.apikey, e.chat, accepted_at),
+    )
+
+
+_EVENT_COLUMNS = "id, instance, event, data, date_time, sender, server_url, apikey, chat"
 _EVENT_COLUMNS_OF_E = ", ".join(f"e.{column}" for column in _EVENT_COLUMNS.split(", "))
 MAX_VARIABLES = 10_000  # per statement; SQLite allows 32766
 
@@ -198,6 +223,9 @@ class Store:
         self._closing = False
         self.transactions = 0  # written so far, for tests and metrics
         self._data_version: int | None = None  # PRAGMA data_version last seen (writes by others)
+        # (target, ordering key) -> until when its deliveries wait behind a retry; read and
+        # written on the store's thread only, rebuilt from the deliveries at open.
+        self._blocked: dict[tuple[str, str], float] = {}
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -219,6 +247,12 @@ class Store:
         conn.executescript(SCHEMA)
         # Attempts that were under way when the process died are pending again.
         conn.execute("UPDATE deliveries SET state = ? WHERE state = ?", (PENDING, LEASED))
+        rows = conn.execute(
+            "SELECT target, okey, MAX(due_at) FROM deliveries"
+            " WHERE state = ? AND okey IS NOT NULL AND due_at > ? GROUP BY target, okey",
+            (PENDING, time.time()),
+        )
+        self._blocked = {(target, key): until for target, key, until in rows}
         self._conn = conn
 
     async def run(self) -> None:
@@ -313,6 +347,9 @@ class Store:
     def _vacuum_step(self) -> None:
         conn = self._conn
         assert conn is not None, "store is closed"
+        if self._blocked:  # keys whose retry is due by now hold nothing back any more
+            now = time.time()
+            self._blocked = {where: until for where, until in self._blocked.items() if until > now}
         if int(conn.execute("PRAGMA freelist_count").fetchone()[0]) >= VACUUM_MIN_FREE_PAGES:
             # executescript steps the pragma to its end (execute would free one page); it runs
             # outside any transaction here, on the writer's thread, between two batches.
@@ -364,33 +401,40 @@ class Store:
             before = conn.total_changes
             conn.executemany(
                 f"INSERT OR IGNORE INTO events ({_EVENT_COLUMNS}, accepted_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (e.id, e.instance, e.event, e.data, e.date_time, e.sender, e.server_url, e.apikey, now)
-                    for e in (item.event for item in fresh)
-                ],
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [_event_row(item.event, now) for item in fresh],
             )
             if conn.total_changes - before != len(fresh):
                 # An id still queued but older than the dedup window: find which.
                 duplicates |= self._stored_before(conn, fresh, now)
-            pending: list[tuple[Event, str]] = []
-            leased: list[tuple[Event, str]] = []
+            blocked = self._blocked
+            pending: list[tuple[str, str, float, str | None]] = []  # event id, target, due, key
+            leased: list[tuple[Event, str, str | None]] = []
             for item in fresh:
                 if item.event.id in duplicates:
                     continue
-                for target in item.targets:
-                    (leased if target in leased_targets else pending).append((item.event, target))
+                keys = item.keys or (None,) * len(item.targets)
+                for target, key in zip(item.targets, keys, strict=True):
+                    # Behind a delivery of its key that waits for a retry: due when that one is.
+                    until = blocked.get((target, key)) if key is not None and blocked else None
+                    if until is not None and until > now:
+                        pending.append((item.event.id, target, until, key))
+                    elif target in leased_targets:
+                        leased.append((item.event, target, key))
+                    else:
+                        pending.append((item.event.id, target, now, key))
             insert = (
-                "INSERT INTO deliveries (event_id, target, state, due_at, updated_at) VALUES (?, ?, ?, ?, ?)"
+                "INSERT INTO deliveries (event_id, target, state, due_at, updated_at, okey)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
             )
-            conn.executemany(insert, [(e.id, t, PENDING, now, now) for e, t in pending])
+            conn.executemany(insert, [(e, t, PENDING, due, now, k) for e, t, due, k in pending])
             leases: list[Lease] = []
             if leased:
-                conn.executemany(insert, [(e.id, t, LEASED, now, now) for e, t in leased])
+                conn.executemany(insert, [(e.id, t, LEASED, now, now, k) for e, t, k in leased])
                 # Rowids of one executemany on one connection in one transaction are consecutive.
                 last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
                 first = last - len(leased) + 1
-                leases = [Lease(first + n, t, 0, e, now) for n, (e, t) in enumerate(leased)]
+                leases = [Lease(first + n, t, 0, e, now, k) for n, (e, t, k) in enumerate(leased)]
             if checkpoint is not None:
                 conn.execute(
                     "INSERT OR REPLACE INTO checkpoints (source, position) VALUES (?, ?)",
@@ -432,7 +476,7 @@ class Store:
 
         def op(conn: sqlite3.Connection) -> list[Lease]:
             rows = conn.execute(
-                f"SELECT d.id, d.attempts, e.accepted_at, {_EVENT_COLUMNS_OF_E} FROM deliveries d"
+                f"SELECT d.id, d.attempts, e.accepted_at, d.okey, {_EVENT_COLUMNS_OF_E} FROM deliveries d"
                 " JOIN events e ON e.id = d.event_id"
                 " WHERE d.target = ? AND d.state = ? AND d.due_at <= ? ORDER BY d.due_at, d.id LIMIT ?",
                 (target, PENDING, due, limit),
@@ -442,7 +486,7 @@ class Store:
                     f"UPDATE deliveries SET state = ? WHERE id IN ({','.join('?' * len(rows))})",
                     [LEASED, *(r[0] for r in rows)],
                 )
-            return [Lease(r[0], target, r[1], _event_from_row(r[3:]), r[2]) for r in rows]
+            return [Lease(r[0], target, r[1], _event_from_row(r[4:]), r[2], r[3]) for r in rows]
 
         return await self._submit(op)
 
@@ -507,8 +551,40 @@ class Store:
         return future
 
     def retry(self, lease: Lease, due_at: float, error: str) -> asyncio.Future[None]:
-        """Failed, try again at ``due_at``; the error is kept with the attempt."""
-        return self._submit(self._fail_op(lease, PENDING, due_at, error), kept=True)
+        """Failed, try again at ``due_at``; the error is kept with the attempt.
+
+        The later deliveries of its ordering key wait with it: due no sooner than ``due_at``,
+        and so are those its key gets until then (``accept``), so none overtakes it."""
+        fail = self._fail_op(lease, PENDING, due_at, error)
+        if lease.okey is None:
+            return self._submit(fail, kept=True)
+        where = (lease.target, lease.okey)
+
+        def op(conn: sqlite3.Connection) -> None:
+            fail(conn)
+            conn.execute(
+                "UPDATE deliveries SET state = ?, due_at = ? WHERE target = ? AND okey = ? AND id > ?"
+                " AND state IN (?, ?) AND (due_at < ? OR state = ?)",
+                (PENDING, due_at, *where, lease.delivery_id, PENDING, LEASED, due_at, LEASED),
+            )
+            self._blocked[where] = max(due_at, self._blocked.get(where, 0.0))
+
+        return self._submit(op, kept=True)
+
+    def hold(self, leases: Sequence[Lease], until: float) -> asyncio.Future[None]:
+        """Give back leased deliveries not attempted: pending again, due no sooner than ``until``."""
+        ids = [lease.delivery_id for lease in leases]
+
+        def op(conn: sqlite3.Connection) -> None:
+            for start in range(0, len(ids), MAX_VARIABLES):
+                chunk = ids[start : start + MAX_VARIABLES]
+                conn.execute(
+                    f"UPDATE deliveries SET state = ?, due_at = MAX(due_at, ?)"
+                    f" WHERE state = ? AND id IN ({','.join('?' * len(chunk))})",
+                    [PENDING, until, LEASED, *chunk],
+                )
+
+        return self._submit(op, kept=True)
 
     def kill(self, lease: Lease, error: str) -> asyncio.Future[None]:
         """Failed for good: keep it as a dead letter with its last error."""

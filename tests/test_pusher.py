@@ -88,7 +88,8 @@ async def test_waiting_events_go_out_in_batches_of_ten(pusher, make_settings, tm
     pusher.add_app("7", "key-7", "s")
     instance_file(tmp_path, "bulk", "7", "s")
     async with running(make_settings(**pusher_env(pusher))) as app:
-        await post_ingest(app, [upsert("bulk", n) for n in range(25)])
+        # 25 conversations: each is one at a time, together they fill batches.
+        await post_ingest(app, [upsert("bulk", n, key={"remoteJid": f"c{n}"}) for n in range(25)])
         events = await pusher.wait_for(25)
         requests = list(pusher.requests)
     assert sorted(orjson.loads(data)["data"]["n"] for *_, data in events) == list(range(25))

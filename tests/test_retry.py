@@ -183,6 +183,51 @@ def test_policy_follows_the_documented_formula():
     assert RetryPolicy(initial_delay_s=1, jitter=0).delay_s(3) == 4
 
 
+async def test_slow_targets_holding_the_whole_lease_buffer_never_delay_a_healthy_one(
+    receiver, make_settings, tmp_path
+):
+    """Slow targets with a backlog fill the shared buffer; a healthy target still gets its free
+    attempt slots, so its events arrive while every slow request is still unanswered."""
+    slow = [f"slow{n}" for n in range(6)]
+    for name in [*slow, "fast"]:
+        write_instance(
+            tmp_path / "instances", name, f"webhook: {{enabled: true, url: '{receiver.url}/{name}'}}\n"
+        )
+    release = asyncio.Event()
+    original = receiver.handle
+    held = 0
+
+    async def holding(request):
+        nonlocal held
+        if request.path.startswith("/slow"):
+            held += 1
+            await release.wait()
+        return await original(request)
+
+    receiver.handle = holding  # type: ignore[method-assign]
+    settings = make_settings(
+        ROUTER_LEASE_BUFFER="20", ROUTER_WEBHOOK_CONCURRENCY="4", ROUTER_WEBHOOK_ORDERING="none"
+    )
+    async with running(settings) as app:
+        assert app.dispatcher is not None
+        try:
+            backlog = [
+                {"event": "call", "instance": name, "data": {"n": n}} for n in range(200) for name in slow
+            ]
+            assert (await post_ingest(app, backlog))[0] == 202
+            async with asyncio.timeout(10):
+                # Every slow slot is taken, and their backlog holds the whole buffer.
+                while held < len(slow) * 4 or app.dispatcher.buffered < 20:
+                    await asyncio.sleep(0.01)
+            fast = [{"event": "call", "instance": "fast", "data": {"n": n}} for n in range(50)]
+            assert (await post_ingest(app, fast))[0] == 202
+            got = await receiver.wait_for(50, "/fast")
+            assert not any(r.path.startswith("/slow") for r in receiver.requests), "no slow request answered"
+        finally:
+            release.set()
+    assert sorted(r.json()["data"]["n"] for r in got) == list(range(50))
+
+
 async def test_leased_events_in_memory_stay_within_the_buffer(receiver, make_settings, tmp_path):
     instances = tmp_path / "instances"
     for name in ("a", "b", "c"):
@@ -206,7 +251,9 @@ async def test_leased_events_in_memory_stay_within_the_buffer(receiver, make_set
         await post_ingest(app, batch)
         for name in ("a", "b", "c"):
             await receiver.wait_for(40, f"/{name}")
-    assert seen and max(seen) <= 5
+    # The buffer, plus at most each target's free attempt slots (2 each), which no other
+    # target's backlog can take from it.
+    assert seen and max(seen) <= 5 + 3 * 2
 
 
 async def test_redirects_are_not_followed_and_name_the_location(receiver, make_settings):

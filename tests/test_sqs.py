@@ -101,8 +101,9 @@ async def receive_all(client: Any, queue: str, count: int, timeout: float = 30) 
     return got
 
 
-def upsert(instance: str, n: int) -> dict[str, object]:
-    return {"event": "messages.upsert", "instance": instance, "data": {"n": n}}
+def upsert(instance: str, n: int, chat: str | None = None) -> dict[str, object]:
+    data: dict[str, object] = {"n": n} if chat is None else {"n": n, "key": {"remoteJid": chat}}
+    return {"event": "messages.upsert", "instance": instance, "data": data}
 
 
 async def test_instance_queue_is_fifo_with_the_envelope(sqs_server, sqs_client, make_settings, tmp_path):
@@ -111,20 +112,27 @@ async def test_instance_queue_is_fifo_with_the_envelope(sqs_server, sqs_client, 
     settings = make_settings(**sqs_env(sqs_server, SERVER_NAME="evo-1"))
     async with running(settings) as app:
         payloads = [
-            {**upsert(instance, n), "id": f"id-{n}", "date_time": "2023-12-01T10:30:00.000Z"}
+            {**upsert(instance, n, f"c{n % 5}"), "id": f"id-{n}", "date_time": "2023-12-01T10:30:00.000Z"}
             for n in range(25)
         ]
         assert (await post_ingest(app, payloads))[0] == 202
         got = await receive_all(sqs_client, f"{instance}-messages-upsert.fifo", 25)
         assert app.dispatcher is not None
         requests = app.dispatcher.sinks["sqs"].requests  # type: ignore[attr-defined]
-    assert [orjson.loads(m["Body"])["data"]["n"] for m in got] == list(range(25)), "FIFO per instance"
-    assert got[0]["Body"] == (
-        '{"event":"messages.upsert","instance":"' + instance + '","data":{"n":0},'
+    by_chat: dict[str, list[int]] = {}
+    for message in got:
+        data = orjson.loads(message["Body"])["data"]
+        by_chat.setdefault(message["Attributes"]["MessageGroupId"], []).append(data["n"])
+    # MessageGroupId is the conversation, and each conversation is in order.
+    assert by_chat == {f"{instance}/c{k}": list(range(k, 25, 5)) for k in range(5)}
+    first = next(m for m in got if m["Attributes"]["MessageDeduplicationId"] == "id-0")
+    assert first["Body"] == (
+        '{"event":"messages.upsert","instance":"' + instance + '","data":{"n":0,"key":{"remoteJid":"c0"}},'
         '"date_time":"2023-12-01T10:30:00.000Z","apikey":null,"dataType":"json","server":"evo-1","id":"id-0"}'
     )
-    assert {m["Attributes"]["MessageGroupId"] for m in got} == {instance}
-    assert [m["Attributes"]["MessageDeduplicationId"] for m in got] == [f"id-{n}" for n in range(25)]
+    assert sorted(m["Attributes"]["MessageDeduplicationId"] for m in got) == sorted(
+        f"id-{n}" for n in range(25)
+    )
     assert requests < 25, f"sends are batched ({requests} requests for 25 messages)"
 
 

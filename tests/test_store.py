@@ -109,5 +109,6 @@ async def test_a_database_of_an_older_router_is_upgraded(tmp_path):
         await task
         store.shutdown()
     assert rows(path, "SELECT delivery_id, error FROM attempt_errors") == [(7, "HTTP 500")]
-    assert rows(path, "PRAGMA user_version") == [(2,)]
+    assert rows(path, "PRAGMA user_version") == [(3,)]
+    assert rows(path, "SELECT okey FROM deliveries WHERE id = 7") == [(None,)]  # no order to keep
     assert rows(path, "PRAGMA auto_vacuum") == [(2,)]  # incremental

@@ -163,6 +163,8 @@ class SinkKind:
     checked_by_cli: ClassVar[bool] = False
     # Upstream settings under its event-flag prefix that are not events: accepted, not used.
     ignored_settings: ClassVar[frozenset[str]] = frozenset()
+    # ``ROUTER_<NAME>_ORDERING`` when unset: which deliveries go one at a time (router.ordering).
+    default_ordering: ClassVar[str] = "chat"
 
     def enabled(self, settings: Any) -> bool:
         """The sink is switched on (``<NAME>_ENABLED``)."""

@@ -9,7 +9,9 @@ place of the instance, and ``SQS_GLOBAL_FORCE_SINGLE_QUEUE`` one ``{prefix}-sing
 80 characters with ``.fifo``).
 
 FIFO queues get ``MessageDeduplicationId`` = event id, so a retried send is not stored twice
-within SQS's five-minute window, and ``MessageGroupId`` = instance (order per instance); with
+within SQS's five-minute window, and ``MessageGroupId`` = the delivery's ordering key under
+``ROUTER_SQS_ORDERING`` (``<instance>/<chat>`` by default, the instance for ``instance`` and
+``none``; hashed when it is no legal group id), so SQS keeps each conversation's order; with
 upstream's naming, upstream's group ids (``evolution``, or ``{SERVER_NAME}-{event}-{instance}``
 for global queues). Queues are looked up in ``SQS_ACCOUNT_ID``'s account, created when missing,
 and their URLs cached.
@@ -138,6 +140,16 @@ class _Message:
     group: str  # MessageGroupId
 
 
+_GROUP_ID = re.compile(r"[!-~]{1,128}")  # what SQS takes: 1 to 128 printable ASCII characters
+
+
+def group_id(key: str) -> str:
+    """``key`` as a ``MessageGroupId``: itself when SQS takes it, else a digest of it."""
+    if _GROUP_ID.fullmatch(key):
+        return key
+    return "sha256-" + hashlib.sha256(key.encode()).hexdigest()
+
+
 class SqsSink(BaseSink):
     name = "sqs"
 
@@ -191,9 +203,10 @@ class SqsSink(BaseSink):
         return queue_name(base, event.event, self.fifo)
 
     def group_for(self, target: SqsTarget, event: Event) -> str:
-        """FIFO ``MessageGroupId``: the instance (order per instance), or upstream's."""
+        """FIFO ``MessageGroupId``: the ordering key (see the module docstring), or upstream's."""
         if not self.upstream:
-            return event.instance
+            chat = event.chat if self.settings.router_sqs_ordering == "chat" else None
+            return group_id(event.instance if chat is None else f"{event.instance}/{chat}")
         if target.instance is not None:
             return "evolution"
         # Upstream formats the event with its first dot only: send.message.update -> send_message.update
@@ -302,7 +315,7 @@ class SqsKind(SinkKind):
         if settings.sqs_naming == "upstream":
             layout = "Evolution API 2.3.6's: queues <instance>_<event>, MessageGroupId as upstream"
             return f"sqs naming: upstream ({layout})"
-        return "sqs naming: router (queues <instance>-<event>, MessageGroupId <instance>)"
+        return "sqs naming: router (queues <instance>-<event>, MessageGroupId the ordering key)"
 
     def secrets(self, settings: SqsSettings) -> list[str | None]:
         return [settings.sqs_secret_access_key]
