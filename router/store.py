@@ -216,6 +216,7 @@ class Store:
         self._ops: list[tuple[Op, asyncio.Future[Any], bool, bool]] = []
         self.full = False  # the last write failed for lack of disk space
         self._acks: list[Lease] = []
+        self._acks_written: asyncio.Future[None] | None = None  # resolves once ``_acks`` are written
         self._synchronous = ""
         self._pruned_at = 0.0
         self._vacuumed_at = 0.0
@@ -269,7 +270,9 @@ class Store:
             while self._ops or self._acks:
                 if self._acks:
                     acks, self._acks = self._acks, []
-                    self._ops.insert(0, (self._ack_op(acks), self._ack_future(len(acks)), False, True))
+                    written, self._acks_written = self._acks_written, None
+                    assert written is not None
+                    self._ops.insert(0, (self._ack_op(acks), written, False, True))
                 batch = self._ops[:MAX_OPS_PER_TRANSACTION]
                 del self._ops[:MAX_OPS_PER_TRANSACTION]
                 durable = any(item[2] for item in batch)
@@ -513,13 +516,17 @@ class Store:
 
         return await self._submit(op)
 
-    def ack(self, lease: Lease) -> None:
+    def ack(self, lease: Lease) -> asyncio.Future[None]:
         """Delivered: delete the delivery, and the event once no delivery needs it.
 
-        Acks are gathered and written together in the next transaction; a failure is logged
-        (the delivery is then made again after a restart, as at-least-once allows)."""
+        Acks are gathered and written together in the next transaction; the future resolves
+        when this one is written. A failure is logged (the delivery is then made again after a
+        restart, as at-least-once allows)."""
         self._acks.append(lease)
         self._wake.set()
+        if self._acks_written is None:
+            self._acks_written = self._ack_future()
+        return self._acks_written
 
     @staticmethod
     def _ack_op(acks: list[Lease]) -> Op:
@@ -540,12 +547,12 @@ class Store:
 
         return op
 
-    def _ack_future(self, count: int) -> asyncio.Future[None]:
+    def _ack_future(self) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def done(f: asyncio.Future[None]) -> None:
             if not f.cancelled() and f.exception() is not None:
-                log.error("store.ack_failed", count=count, error=str(f.exception()))
+                log.error("store.ack_failed", error=str(f.exception()))
 
         future.add_done_callback(done)
         return future

@@ -16,11 +16,12 @@ from aiohttp import web
 from router.current import Current
 from router.delivery import Dispatcher
 from router.events import Event, new_event_id, utc_timestamp
+from router.keyqueue import KeyQueue
 from router.ordering import chat_of, ordering_key
 from router.routing import Routes
 from router.sinks.webhook import WebhookTarget
 from router.sinks.webhook.client import WebhookSink
-from router.store import NewDelivery, Store
+from router.store import Lease, NewDelivery, Store
 from tests.conftest import API_KEY, Receiver, hook_env, post_ingest, running, wait_idle
 
 FAST_RETRY = {
@@ -104,6 +105,28 @@ def test_each_event_names_its_conversation():
     assert ordering_key("chat", "bot", "c@s") == "bot\nc@s"
     assert ordering_key("chat", "bot", None) == ordering_key("instance", "bot", "c@s") == "bot"
     assert ordering_key("none", "bot", "c@s") is None
+
+
+def test_the_key_queue_lets_one_delivery_of_a_key_go_at_a_time():
+    event = Event("e", "bot", "messages.upsert", b"{}", utc_timestamp())
+
+    def lease(delivery_id: int, key: str | None) -> Lease:
+        return Lease(delivery_id, "webhook:global", 0, event, 0.0, key)
+
+    queue = KeyQueue()
+    a1, a2, b1, a3, free = lease(1, "a"), lease(2, "a"), lease(3, "b"), lease(5, "a"), lease(4, None)
+    assert queue.admit([a1, a2, b1, free]) == {}
+    assert list(queue.ready) == [a1, b1, free] and queue.held == 1  # a2 waits behind a1
+    queue.ready.clear()  # all three are attempted
+    assert queue.finished(a1) and list(queue.ready) == [a2]
+    queue.ready.clear()
+    assert queue.retried(a2, 99.0) == []  # a2 waits for its retry
+    # a3 was read before that retry was stored: it goes back, due with a2, until a2 is back.
+    assert queue.admit([a3]) == {99.0: [a3]}
+    assert queue.admit([a2, a3]) == {} and list(queue.ready) == [a2] and queue.held == 1
+    queue.ready.clear()
+    assert queue.finished(a2) and list(queue.ready) == [a3]
+    assert not queue.finished(b1) and not queue.finished(free) and len(queue) == 1
 
 
 async def test_the_store_holds_a_key_back_behind_its_retry_across_a_restart(tmp_path):

@@ -1,0 +1,338 @@
+"""A delivery worker: one per target, the only retry loop.
+
+A ``TargetWorker`` leases its target's due deliveries from the store and runs up to
+``concurrency`` attempts at once, so a slow or dead target only ever occupies its own slots.
+Each attempt ends in exactly one of: ack (delivered), retry (rescheduled with backoff, or the
+receiver's ``Retry-After``), or kill (a dead letter with its last error). Deliveries that share
+an ordering key go one at a time (``router.keyqueue``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from router import logs
+from router.errors import PermanentError, RetryableError, Unavailable
+from router.keyqueue import KeyQueue
+from router.retry import RetryPolicy
+from router.sinks import BaseSink
+from router.store import Lease
+
+if TYPE_CHECKING:
+    from router.delivery import Dispatcher
+
+log = logs.get_logger("router.delivery")
+LEASE_AHEAD = 16  # a worker keeps up to this many times its concurrency leased ahead
+STORE_RETRY_S = 1.0  # a worker whose lease failed (disk full ...) leases again after this
+SINK_WAIT_S = 1.0  # lanes waiting for a sink that is down look at whether to stop this often
+
+
+class TargetWorker:
+    """Delivers one target's stored deliveries; see the module docstring."""
+
+    def __init__(
+        self,
+        key: str,
+        dispatcher: Dispatcher,
+        sink: BaseSink,
+        policy: RetryPolicy,
+        concurrency: int,
+        *,
+        nothing_stored: bool = False,
+    ) -> None:
+        self.key = key
+        self._nothing_stored = nothing_stored  # skip the first lease: wait for work to come
+        self.dispatcher = dispatcher
+        self.sink = sink
+        self.policy = policy
+        self.concurrency = concurrency
+        self.in_flight = 0
+        self._queue = KeyQueue()  # leased, not in flight, in the order their keys require
+        self._wake = asyncio.Event()  # new deliveries stored, or an attempt finished
+        self._lanes = 0  # lane tasks running: started when there is work, ended when there is none
+        self._group: asyncio.TaskGroup | None = None
+        self._need_more = asyncio.Event()  # leaser: ``_ready`` is running low
+        self._stopping = False
+        # Nothing due is left in the store (the last lease came back short): new deliveries may
+        # then come straight from intake without overtaking older ones.
+        self.caught_up = False
+        self.reserved = 0  # places promised to intake for deliveries being stored
+        # Deliveries stored pending so far (claims refused, wakes): possibly after a lease under
+        # way read the store, so that lease cannot tell the worker it is caught up.
+        self._refused = 0
+        self._troubled = False  # the store failed us last time (logged once until it works)
+
+    @property
+    def free_lanes(self) -> int:
+        """Attempt slots with nothing ready for them: this many may be leased whatever the shared
+        lease buffer holds, so no backlog of other targets ever keeps this one waiting."""
+        return max(0, self.concurrency - self.in_flight - len(self._queue) - self.reserved)
+
+    def claim(self, count: int) -> bool:
+        """Take ``count`` new deliveries straight from intake, if that keeps their order."""
+        room = self.concurrency * LEASE_AHEAD - len(self._queue) - self.reserved
+        if self._stopping or not self.caught_up or count > room:
+            self.caught_up = False  # they go through the store, behind what is there
+            self._refused += 1
+            return False
+        self.reserved += count
+        return True
+
+    def take(self, leases: Sequence[Lease], reserved: int) -> None:
+        self.reserved -= reserved
+        if leases:
+            self._admit(leases)
+
+    def _admit(self, leases: Sequence[Lease]) -> None:
+        for until, late in self._queue.admit(leases).items():
+            self._give_back(late, until)
+        self._start_lanes()
+
+    def _give_back(self, leases: Sequence[Lease], until: float) -> None:
+        """Leases not to attempt now: pending in the store again, due at ``until``."""
+        self._track(self.dispatcher.store.hold(leases, until))
+        self.dispatcher.release(len(leases))
+        self._need_more.set()
+
+    def _done(self, lease: Lease, retry_at: float | None, written: asyncio.Future[Any] | None) -> None:
+        """``lease``'s attempt ended: once ``written`` (its ack or dead letter) is in the store,
+        the next of its key is ready (so a kill repeats at most this one); after a retry, all
+        of its key wait for that retry."""
+        if retry_at is not None:
+            if followers := self._queue.retried(lease, retry_at):
+                self._give_back(followers, retry_at)
+        elif written is None or written.done():
+            self._next_of(lease)
+        else:
+            written.add_done_callback(lambda _: self._next_of(lease))
+
+    def _next_of(self, lease: Lease) -> None:
+        if self._queue.finished(lease):
+            self._start_lanes()
+
+    def _start_lanes(self) -> None:
+        """A lane per leased delivery, up to ``concurrency``: an idle target runs none."""
+        if self._group is None or self._stopping:
+            return
+        while self._lanes < min(self.concurrency, len(self._queue.ready)):
+            self._lanes += 1
+            self._group.create_task(self._lane())
+
+    def wake(self) -> None:
+        """Deliveries of this target were stored pending: lease them before taking any more
+        from intake (a handover now would overtake them)."""
+        self.caught_up = False
+        self._refused += 1
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop leasing and starting attempts; attempts under way finish (bounded by the dispatcher)."""
+        self._stopping = True
+        self._wake.set()
+        self._need_more.set()
+        self.dispatcher.stop_waiting(self)
+
+    async def run(self) -> None:
+        """One leaser keeps a buffer of leased deliveries; ``concurrency`` lanes attempt them.
+
+        Leasing ahead of the lanes lets the next lease overlap with attempts under way. What is
+        leased but not attempted when the process stops is pending again at the next start.
+        """
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            self._start_lanes()  # for what intake handed over before this ran
+            await self._lease_loop()
+
+    async def _lease_loop(self) -> None:
+        store = self.dispatcher.store
+        if self._nothing_stored and not self._wake.is_set():
+            self.caught_up = True  # intake may hand new deliveries straight over
+            await self._sleep_until(None)
+        while not self._stopping:
+            room = self.concurrency * LEASE_AHEAD - len(self._queue) - self.reserved
+            ready = self._queue.ready
+            if len(ready) >= self.concurrency or room <= 0 or (room < self.concurrency and ready):
+                self._need_more.clear()  # enough to do; lease again in batches, not one by one
+                await self._need_more.wait()
+                continue
+            want = self.dispatcher.reserve(room, floor=self.free_lanes)
+            if want == 0:  # every target together holds ROUTER_LEASE_BUFFER leased events
+                await self.dispatcher.budget_freed(self)
+                continue
+            self._wake.clear()  # before leasing: a notify during the lease is not lost
+            refused = self._refused
+            try:
+                leases = await store.lease(self.key, want)
+            except Exception as exc:  # a full disk, a locked file: wait and lease again
+                self.dispatcher.release(want)
+                await self._store_trouble(exc)
+                continue
+            self.dispatcher.release(want - len(leases))
+            self._troubled = False
+            self.caught_up = len(leases) < want and self._refused == refused
+            if leases:
+                self._admit(leases)
+                continue
+            try:
+                due_at = await store.next_due(self.key)
+            except Exception as exc:
+                await self._store_trouble(exc)
+                continue
+            if due_at is None and self.dispatcher.is_retired(self.key) and not self.busy:
+                self.stop()  # removed from the configuration, and nothing is left for it
+                return
+            await self._sleep_until(due_at)
+
+    async def _store_trouble(self, exc: Exception) -> None:
+        """The store failed a read or write: say so once for this target, and try again soon."""
+        if not self._troubled:
+            log.warning(
+                "delivery.store_unavailable", target=self.key, error=str(exc), retry_in_s=STORE_RETRY_S
+            )
+        self._troubled = True
+        await self._sleep_until(time.time() + STORE_RETRY_S)
+        self._troubled = False if self._stopping else self._troubled
+
+    @property
+    def busy(self) -> bool:
+        return len(self._queue) > 0 or self.in_flight > 0 or self.reserved > 0
+
+    async def _lane(self) -> None:
+        """Attempt leased deliveries until there are none left (or the worker stops)."""
+        try:
+            await self._attempt_ready()
+        finally:
+            self._lanes -= 1
+        if self._queue.ready and not self._stopping:  # handed over while this lane was finishing
+            self._start_lanes()
+
+    async def _attempt_ready(self) -> None:
+        ready = self._queue.ready
+        while ready and not self._stopping:
+            if not self.sink.ready:  # its connection is down: wait for it, not attempt by attempt
+                with contextlib.suppress(TimeoutError):  # and look at _stopping now and then
+                    await asyncio.wait_for(self.sink.wait_ready(), SINK_WAIT_S)
+                continue
+            lease = ready.popleft()
+            self.dispatcher.release(1)
+            if len(ready) < self.concurrency:
+                self._need_more.set()
+            self.in_flight += 1
+            try:
+                attempted = await self._attempt(lease)
+            finally:
+                self.in_flight -= 1
+            if attempted:
+                # A slot is free: a leaser waiting for room in the shared buffer may fill it.
+                self.dispatcher.stop_waiting(self)
+            else:
+                ready.appendleft(lease)  # not attempted after all: first again, uncounted
+                self.dispatcher.buffered += 1  # held in memory again
+
+    async def _sleep_until(self, due_at: float | None) -> None:
+        timeout = None if due_at is None else max(0.0, due_at - time.time())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _attempt(self, lease: Lease) -> bool:
+        """Attempt ``lease``; False when the sink turned out to be unavailable (not an attempt)."""
+        try:
+            await self._attempt_once(lease)
+        except Unavailable:
+            return False
+        except Exception:  # a bug here must not stop the other attempts or the daemon
+            log.exception("delivery.bug", target=self.key, event_id=lease.event.id)
+            self._done(lease, None, None)
+        return True
+
+    async def _attempt_once(self, lease: Lease) -> None:
+        store = self.dispatcher.store
+        target = self.dispatcher.target(self.key)
+        started = time.perf_counter()
+        status: int | None = None
+        outcome, error, retry_at = "delivered", "", None
+        written: asyncio.Future[Any] | None = None  # the store write that ends this delivery
+        try:
+            if target is None:
+                raise PermanentError(f"target {self.key} is no longer configured")
+            status = await self.sink.send(target, lease.event)
+        except Unavailable:
+            raise  # not the delivery's failure: nothing is recorded, the lane waits for the sink
+        except RetryableError as exc:
+            status, error = exc.status, logs.scrub(str(exc))
+            outcome, error, retry_at, written = self._retry_or_kill(lease, error, exc.retry_after_s)
+        except PermanentError as exc:
+            status, error, outcome = exc.status, logs.scrub(str(exc)), "dead"
+            written = self._track(store.kill(lease, error))
+        except Exception as exc:  # a bug in a sink must not kill the worker, nor retry forever
+            log.exception("delivery.bug", target=self.key, event_id=lease.event.id)
+            error = logs.scrub(f"internal error: {type(exc).__name__}: {exc}")
+            outcome, error, retry_at, written = self._retry_or_kill(lease, error, None)
+        else:
+            written = store.ack(lease)
+        elapsed = time.perf_counter() - started
+        elapsed_ms = round(elapsed * 1000, 1)
+        latency_s = time.time() - lease.accepted_at if outcome == "delivered" else None
+        self.dispatcher.count(self.sink.name, lease.event.event, outcome, elapsed, latency_s)
+        if logs.is_enabled("WEBHOOKS"):
+            log.info(
+                "delivery.attempt",
+                kind="WEBHOOKS",
+                instance=lease.event.instance,
+                _event=lease.event.event,
+                event_id=lease.event.id,
+                sink=self.sink.name,
+                target=self.key,
+                **(self.sink.where(target, lease.event) if target else {}),
+                attempt=lease.attempts + 1,
+                status=status,
+                outcome=outcome,
+                elapsed_ms=elapsed_ms,
+                **({"error": error} if error else {}),
+            )
+        if outcome == "dead":
+            log.error(
+                "delivery.dead_letter",
+                instance=lease.event.instance,
+                _event=lease.event.event,
+                event_id=lease.event.id,
+                sink=self.sink.name,
+                target=self.key,
+                attempt=lease.attempts + 1,
+                error=error,
+            )
+        self._done(lease, retry_at, written)
+
+    def _retry_or_kill(
+        self, lease: Lease, error: str, retry_after_s: float | None
+    ) -> tuple[str, str, float | None, asyncio.Future[Any] | None]:
+        """A failed attempt counts, whatever failed: retried by the policy, or a dead letter.
+        Returns the outcome, the error as recorded, when the retry is due (None: dead) and the
+        dead letter's write."""
+        store = self.dispatcher.store
+        attempt = lease.attempts + 1
+        if attempt >= self.policy.max_attempts:
+            error = f"{error} (gave up after {attempt} attempts)"
+            return "dead", error, None, self._track(store.kill(lease, error))
+        delay = self.policy.delay_s(attempt)
+        if retry_after_s is not None:
+            delay = min(retry_after_s, self.policy.max_delay_s)
+        retry_at = time.time() + delay
+        self._track(store.retry(lease, retry_at, error))
+        self._wake.set()  # the leaser recomputes when the next delivery is due
+        return f"retry in {delay:.2f}s", error, retry_at, None
+
+    @staticmethod
+    def _track(future: asyncio.Future[Any]) -> asyncio.Future[Any]:
+        """Store writes are not awaited (at-least-once tolerates a lost ack); failures are logged."""
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                log.error("store.write_failed", error=str(f.exception()))
+
+        future.add_done_callback(done)
+        return future
