@@ -282,11 +282,7 @@ class TargetWorker:
             log.info(
                 "delivery.attempt",
                 kind="WEBHOOKS",
-                instance=lease.event.instance,
-                _event=lease.event.event,
-                event_id=lease.event.id,
-                sink=self.sink.name,
-                target=self.key,
+                **self._log_fields(lease),
                 **(self.sink.where(target, lease.event) if target else {}),
                 attempt=lease.attempts + 1,
                 status=status,
@@ -295,17 +291,20 @@ class TargetWorker:
                 **({"error": error} if error else {}),
             )
         if outcome == "dead":
-            log.error(
-                "delivery.dead_letter",
-                instance=lease.event.instance,
-                _event=lease.event.event,
-                event_id=lease.event.id,
-                sink=self.sink.name,
-                target=self.key,
-                attempt=lease.attempts + 1,
-                error=error,
-            )
+            attempt = lease.attempts + 1
+            log.error("delivery.dead_letter", **self._log_fields(lease), attempt=attempt, error=error)
         self._done(lease, retry_at, written)
+
+    def _log_fields(self, lease: Lease) -> dict[str, Any]:
+        """What every log line about one delivery names."""
+        event = lease.event
+        return {
+            "instance": event.instance,
+            "_event": event.event,
+            "event_id": event.id,
+            "sink": self.sink.name,
+            "target": self.key,
+        }
 
     def _retry_or_kill(
         self, lease: Lease, error: str, retry_after_s: float | None
