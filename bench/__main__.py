@@ -39,6 +39,7 @@ from aiobotocore.session import get_session
 from aiohttp import web
 from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from pamqp.commands import Basic
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port
 from tests.pusher_server import PusherServer
@@ -170,13 +171,14 @@ async def daemon(**sink_env: str) -> AsyncIterator[tuple[int, int]]:
             "SERVER_HOST": "127.0.0.1",
             "SERVER_PORT": str(port),
             "ROUTER_STATE_DIR": state_dir,
-            "ROUTER_INSTANCES_DIR": state_dir,
+            # Apart, as deployed: the database's writes are no changes to watch for.
+            "ROUTER_INSTANCES_DIR": str(Path(state_dir, "instances")),
             "LOG_LEVEL": "ERROR,WARN",
             **sink_env,
         }
         process = subprocess.Popen(DAEMON, env=env)
         try:
-            await wait_http(f"http://127.0.0.1:{port}/health")
+            await wait_http(f"http://127.0.0.1:{port}/health", timeout_s=300)  # 100,000 instances: long
             yield port, process.pid
         finally:
             process.terminate()
@@ -736,12 +738,33 @@ async def scale_run(instances: int, base: str) -> dict[str, float]:
             await wait_count(session, base, SCALE_EVENTS)
             elapsed = time.perf_counter() - began
             rss = rss_mib(pid)
+            # One file of them edited: how long the reload takes, in all and on the event loop.
+            Path(directory, "i0.yaml").write_text(f"webhook: {{enabled: true, url: '{base}/hook?v=2'}}\n")
+            reload_s, reload_loop_s = await reloaded(session, port)
     return {
         "instances": instances,
         "listening_s": listening_s,
         "events_per_s": SCALE_EVENTS / elapsed,
         "rss_mib": rss,
+        "reload_s": reload_s,
+        "reload_loop_ms": reload_loop_s * 1000,
     }
+
+
+async def reloaded(session: aiohttp.ClientSession, port: int, timeout_s: float = 120) -> tuple[float, float]:
+    """Wait for the daemon's first reload: (its seconds in all, its seconds on the event loop)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        async with session.get(f"http://127.0.0.1:{port}/metrics") as answer:
+            found = {
+                sample.name + str(sample.labels.get("part", "")): sample.value
+                for family in text_string_to_metric_families(await answer.text())
+                for sample in family.samples
+            }
+        if found.get("router_reloads_total", 0) >= 1:
+            return found["router_last_reload_secondstotal"], found["router_last_reload_secondsloop"]
+        await asyncio.sleep(0.1)
+    raise TimeoutError("no reload")
 
 
 async def scale_section() -> dict[str, object]:
@@ -758,11 +781,14 @@ async def scale_section() -> dict[str, object]:
         f"\nscale, {SCALE_EVENTS} events of ~1 KB in batches of {BATCH},"
         " spread over N instances, a webhook each"
     )
-    print(f"{'instances':>10} {'listening after s':>18} {'delivered events/s':>19} {'RSS MiB':>9}")
+    print(
+        f"{'instances':>10} {'listening after s':>18} {'delivered events/s':>19} {'RSS MiB':>9}"
+        f" {'reload s':>9} {'on loop ms':>11}"
+    )
     for row in rows:
         print(
             f"{row['instances']:>10.0f} {row['listening_s']:>18.1f} {row['events_per_s']:>19.0f}"
-            f" {row['rss_mib']:>9.0f}"
+            f" {row['rss_mib']:>9.0f} {row['reload_s']:>9.2f} {row['reload_loop_ms']:>11.1f}"
         )
     flat = rows[-1]["events_per_s"] / rows[0]["events_per_s"]
     print(f"{'rate at the most instances / at one':<49} {flat:>9.2f}   (target >= 0.80)")

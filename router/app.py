@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -313,7 +314,9 @@ class App:
         # Reading the files that changed, building the index and the secrets take a while with
         # thousands of instances: off the event loop, so deliveries go on meanwhile; the loop
         # only swaps the results in.
+        started = time.perf_counter()
         loaded, instances, paths, routes, secrets = await asyncio.to_thread(self._prepare_reload)
+        prepared = time.perf_counter()
         for problem in loaded.problems:
             log.error("config.invalid", problem=problem, hint="previous configuration kept")
         self.instances, self.instance_paths, self._fingerprint = instances, paths, loaded.fingerprint
@@ -325,4 +328,14 @@ class App:
         if self.whatsapp is not None:
             await self.whatsapp.apply(instances)
         self.reloads += 1
-        log.info("config.reloaded", instances=len(instances), targets=len(self.routes.targets))
+        done = time.perf_counter()
+        self.metrics.reloads.inc()
+        self.metrics.reload_seconds.labels("total").set(done - started)
+        self.metrics.reload_seconds.labels("loop").set(done - prepared)
+        log.info(
+            "config.reloaded",
+            instances=len(instances),
+            targets=len(self.routes.targets),
+            seconds=round(done - started, 3),
+            loop_ms=round((done - prepared) * 1000, 1),
+        )

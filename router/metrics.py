@@ -68,6 +68,13 @@ class Metrics:
             "1 when every due delivery has been attempted and none is in flight (retries due later may wait)",
             registry=registry,
         )
+        self.reloads = Counter("router_reloads", "Configuration reloads completed", registry=registry)
+        self.reload_seconds = Gauge(
+            "router_last_reload_seconds",
+            "How long the last reload took: in all (``total``), and on the event loop (``loop``)",
+            ["part"],
+            registry=registry,
+        )
         self.sink_connected = Gauge(
             "router_sink_connected",
             "1 while a sink with a connection of its own (RabbitMQ, NATS) has it open",

@@ -62,3 +62,16 @@ async def test_counters_follow_the_deliveries_made(receiver, make_settings):
     assert metrics[("router_delivery_latency_seconds_sum", (("sink", "webhook"),))] >= 0.05
     assert metrics[("router_queue_depth", (("sink", "webhook"),))] == 0
     assert metrics[("router_oldest_pending_age_seconds", (("sink", "webhook"),))] == 0
+
+
+async def test_reloads_are_counted_and_timed(make_settings, tmp_path):
+    async with running(make_settings()) as app:
+        (tmp_path / "instances" / "bot.yaml").write_text(
+            "webhook: {enabled: true, url: 'http://127.0.0.1:9/x'}\n"
+        )
+        await app.reload()
+        got = await scrape(app.port)
+    assert got[("router_reloads_total", ())] == 1
+    total = got[("router_last_reload_seconds", (("part", "total"),))]
+    loop = got[("router_last_reload_seconds", (("part", "loop"),))]
+    assert 0 < loop <= total
