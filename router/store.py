@@ -1,8 +1,9 @@
 """The durable queue: an embedded SQLite database in WAL mode.
 
 Every accepted event is a row in ``events``; every (event, target) pair a row in
-``deliveries``, whose ``state`` is pending (0), leased (1, an attempt is under way) or dead (2,
-a dead letter with its last error). Delivered rows are deleted at once, and an event row goes
+``deliveries``, whose ``state`` is pending (0), leased (1, an attempt is under way), dead (2,
+a dead letter with its last error) or parked (3, read by its worker and waiting for the earlier
+deliveries of its ordering key, ``park``). Delivered rows are deleted at once, and an event row goes
 with its last delivery, so the file stays as large as the backlog.
 
 All access goes through one connection on one thread. Operations queue up while a transaction
@@ -40,7 +41,7 @@ from router.events import Event
 T = TypeVar("T")
 
 log = logs.get_logger("router.store")
-PENDING, LEASED, DEAD = 0, 1, 2
+PENDING, LEASED, DEAD, PARKED = 0, 1, 2, 3  # parked: read, waiting for its key (``park``)
 MAX_OPS_PER_TRANSACTION = 4096
 SCHEMA_VERSION = 3  # 1: delivery ids AUTOINCREMENT; 2: auto_vacuum=INCREMENTAL; 3: ordering keys
 FULL_RETRY_S = 1.0  # with the disk full, kept writes (acks, retries) are tried again this often
@@ -190,6 +191,13 @@ def _event_from_row(row: Sequence[Any]) -> Event:
     )
 
 
+def _by_ids(conn: sqlite3.Connection, sql: str, params: Sequence[Any], ids: Sequence[int]) -> None:
+    """``sql`` (with ``{marks}`` for the ids) for ``ids``, as many statements as variables allow."""
+    for start in range(0, len(ids), MAX_VARIABLES):
+        chunk = ids[start : start + MAX_VARIABLES]
+        conn.execute(sql.format(marks=",".join("?" * len(chunk))), [*params, *chunk])
+
+
 def _event_row(e: Event, accepted_at: float) -> tuple[Any, ...]:
     """The values of ``_EVENT_COLUMNS`` and ``accepted_at``."""
     return (
@@ -247,7 +255,7 @@ class Store:
         _migrate(conn)
         conn.executescript(SCHEMA)
         # Attempts that were under way when the process died are pending again.
-        conn.execute("UPDATE deliveries SET state = ? WHERE state = ?", (PENDING, LEASED))
+        conn.execute("UPDATE deliveries SET state = ? WHERE state IN (?, ?)", (PENDING, LEASED, PARKED))
         rows = conn.execute(
             "SELECT target, okey, MAX(due_at) FROM deliveries"
             " WHERE state = ? AND okey IS NOT NULL AND due_at > ? GROUP BY target, okey",
@@ -571,10 +579,40 @@ class Store:
             fail(conn)
             conn.execute(
                 "UPDATE deliveries SET state = ?, due_at = ? WHERE target = ? AND okey = ? AND id > ?"
-                " AND state IN (?, ?) AND (due_at < ? OR state = ?)",
-                (PENDING, due_at, *where, lease.delivery_id, PENDING, LEASED, due_at, LEASED),
+                " AND state IN (?, ?, ?) AND (due_at < ? OR state != ?)",
+                (PENDING, due_at, *where, lease.delivery_id, PENDING, LEASED, PARKED, due_at, PENDING),
             )
             self._blocked[where] = max(due_at, self._blocked.get(where, 0.0))
+
+        return self._submit(op, kept=True)
+
+    def park(self, leases: Sequence[Lease]) -> asyncio.Future[None]:
+        """Leased deliveries whose key has enough waiting in memory: out of the way of other
+        keys' deliveries until ``unpark`` (or a restart) makes them pending again."""
+        ids = [lease.delivery_id for lease in leases]
+
+        def op(conn: sqlite3.Connection) -> None:
+            sql = "UPDATE deliveries SET state = ? WHERE state = ? AND id IN ({marks})"
+            _by_ids(conn, sql, (PARKED, LEASED), ids)
+
+        return self._submit(op, kept=True)
+
+    def unpark(self, target: str, key: str, limit: int) -> asyncio.Future[int | None]:
+        """The oldest ``limit`` parked deliveries of ``key`` pending again; returns the id of the
+        oldest still parked (None: none is)."""
+
+        def op(conn: sqlite3.Connection) -> int | None:
+            rows = conn.execute(
+                "SELECT id FROM deliveries WHERE target = ? AND okey = ? AND state = ? ORDER BY id LIMIT ?",
+                (target, key, PARKED, limit + 1),
+            ).fetchall()
+            _by_ids(
+                conn,
+                "UPDATE deliveries SET state = ? WHERE id IN ({marks})",
+                (PENDING,),
+                [r[0] for r in rows[:limit]],
+            )
+            return rows[limit][0] if len(rows) > limit else None
 
         return self._submit(op, kept=True)
 
@@ -583,13 +621,10 @@ class Store:
         ids = [lease.delivery_id for lease in leases]
 
         def op(conn: sqlite3.Connection) -> None:
-            for start in range(0, len(ids), MAX_VARIABLES):
-                chunk = ids[start : start + MAX_VARIABLES]
-                conn.execute(
-                    f"UPDATE deliveries SET state = ?, due_at = MAX(due_at, ?)"
-                    f" WHERE state = ? AND id IN ({','.join('?' * len(chunk))})",
-                    [PENDING, until, LEASED, *chunk],
-                )
+            sql = (
+                "UPDATE deliveries SET state = ?, due_at = MAX(due_at, ?) WHERE state = ? AND id IN ({marks})"
+            )
+            _by_ids(conn, sql, (PENDING, until, LEASED), ids)
 
         return self._submit(op, kept=True)
 
@@ -678,8 +713,8 @@ class Store:
 
         def op(conn: sqlite3.Connection) -> int:
             row = conn.execute(
-                "SELECT COUNT(*) FROM deliveries WHERE state = ? OR (state = ? AND due_at <= ?)",
-                (LEASED, PENDING, due),
+                "SELECT COUNT(*) FROM deliveries WHERE state IN (?, ?) OR (state = ? AND due_at <= ?)",
+                (LEASED, PARKED, PENDING, due),
             ).fetchone()
             return int(row[0])
 
@@ -691,7 +726,7 @@ class Store:
         def op(conn: sqlite3.Connection) -> dict[str, int]:
             rows = dict(conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state"))
             return {
-                "pending": rows.get(PENDING, 0) + rows.get(LEASED, 0),
+                "pending": rows.get(PENDING, 0) + rows.get(LEASED, 0) + rows.get(PARKED, 0),
                 "dead": rows.get(DEAD, 0),
             }
 

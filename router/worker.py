@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from router import logs
 from router.errors import PermanentError, RetryableError, Unavailable
-from router.keyqueue import KeyQueue
+from router.keyqueue import MAX_FOLLOWERS, KeyQueue
 from router.retry import RetryPolicy
 from router.sinks import BaseSink
 from router.store import Lease
@@ -88,8 +88,13 @@ class TargetWorker:
             self._admit(leases)
 
     def _admit(self, leases: Sequence[Lease]) -> None:
-        for until, late in self._queue.admit(leases).items():
-            self._give_back(late, until)
+        late, park = self._queue.admit(leases)
+        for until, given_back in late.items():
+            self._give_back(given_back, until)
+        if park:
+            self._track(self.dispatcher.store.park(park))
+            self.dispatcher.release(len(park))
+            self._need_more.set()
         self._start_lanes()
 
     def _give_back(self, leases: Sequence[Lease], until: float) -> None:
@@ -111,14 +116,34 @@ class TargetWorker:
             written.add_done_callback(lambda _: self._next_of(lease))
 
     def _next_of(self, lease: Lease) -> None:
-        if self._queue.finished(lease):
-            self._start_lanes()
+        if (key := self._queue.finished(lease)) is not None:
+            self._unpark(key)
+        self._start_lanes()
+
+    def _unpark(self, key: str) -> None:
+        """Bring the next batch of ``key``'s parked deliveries back: pending, then leased."""
+        written = self.dispatcher.store.unpark(self.key, key, MAX_FOLLOWERS + 1)
+
+        def done(future: asyncio.Future[int | None]) -> None:
+            if future.cancelled():
+                return
+            if (exc := future.exception()) is not None:  # they stay parked: try again soon
+                log.warning(
+                    "delivery.store_unavailable", target=self.key, error=str(exc), retry_in_s=STORE_RETRY_S
+                )
+                asyncio.get_running_loop().call_later(STORE_RETRY_S, self._unpark, key)
+                return
+            self._queue.unparked(key, future.result())
+            self.wake()  # they are pending now: lease them
+
+        written.add_done_callback(done)
 
     def _start_lanes(self) -> None:
-        """A lane per leased delivery, up to ``concurrency``: an idle target runs none."""
+        """A lane per delivery in flight or ready, up to ``concurrency``: an idle target runs none,
+        and one waiting on a slow attempt does not keep a ready delivery waiting."""
         if self._group is None or self._stopping:
             return
-        while self._lanes < min(self.concurrency, len(self._queue.ready)):
+        while self._lanes < min(self.concurrency, self.in_flight + len(self._queue.ready)):
             self._lanes += 1
             self._group.create_task(self._lane())
 
@@ -199,7 +224,7 @@ class TargetWorker:
 
     @property
     def busy(self) -> bool:
-        return len(self._queue) > 0 or self.in_flight > 0 or self.reserved > 0
+        return len(self._queue) > 0 or self.in_flight > 0 or self.reserved > 0 or self._queue.parking
 
     async def _lane(self) -> None:
         """Attempt leased deliveries until there are none left (or the worker stops)."""

@@ -16,7 +16,7 @@ from aiohttp import web
 from router.current import Current
 from router.delivery import Dispatcher
 from router.events import Event, new_event_id, utc_timestamp
-from router.keyqueue import KeyQueue
+from router.keyqueue import MAX_FOLLOWERS, KeyQueue
 from router.ordering import chat_of, ordering_key
 from router.routing import Routes
 from router.sinks.webhook import WebhookTarget
@@ -115,18 +115,39 @@ def test_the_key_queue_lets_one_delivery_of_a_key_go_at_a_time():
 
     queue = KeyQueue()
     a1, a2, b1, a3, free = lease(1, "a"), lease(2, "a"), lease(3, "b"), lease(5, "a"), lease(4, None)
-    assert queue.admit([a1, a2, b1, free]) == {}
+    assert queue.admit([a1, a2, b1, free]) == ({}, [])
     assert list(queue.ready) == [a1, b1, free] and queue.held == 1  # a2 waits behind a1
     queue.ready.clear()  # all three are attempted
-    assert queue.finished(a1) and list(queue.ready) == [a2]
+    assert queue.finished(a1) is None and list(queue.ready) == [a2]
     queue.ready.clear()
     assert queue.retried(a2, 99.0) == []  # a2 waits for its retry
     # a3 was read before that retry was stored: it goes back, due with a2, until a2 is back.
-    assert queue.admit([a3]) == {99.0: [a3]}
-    assert queue.admit([a2, a3]) == {} and list(queue.ready) == [a2] and queue.held == 1
+    assert queue.admit([a3]) == ({99.0: [a3]}, [])
+    assert queue.admit([a2, a3]) == ({}, []) and list(queue.ready) == [a2] and queue.held == 1
     queue.ready.clear()
-    assert queue.finished(a2) and list(queue.ready) == [a3]
-    assert not queue.finished(b1) and not queue.finished(free) and len(queue) == 1
+    assert queue.finished(a2) is None and list(queue.ready) == [a3]
+    assert queue.finished(b1) is None and queue.finished(free) is None and len(queue) == 1
+
+
+def test_a_busy_key_parks_what_is_over_its_share_and_gets_it_back_in_order():
+    event = Event("e", "bot", "messages.upsert", b"{}", utc_timestamp())
+    many = [Lease(n, "webhook:global", 0, event, 0.0, "busy") for n in range(1, MAX_FOLLOWERS + 6)]
+    queue = KeyQueue()
+    late, park = queue.admit(many)
+    assert late == {} and list(queue.ready) == many[:1] and queue.held == MAX_FOLLOWERS
+    assert park == many[MAX_FOLLOWERS + 1 :] and queue.parking  # the rest wait in the store
+    other = Lease(100, "webhook:global", 0, event, 0.0, "other")
+    assert queue.admit([other]) == ({}, []) and list(queue.ready) == [many[0], other]
+    queue.ready.clear()
+    for done in many[:MAX_FOLLOWERS]:
+        assert queue.finished(done) is None  # the next of the key is ready
+    assert queue.finished(many[MAX_FOLLOWERS]) == "busy"  # its share is done: unpark the rest
+    later = Lease(200, "webhook:global", 0, event, 0.0, "busy")
+    assert queue.admit([later]) == ({}, [later])  # read meanwhile: parked too, behind them
+    queue.unparked("busy", None)
+    assert queue.parking  # the one parked meanwhile is still there
+    assert queue.admit(park) == ({}, [])  # the unparked ones come back first, in order
+    queue.unparked("busy", None)  # (the next batch: nothing left)
 
 
 async def test_the_store_holds_a_key_back_behind_its_retry_across_a_restart(tmp_path):
@@ -284,3 +305,64 @@ async def test_order_holds_across_a_kill_and_a_restart(receiver, daemon):
         firsts = list(dict.fromkeys(got))  # at-least-once: the event in flight at the kill may repeat
         assert firsts == list(range(k, 400, 4)), chat
         assert len(got) - len(firsts) <= 1, f"{chat}: only the last in-flight event repeats"
+
+
+async def test_a_slow_conversation_with_a_backlog_does_not_hold_up_the_others(receiver, make_settings):
+    """One chat's receiver path hangs with hundreds of that chat's events waiting, more than the
+    worker keeps leased ahead: the other chats' events, accepted after them, still arrive."""
+    release, hanging = asyncio.Event(), asyncio.Event()
+    original = receiver.handle
+
+    async def holding(request: web.Request) -> web.Response:
+        if orjson.loads(await request.read())["data"]["key"]["remoteJid"] == "slow":
+            hanging.set()
+            await release.wait()
+        return await original(request)
+
+    receiver.handle = holding  # type: ignore[method-assign]
+    settings = make_settings(**hook_env(receiver, ROUTER_WEBHOOK_CONCURRENCY="4"))  # 64 leased ahead
+    async with running(settings) as app:
+        try:
+            assert (await post_ingest(app, [message(n, "slow") for n in range(300)]))[0] == 202
+            await asyncio.wait_for(hanging.wait(), 10)  # the slow chat's first request hangs
+            others = [message(n, f"c{n % 3}") for n in range(300, 330)]
+            assert (await post_ingest(app, others))[0] == 202
+            got = await receiver.wait_for(30)
+            assert {r.json()["data"]["key"]["remoteJid"] for r in got} == {"c0", "c1", "c2"}
+        finally:
+            release.set()
+        await receiver.wait_for(330, timeout=30)
+        await wait_idle(app)
+    slow = [
+        r.json()["data"]["n"] for r in receiver.requests if r.json()["data"]["key"]["remoteJid"] == "slow"
+    ]
+    assert slow == list(range(300)), "the slow chat in order, once each"
+
+
+async def test_parked_deliveries_count_as_waiting_and_are_pending_after_a_restart(tmp_path):
+    path, target = tmp_path / "router.db", "webhook:global"
+    store = await Store.open(path)
+    task = asyncio.create_task(store.run())
+    new = [
+        NewDelivery(Event(new_event_id(), "bot", "call", b"{}", utc_timestamp()), (target,), ("bot",))
+        for _ in range(5)
+    ]
+    await store.accept(new)
+    leases = await store.lease(target, 5)
+    await store.park(leases[2:])
+    assert await store.due_or_leased() == 5, "parked ones are not done: the router is not idle"
+    assert (await store.counts())["pending"] == 5
+    assert await store.unpark(target, "bot", 1) == leases[3].delivery_id  # the oldest left parked
+    assert [lease.delivery_id for lease in await store.lease(target, 5)] == [leases[2].delivery_id]
+    await store.close()
+    await task
+    store.shutdown()
+    store = await Store.open(path)  # a restart: leased and parked ones are pending, in order
+    task = asyncio.create_task(store.run())
+    try:
+        again = await store.lease(target, 5)
+        assert [lease.delivery_id for lease in again] == [lease.delivery_id for lease in leases]
+    finally:
+        await store.close()
+        await task
+        store.shutdown()
