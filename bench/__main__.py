@@ -121,6 +121,12 @@ def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
     return sorted(runs, key=lambda run: run["events_per_s"])[len(runs) // 2]
 
 
+def rate_and_latency(count: int, elapsed: float, received: dict[str, object]) -> dict[str, float]:
+    """events/s over ``elapsed``, and p50/p99 of the latencies the receiver recorded."""
+    lat: list[float] = received["latencies_ms"]  # type: ignore[assignment]
+    return {"events_per_s": count / elapsed, "p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99)}
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * p))] if ordered else float("nan")
@@ -150,11 +156,8 @@ async def bench_bare(base: str, receiver_pid: int) -> dict[str, float]:
             elapsed = time.perf_counter() - started
             cpu, rcpu = cpu_s() - cpu0, cpu_s(receiver_pid) - rcpu0
         result = await stats(session, base)
-    lat: list[float] = result["latencies_ms"]  # type: ignore[assignment]
     return {
-        "events_per_s": N_EVENTS / elapsed,
-        "p50_ms": percentile(lat, 0.5),
-        "p99_ms": percentile(lat, 0.99),
+        **rate_and_latency(N_EVENTS, elapsed, result),
         "cpu_us_per_event": cpu / N_EVENTS * 1e6,
         "receiver_cpu_us_per_event": rcpu / N_EVENTS * 1e6,
     }
@@ -239,12 +242,9 @@ async def bench_router(base: str, receiver_pid: int) -> dict[str, float]:
         elapsed = time.perf_counter() - started
         cpu, rcpu = cpu_s(pid) - cpu0, cpu_s(receiver_pid) - rcpu0
         result = await stats(session, base)
-    lat: list[float] = result["latencies_ms"]  # type: ignore[assignment]
     return {
-        "events_per_s": N_EVENTS / elapsed,
+        **rate_and_latency(N_EVENTS, elapsed, result),
         "ingest_events_per_s": N_EVENTS / ingest_done,
-        "p50_ms": percentile(lat, 0.5),
-        "p99_ms": percentile(lat, 0.99),
         "cpu_us_per_event": cpu / N_EVENTS * 1e6,
         "receiver_cpu_us_per_event": rcpu / N_EVENTS * 1e6,
     }
@@ -821,12 +821,7 @@ async def ordering_run(base: str, ordering: str, chats: int) -> dict[str, float]
         await wait_count(session, base, ORDER_EVENTS)
         elapsed = time.perf_counter() - started
         result = await stats(session, base)
-    lat: list[float] = result["latencies_ms"]  # type: ignore[assignment]
-    return {
-        "events_per_s": ORDER_EVENTS / elapsed,
-        "p50_ms": percentile(lat, 0.5),
-        "p99_ms": percentile(lat, 0.99),
-    }
+    return rate_and_latency(ORDER_EVENTS, elapsed, result)
 
 
 async def ordering_section() -> dict[str, object]:
