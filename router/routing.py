@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from router.apikeys import key_digest
 from router.events import STARTUP, WIRE_NAMES
 from router.instances import InstanceConfig
 from router.settings import Settings
@@ -35,6 +36,7 @@ class Routes:
     _websocket: Mapping[str, frozenset[str]] = field(default_factory=dict)
     # Rules of sinks whose global target routes every instance by its name (RabbitMQ's topic keys).
     _name_rules: tuple[Callable[[str], str | None], ...] = ()
+    _tokens: frozenset[bytes] = frozenset()  # digests of the instances' tokens (``key_digest``)
 
     def targets_for(self, instance: str, wire: str) -> tuple[str, ...]:
         """Keys of every target subscribed to ``wire`` for ``instance``, global ones first."""
@@ -57,6 +59,10 @@ class Routes:
     def websocket_events(self, instance: str) -> frozenset[str]:
         """What ``ws://host/{instance}`` streams: the instance's ``websocket`` subscription."""
         return self._websocket.get(instance, frozenset())
+
+    def is_token(self, key: str) -> bool:
+        """Whether ``key`` is some instance's token (which one: ``token_of`` each instance)."""
+        return key_digest(key) in self._tokens
 
     def token_of(self, instance: str) -> str | None:
         config = self.instances.get(instance)
@@ -91,6 +97,7 @@ def build_routes(settings: Settings, instances: Mapping[str, InstanceConfig]) ->
         _covered={name: frozenset(keys) for name, keys in covered.items()},
         instances=dict(instances),
         _websocket={name: config.websocket.subscribed() for name, config in instances.items()},
+        _tokens=frozenset(key_digest(config.token) for config in instances.values() if config.token),
         _name_rules=tuple(rules),
     )
 

@@ -70,8 +70,7 @@ async def ingest(request: web.Request) -> web.Response:
         key_matches(key, intake.settings.authentication_api_key) for key in keys
     )
     if not is_global:
-        instances = intake.routes.instances.values()
-        keys = [key for key in keys if any(key_matches(key, config.token) for config in instances)]
+        keys = [key for key in keys if intake.routes.is_token(key)]
         if not keys:
             leave_unread(request)
             return _error(401, "invalid apikey" if request_keys(request.headers) else MISSING_KEY)
