@@ -77,7 +77,12 @@ def describe_routes(routes: Routes, settings: Settings) -> list[str]:
 
 def describe_layouts(settings: Settings) -> list[str]:
     """Which layout consumers see, for the sinks that have more than one."""
-    return [line for kind in SINKS if kind.enabled(settings) and (line := kind.layout(settings))]
+    lines = [line for kind in SINKS if kind.enabled(settings) and (line := kind.layout(settings))]
+    modes = settings.ordering_modes()
+    enabled = [f"{kind.name} {modes[kind.name]}" for kind in SINKS if kind.enabled(settings)]
+    if enabled:  # which deliveries go one at a time (ROUTER_<SINK>_ORDERING)
+        lines.append(f"ordering: {', '.join(enabled)}")
+    return lines
 
 
 def cmd_check(args: argparse.Namespace) -> int:

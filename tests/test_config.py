@@ -185,6 +185,7 @@ def test_check_prints_routes_and_exits_1_naming_every_error(tmp_path: Path):
     assert ok.returncode == 0, ok.stderr
     assert "global (every instance): webhook -> http://127.0.0.1:9/g: call" in ok.stdout
     assert "shop: webhook -> http://127.0.0.1:9/s: messages.upsert" in ok.stdout
+    assert "ordering: webhook chat" in ok.stdout  # one conversation at a time, by default
 
     write_instance(tmp_path / "config" / "instances", "bad", "webhook:\n  events: [NOPE]\n")
     failed = run_cli("check", cwd=tmp_path)
