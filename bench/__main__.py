@@ -450,7 +450,7 @@ async def rabbitmq_section() -> dict[str, object]:
         ("router: /ingest -> SQLite -> RabbitMQ", paired.router),
     ):
         print(f"{name:<40} {row['events_per_s']:>10.0f} {row['cpu_us_per_event']:>13.0f}")
-    return paired.report(target=0.6)
+    return paired.report(target=0.8)
 
 
 async def webhook_section() -> dict[str, object]:
@@ -481,7 +481,7 @@ async def webhook_section() -> dict[str, object]:
             f" {row['cpu_us_per_event']:>13.0f}"
         )
     print(f"{'router intake alone (events/s)':<40} {paired.router['ingest_events_per_s']:>10.0f}")
-    return paired.report(target=0.5)
+    return paired.report(target=0.8)
 
 
 SQS_EVENTS = int(os.environ.get("BENCH_SQS_EVENTS", "600"))
