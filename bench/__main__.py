@@ -928,6 +928,62 @@ async def latency_section() -> dict[str, object]:
     return {"runs": rows}
 
 
+ISOLATION_SLOW = int(os.environ.get("BENCH_ISOLATION_SLOW", "40"))
+ISOLATION_BACKLOG = int(os.environ.get("BENCH_ISOLATION_BACKLOG", "1100"))
+
+
+async def isolation_section() -> dict[str, object]:
+    """The slow-target case: ISOLATION_SLOW targets answering after 20 s, each with a backlog of
+    ISOLATION_BACKLOG, and one healthy target offered 200 events/s: its latency."""
+    port = free_port()
+    receiver = subprocess.Popen([sys.executable, "-m", "bench.receiver", "--port", str(port)])
+    base = f"http://127.0.0.1:{port}"
+    rate, seconds = 200, 10
+    with tempfile.TemporaryDirectory() as directory:
+        for n in range(ISOLATION_SLOW):
+            Path(directory, f"slow{n}.yaml").write_text(
+                f"webhook: {{enabled: true, url: '{base}/slow?s=20'}}\n"
+            )
+        Path(directory, "fast.yaml").write_text(f"webhook: {{enabled: true, url: '{base}/hook'}}\n")
+        env = {"ROUTER_INSTANCES_DIR": directory, "ROUTER_WEBHOOK_CONCURRENCY": str(CONCURRENCY)}
+        try:
+            await wait_http(f"{base}/count")
+            async with daemon(**env) as (router_port, _), aiohttp.ClientSession() as session:
+                url, headers = f"http://127.0.0.1:{router_port}/ingest", {"apikey": API_KEY}
+                for n in range(ISOLATION_SLOW):
+                    for first in range(0, ISOLATION_BACKLOG, BATCH):
+                        batch = [
+                            {**make_event(k, time.time()), "instance": f"slow{n}"}
+                            for k in range(first, min(first + BATCH, ISOLATION_BACKLOG))
+                        ]
+                        async with session.post(url, data=orjson.dumps(batch), headers=headers) as answer:
+                            assert answer.status == 202, await answer.text()
+                await session.post(f"{base}/reset")
+                started = time.perf_counter()
+                for k in range(rate * seconds):
+                    delay = started + k / rate - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    event = {**make_event(k, time.time()), "instance": "fast"}
+                    async with session.post(url, data=orjson.dumps(event), headers=headers) as answer:
+                        assert answer.status == 202, await answer.text()
+                await wait_count(session, base, rate * seconds, timeout_s=120)
+                result = await stats(session, base)
+        finally:
+            receiver.terminate()
+            receiver.wait(10)
+    lat: list[float] = result["latencies_ms"]  # type: ignore[assignment]
+    row = {"p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99)}
+    print(
+        f"\nisolation, {ISOLATION_SLOW} targets answering after 20 s with {ISOLATION_BACKLOG} events"
+        f" waiting each; a healthy target offered {rate} events/s for {seconds} s"
+    )
+    print(
+        f"{'healthy target, /ingest to arrival':<40} p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms"
+    )
+    return row
+
+
 SECTIONS = {
     "webhook": webhook_section,
     "rabbitmq": rabbitmq_section,
@@ -938,6 +994,7 @@ SECTIONS = {
     "scale": scale_section,
     "ordering": ordering_section,
     "latency": latency_section,
+    "isolation": isolation_section,
 }
 
 

@@ -2,6 +2,7 @@
 
 POST anything: counted, and the latency from the event's ``data.sent_at`` recorded, and when
 it arrived by its ``data.key.id``.
+POST /slow?s=SECONDS answers after that long (a slow receiver), counted apart.
 GET /count: ``{"count": n}`` (cheap, for polling); GET /stats adds ``latencies_ms`` and
 ``arrivals`` (key id -> unix time); POST /reset clears them.
 """
@@ -9,6 +10,7 @@ GET /count: ``{"count": n}`` (cheap, for polling); GET /stats adds ``latencies_m
 from __future__ import annotations
 
 import argparse
+import asyncio
 import time
 
 import orjson
@@ -46,7 +48,13 @@ def make_app() -> web.Application:
         arrivals.clear()
         return web.Response(status=204)
 
+    async def slow(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(float(request.query.get("s", "20")))
+        return web.Response(status=200)
+
     app = web.Application()
+    app.router.add_post("/slow", slow)
     app.router.add_get("/stats", stats)
     app.router.add_get("/count", count)
     app.router.add_post("/reset", reset)
