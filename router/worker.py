@@ -55,7 +55,7 @@ class TargetWorker:
         self._wake = asyncio.Event()  # new deliveries stored, or an attempt finished
         self._lanes = 0  # lane tasks running: started when there is work, ended when there is none
         self._group: asyncio.TaskGroup | None = None
-        self._need_more = asyncio.Event()  # leaser: ``_ready`` is running low
+        self._need_more = asyncio.Event()  # leaser: fewer are ready or held than it keeps
         self._stopping = False
         # Nothing due is left in the store (the last lease came back short): new deliveries may
         # then come straight from intake without overtaking older ones.
@@ -122,6 +122,8 @@ class TargetWorker:
 
     def _unpark(self, key: str) -> None:
         """Bring the next batch of ``key``'s parked deliveries back: pending, then leased."""
+        if self._stopping:  # parked ones are pending again at the next start
+            return
         written = self.dispatcher.store.unpark(self.key, key, MAX_FOLLOWERS + 1)
 
         def done(future: asyncio.Future[int | None]) -> None:
