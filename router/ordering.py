@@ -48,12 +48,15 @@ def chat_of(wire: str, data: Any) -> str | None:
     """The chat ``data`` of a ``wire`` event belongs to, or None (the instance as a whole).
 
     Messages name it in ``key.remoteJid`` (``messages.update``: ``remoteJid``); chats, contacts
-    and groups in ``remoteJid``, ``chatId`` or ``id``; a list (``chats.upsert``) by its first item.
+    and groups in ``remoteJid``, ``chatId`` or ``id``; a list (``chats.upsert``, or the ids of
+    ``chats.delete``) by its first item.
     """
     if wire in INSTANCE_EVENTS:
         return None
     if isinstance(data, list):
         data = data[0] if data else None
+        if isinstance(data, str):  # a list of ids (``chats.delete``)
+            return data if 0 < len(data) <= MAX_CHAT_LENGTH else None
     if not isinstance(data, dict):
         return None
     key = data.get("key")

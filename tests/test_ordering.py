@@ -94,6 +94,7 @@ def test_each_event_names_its_conversation():
     assert chat_of("messages.update", {"remoteJid": "g1@g.us", "keyId": "X"}) == "g1@g.us"
     assert chat_of("presence.update", {"id": "5511@s.whatsapp.net", "presences": {}}) == "5511@s.whatsapp.net"
     assert chat_of("chats.upsert", [{"remoteJid": "a@s"}, {"remoteJid": "b@s"}]) == "a@s"
+    assert chat_of("chats.delete", ["a@s", "b@s"]) == "a@s"
     assert chat_of("group-participants.update", {"id": "g@g.us", "action": "add"}) == "g@g.us"
     assert chat_of("labels.association", {"chatId": "c@s", "labelId": "1"}) == "c@s"
     # Events about the instance as a whole, whatever their data holds.
