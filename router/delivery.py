@@ -229,6 +229,7 @@ class Dispatcher:
         """Run every worker until ``stop``; then give attempts under way ``grace_s`` to finish."""
         async with asyncio.TaskGroup() as group:
             self._group = group
+            await self.store.changed_elsewhere()  # from here on, another process's writes wake us
             stored = await self.store.pending_targets()
             for key in set(self.routes.targets) | stored:
                 if key not in self.routes.targets and self._sink_missing(key) is not None:

@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 
 from router.current import Current
+from router.deadletters import Selection, replay
 from router.delivery import Dispatcher
 from router.events import Event, new_event_id, utc_timestamp
 from router.keyqueue import MAX_FOLLOWERS, KeyQueue
@@ -367,3 +368,14 @@ async def test_parked_deliveries_count_as_waiting_and_are_pending_after_a_restar
         await store.close()
         await task
         store.shutdown()
+
+
+async def test_a_dead_letter_releases_its_key_and_a_replay_comes_after_what_went_on(receiver, make_settings):
+    receiver.script("/hook", [404])  # the chat's first event is refused for good: a dead letter
+    settings = make_settings(**hook_env(receiver))
+    async with running(settings) as app:
+        assert (await post_ingest(app, [message(n, "c") for n in range(3)]))[0] == 202
+        await receiver.wait_for(3)  # 0 (refused), then 1 and 2: the key went on
+        assert await asyncio.to_thread(replay, settings.database_path, Selection(instance="bot")) == 1
+        got = await receiver.wait_for(4)
+    assert [(r.json()["data"]["n"]) for r in got] == [0, 1, 2, 0]
