@@ -212,9 +212,12 @@ async def test_connections_closed_by_the_broker_mid_stream_lose_nothing(broker, 
     async with running(settings) as app:
         ids: list[str] = []
         for batch in range(10):
-            status, body = await post_ingest(
-                app, [upsert(broker.instance, batch * 100 + n) for n in range(100)]
-            )
+            numbers = range(batch * 100, batch * 100 + 100)  # four conversations, interleaved
+            events = [
+                {**upsert(broker.instance, n), "data": {"n": n, "key": {"remoteJid": f"c{n % 4}"}}}
+                for n in numbers
+            ]
+            status, body = await post_ingest(app, events)
             assert status == 202
             ids += body["ids"]
             if batch in (3, 6):
@@ -228,6 +231,12 @@ async def test_connections_closed_by_the_broker_mid_stream_lose_nothing(broker, 
     # At least once: only publishes unconfirmed when a connection dropped may come twice.
     duplicates = len(received) + extra - len(set(received))
     assert duplicates <= 2 * settings.router_queue_concurrency
+    # Each conversation's events are in the queue in the order they were accepted (a repeat
+    # comes right after its first copy, before anything later of its chat).
+    for chat in range(4):
+        numbers = [orjson.loads(m.body)["data"]["n"] for m in got]
+        mine = list(dict.fromkeys(n for n in numbers if n % 4 == chat))
+        assert mine == list(range(chat, 1000, 4)), f"chat c{chat}"
 
 
 async def test_broker_stopped_events_wait_in_the_store_and_arrive_after(broker, make_settings, tmp_path):
