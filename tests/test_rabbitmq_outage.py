@@ -78,3 +78,35 @@ async def test_an_outage_costs_one_connection_attempt_at_a_time_and_no_attempts(
     lines = capsys.readouterr().out
     assert lines.count("rabbitmq.unreachable") == 1, "one line for the outage, not one per attempt"
     assert lines.count("rabbitmq.connected") == 1
+
+
+async def test_closing_ends_the_connection_keeper_even_when_a_connect_eats_the_cancellation(
+    make_settings, monkeypatch
+):
+    """Python 3.11's ``asyncio.wait_for`` (inside client libraries too) can turn a cancellation
+    into the connect's own failure; the keeper must end at shutdown all the same, not retry on."""
+    import aiormq  # noqa: PLC0415
+
+    from router.sinks.rabbitmq.client import RabbitmqSink  # noqa: PLC0415
+
+    attempts = 0
+
+    async def connect(uri: str) -> None:
+        nonlocal attempts
+        attempts += 1
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:  # what a lost cancellation looks like from outside
+            raise ConnectionRefusedError("connect failed") from None
+
+    monkeypatch.setattr(aiormq, "connect", connect)
+    settings = make_settings(
+        RABBITMQ_ENABLED="true", RABBITMQ_URI=f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    )
+    sink = RabbitmqSink(settings)
+    await sink.open()
+    async with asyncio.timeout(10):
+        while attempts == 0:
+            await asyncio.sleep(0.01)
+        await sink.aclose()  # returns: the keeper does not connect again
+    assert attempts == 1

@@ -145,7 +145,7 @@ class NatsSink(BaseSink):
         """Connect, with backoff, for as long as it takes; nats-py then reconnects by itself, and
         its callbacks say when the connection is down and up again. One line per change."""
         failures = 0
-        while True:
+        while not self._closing:  # a cancellation nats-py's connect lost must not keep this going
             closed = asyncio.Event()
 
             async def disconnected() -> None:

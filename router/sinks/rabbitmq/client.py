@@ -62,6 +62,7 @@ class RabbitmqSink(BaseSink):
         self.connected = False
         self._up = asyncio.Event()  # set while the connection is open
         self._keeper: asyncio.Task[None] | None = None
+        self._closing = False  # aclose was called: the keeper ends, whatever it was doing
         self._last_error = "not connected yet"
         self._closed_because: str | None = None
         # Reconnecting follows the queue retry schedule (ROUTER_QUEUE_RETRY_*), never faster than 50 ms.
@@ -100,6 +101,7 @@ class RabbitmqSink(BaseSink):
         self._keeper = asyncio.create_task(self._keep_connected(), name="rabbitmq connection")
 
     async def aclose(self) -> None:
+        self._closing = True
         if self._keeper is not None:
             self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -118,9 +120,12 @@ class RabbitmqSink(BaseSink):
         lost, for as long as it takes. Deliveries wait for it (``wait_ready``) instead of each
         trying to connect; one log line per change of state."""
         failures = 0
-        while True:
+        while not self._closing:
             try:
-                connection = await asyncio.wait_for(aiormq.connect(self.uri), CONNECT_TIMEOUT_S)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that
+                # arrives as the connect fails, and this loop would then never end.
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    connection = await aiormq.connect(self.uri)
             except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
                 failures += 1
                 self._last_error = logs.scrub(f"{type(exc).__name__}: {exc}")
