@@ -1,6 +1,6 @@
 """A small webhook receiver for trying evolution-router out.
 
-    python examples/receiver.py --port 9000 [--jwt-key SECRET] [--signing-secret whsec_...]
+    .venv/bin/python examples/receiver.py --port 9000 [--jwt-key SECRET] [--signing-secret whsec_...]
 
 Prints one line per event (id, event, instance). With --jwt-key it checks the bearer token that
 a `jwt_key` header produces; with --signing-secret, the Standard Webhooks signature
