@@ -42,9 +42,9 @@ from pydantic import BaseModel, field_validator, model_validator
 from router import logs
 from router.errors import PermanentError, RetryableError, Unavailable
 from router.events import Event, envelope
-from router.retry import RetryPolicy
 from router.sections import Subscription
-from router.sinks import BaseSink, Placement, SinkKind, subscribed
+from router.sinks import Placement, SinkKind, subscribed
+from router.sinks.keeper import KeptConnectionSink
 
 if TYPE_CHECKING:
     from router.instances import InstanceConfig
@@ -93,43 +93,22 @@ def subject(target: NatsTarget, event: Event, prefix: str) -> str:
     return f"{prefix}.{event.event}" if prefix else event.event
 
 
-class NatsSink(BaseSink):
+class NatsSink(KeptConnectionSink):
     name = "nats"
 
     def __init__(self, settings: Any) -> None:  # NatsSettings, within the daemon's Settings
         assert settings.nats_uri is not None
+        super().__init__(settings)
         self.servers = [server.strip() for server in settings.nats_uri.split(",") if server.strip()]
         self.prefix = settings.nats_prefix_key
-        # Reconnecting follows the queue retry schedule (ROUTER_QUEUE_RETRY_*), never faster than 50 ms.
-        self.backoff = RetryPolicy.for_queues(
-            max(settings.router_queue_retry_initial_delay_s, 0.05), settings.router_queue_retry_max_delay_s
-        )
         self._client: Client | None = None
-        self._up = asyncio.Event()
-        self._keeper: asyncio.Task[None] | None = None
-        self._last_error = "not connected yet"
         self._streams: dict[str, tuple[bool, float]] = {}  # subject -> (captured, until)
-        self._closing = False
-
-    @property
-    def ready(self) -> bool:  # type: ignore[override]
-        return self._up.is_set()
-
-    async def wait_ready(self) -> None:
-        await self._up.wait()
 
     def where(self, target: NatsTarget, event: Event) -> dict[str, str]:
         return {"subject": subject(target, event, self.prefix)}
 
-    async def open(self) -> None:
-        self._keeper = asyncio.create_task(self._keep_connected(), name="nats connection")
-
     async def aclose(self) -> None:
-        self._closing = True
-        if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
+        await self._stop_keeper()
         client, self._client = self._client, None
         if client is not None and not client.is_closed:
             with contextlib.suppress(Exception):

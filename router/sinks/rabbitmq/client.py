@@ -16,8 +16,7 @@ from pamqp.common import FieldValue
 from router import logs
 from router.errors import PermanentError, RetryableError, Unavailable
 from router.events import Event, envelope
-from router.retry import RetryPolicy
-from router.sinks import BaseSink
+from router.sinks.keeper import KeptConnectionSink
 from router.sinks.rabbitmq.config import RabbitmqTarget
 
 log = logs.get_logger("router.sinks.rabbitmq")
@@ -45,11 +44,12 @@ class Publish:
     queues: tuple[tuple[str, str], ...]
 
 
-class RabbitmqSink(BaseSink):
+class RabbitmqSink(KeptConnectionSink):
     name = "rabbitmq"
 
     def __init__(self, settings: Any) -> None:
         assert settings.rabbitmq_uri is not None
+        super().__init__(settings)
         self.uri = settings.rabbitmq_uri
         self.exchange = settings.rabbitmq_exchange_name
         self.prefix = settings.rabbitmq_prefix_key
@@ -59,16 +59,7 @@ class RabbitmqSink(BaseSink):
         # Exchanges, and (exchange, queue, binding key), declared on this channel.
         self._declared: set[str | tuple[str, str, str]] = set()
         self._lock = asyncio.Lock()
-        self.connected = False
-        self._up = asyncio.Event()  # set while the connection is open
-        self._keeper: asyncio.Task[None] | None = None
-        self._closing = False  # aclose was called: the keeper ends, whatever it was doing
-        self._last_error = "not connected yet"
         self._closed_because: str | None = None
-        # Reconnecting follows the queue retry schedule (ROUTER_QUEUE_RETRY_*), never faster than 50 ms.
-        self.backoff = RetryPolicy.for_queues(
-            max(settings.router_queue_retry_initial_delay_s, 0.05), settings.router_queue_retry_max_delay_s
-        )
 
     def where(self, target: RabbitmqTarget, event: Event) -> dict[str, str]:
         publish = self.plan(target, event)
@@ -90,22 +81,8 @@ class RabbitmqSink(BaseSink):
             queues.append((global_queue, f"#.{wire}"))
         return Publish(self.exchange, f"{event.instance}.{wire}", tuple(queues))
 
-    @property
-    def ready(self) -> bool:  # type: ignore[override]
-        return self._up.is_set()
-
-    async def wait_ready(self) -> None:
-        await self._up.wait()
-
-    async def open(self) -> None:
-        self._keeper = asyncio.create_task(self._keep_connected(), name="rabbitmq connection")
-
     async def aclose(self) -> None:
-        self._closing = True
-        if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
+        await self._stop_keeper()
         await self._close_connection()
 
     async def check(self, targets: Sequence[RabbitmqTarget]) -> None:

@@ -1,0 +1,54 @@
+"""Sinks with one connection of their own (RabbitMQ, NATS), opened and kept open by a keeper task.
+
+The keeper connects with backoff on the queue retry schedule for as long as it takes; deliveries
+wait for the connection (``wait_ready``) instead of each trying to connect. ``aclose`` ends the
+keeper whatever it is doing: ``_closing`` is set before the cancellation, because a client
+library's connect can turn a cancellation into its own failure (Python 3.11's ``wait_for``), and
+the keeper's loop must then end on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from router.retry import RetryPolicy
+from router.sinks import BaseSink
+
+
+class KeptConnectionSink(BaseSink):
+    """``_keep_connected`` is the sink's own loop, ``while not self._closing``; it sets and clears
+    ``_up`` (and ``connected``) as the connection opens and closes."""
+
+    def __init__(self, settings: Any) -> None:
+        self._up = asyncio.Event()  # set while the connection is open
+        self.connected = False
+        self._keeper: asyncio.Task[None] | None = None
+        self._closing = False  # aclose was called: the keeper ends, whatever it was doing
+        self._last_error = "not connected yet"
+        # Reconnecting follows the queue retry schedule (ROUTER_QUEUE_RETRY_*), never faster than 50 ms.
+        self.backoff = RetryPolicy.for_queues(
+            max(settings.router_queue_retry_initial_delay_s, 0.05), settings.router_queue_retry_max_delay_s
+        )
+
+    @property
+    def ready(self) -> bool:  # type: ignore[override]
+        return self._up.is_set()
+
+    async def wait_ready(self) -> None:
+        await self._up.wait()
+
+    async def open(self) -> None:
+        self._keeper = asyncio.create_task(self._keep_connected(), name=f"{self.name} connection")
+
+    async def _keep_connected(self) -> None:
+        raise NotImplementedError
+
+    async def _stop_keeper(self) -> None:
+        """The first step of ``aclose``: the keeper has ended when this returns."""
+        self._closing = True
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
