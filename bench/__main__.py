@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -392,20 +392,12 @@ async def bench_nats_router(tag: str) -> dict[str, float]:
 
 
 async def nats_section() -> dict[str, object]:
-    bare_runs, router_runs = [], []
-    for round_no in range(ROUNDS):
-        tag = f"{os.getpid()}n{round_no}"
-        bare_runs.append(await bench_nats_bare(tag + "b"))
-        router_runs.append(await bench_nats_router(tag + "d"))
-    paired = Paired(bare_runs, router_runs)
-    print(f"\nnats, {N_EVENTS} events of ~1 KB, each acknowledged by the server, concurrency {CONCURRENCY}")
-    print(f"{'path':<40} {'events/s':>10} {'CPU us/event':>13}")
-    for name, row in (
-        ("bare nats-py publisher (publish + flush)", paired.bare),
-        ("router: /ingest -> SQLite -> NATS", paired.router),
-    ):
-        print(f"{name:<40} {row['events_per_s']:>10.0f} {row['cpu_us_per_event']:>13.0f}")
-    return paired.report(target=0.6)
+    return await broker_section(
+        f"nats, {N_EVENTS} events of ~1 KB, each acknowledged by the server, concurrency {CONCURRENCY}",
+        ("bare nats-py publisher (publish + flush)", bench_nats_bare),
+        ("router: /ingest -> SQLite -> NATS", bench_nats_router),
+        target=0.6,
+    )
 
 
 class Paired:
@@ -437,20 +429,32 @@ class Paired:
 
 
 async def rabbitmq_section() -> dict[str, object]:
+    return await broker_section(
+        f"rabbitmq, {N_EVENTS} events of ~1 KB, quorum queue, confirms, concurrency {CONCURRENCY}",
+        ("bare aiormq publisher (confirms)", bench_rabbit_bare),
+        ("router: /ingest -> SQLite -> RabbitMQ", bench_rabbit_router),
+        target=0.8,
+    )
+
+
+Run = Callable[[str], Awaitable[dict[str, float]]]
+
+
+async def broker_section(
+    title: str, bare: tuple[str, Run], router: tuple[str, Run], target: float
+) -> dict[str, object]:
+    """Bare client and router alternating ROUNDS times, each run with names of its own."""
     bare_runs, router_runs = [], []
     for round_no in range(ROUNDS):
         tag = f"{os.getpid()}r{round_no}"
-        bare_runs.append(await bench_rabbit_bare(tag + "b"))
-        router_runs.append(await bench_rabbit_router(tag + "d"))
+        bare_runs.append(await bare[1](tag + "b"))
+        router_runs.append(await router[1](tag + "d"))
     paired = Paired(bare_runs, router_runs)
-    print(f"\nrabbitmq, {N_EVENTS} events of ~1 KB, quorum queue, confirms, concurrency {CONCURRENCY}")
+    print(f"\n{title}")
     print(f"{'path':<40} {'events/s':>10} {'CPU us/event':>13}")
-    for name, row in (
-        ("bare aiormq publisher (confirms)", paired.bare),
-        ("router: /ingest -> SQLite -> RabbitMQ", paired.router),
-    ):
+    for (name, _), row in ((bare, paired.bare), (router, paired.router)):
         print(f"{name:<40} {row['events_per_s']:>10.0f} {row['cpu_us_per_event']:>13.0f}")
-    return paired.report(target=0.8)
+    return paired.report(target=target)
 
 
 async def webhook_section() -> dict[str, object]:
