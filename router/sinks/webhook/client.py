@@ -8,8 +8,8 @@ import warnings
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
 
-import aiohttp
 import jwt
 from jwt.warnings import InsecureKeyLengthWarning
 
@@ -19,6 +19,7 @@ from router.redact import redact_url
 from router.signing import signature_headers
 from router.sinks import BaseSink, tcp_reachable
 from router.sinks.webhook.config import WebhookSettings, WebhookTarget
+from router.sinks.webhook.http import HttpClient, InvalidURL, ProtocolError
 
 JWT_HEADER = "jwt_key"
 BASE_HEADERS = {"Content-Type": "application/json", "User-Agent": "evolution-router"}
@@ -81,24 +82,17 @@ class WebhookSink(BaseSink):
     def __init__(self, settings: WebhookSettings) -> None:
         self.timeout_s = settings.webhook_request_timeout_ms / 1000
         self.non_retryable = settings.webhook_retry_non_retryable_status_codes
-        self._session: aiohttp.ClientSession | None = None
+        self._client: HttpClient | None = None
 
     async def open(self) -> None:
         # No pool-wide or per-host cap: each target's worker bounds its own connections
         # (ROUTER_WEBHOOK_CONCURRENCY), so targets on one host never queue behind each other.
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-            cookie_jar=aiohttp.DummyCookieJar(),  # a webhook sender keeps no cookies
-            auto_decompress=False,  # the answer's body is never looked at
-            skip_auto_headers=("User-Agent",),  # ours is in request_headers
-        )
+        self._client = HttpClient()
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     def where(self, target: WebhookTarget, event: Event) -> dict[str, str]:
         return {"url": _shown(target.url_for(event.event))}
@@ -111,7 +105,7 @@ class WebhookSink(BaseSink):
                 await tcp_reachable(target.url)
 
     async def send(self, target: WebhookTarget, event: Event) -> int:
-        assert self._session is not None, "WebhookSink.send before open"
+        assert self._client is not None, "WebhookSink.send before open"
         data = event.data if target.base64 else strip_message_base64(event.data)
         body = envelope(
             event,
@@ -127,19 +121,23 @@ class WebhookSink(BaseSink):
         try:
             # Redirects are not followed: a 301/302 would turn the POST into a GET without the
             # event, and that would count as delivered. The failure names where it points.
-            async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as response:
-                await response.read()
-                status = response.status
-                retry_after = response.headers.get("Retry-After")
-                location = response.headers.get("Location")
+            response = await self._client.post(url, body, headers, self.timeout_s)
         except TimeoutError as exc:
             raise RetryableError(f"timed out after {self.timeout_s:g} s") from exc
-        except aiohttp.InvalidURL as exc:
+        except InvalidURL as exc:
             raise PermanentError(f"invalid URL {_shown(url)!r}") from exc
-        except aiohttp.ClientError as exc:
-            raise RetryableError(f"{type(exc).__name__}: {exc}") from exc
+        except ProtocolError as exc:
+            raise RetryableError(str(exc)) from exc
+        except OSError as exc:
+            where = urlsplit(url)
+            raise RetryableError(
+                f"cannot connect to {where.hostname}:{where.port or where.scheme}: {exc}"
+            ) from exc
         except ValueError as exc:  # a header with CR/LF, credentials in the URL and an Authorization header
             raise PermanentError(f"the request cannot be made: {exc}") from exc
+        status = response.status
+        retry_after = response.headers.get("retry-after")
+        location = response.headers.get("location")
         if 200 <= status < 300:
             return status
         if status in self.non_retryable:
