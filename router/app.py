@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import anyio
+import asyncpg
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -36,26 +37,44 @@ from router.admin import Admin, upstream_not_found
 from router.bodies import close_marked
 from router.current import Current
 from router.delivery import Dispatcher
+from router.errors import ConfigError
 from router.events import Event, new_event_id, utc_timestamp
 from router.health import Health, check_sinks
 from router.instance_status import InstanceStatus
 from router.instances import InstanceConfig, LoadResult, directory_fingerprint, load_instances
 from router.intake import Intake
 from router.metrics import Metrics
+from router.redact import redact_url
 from router.routing import Routes, build_routes, startup_targets
 from router.settings import Settings
 from router.sinks import BaseSink
 from router.sinks.registry import build_sinks
 from router.sinks.websocket import WebSocketHub
-from router.store import Store
+from router.store import QueueStore, SqliteStore
 from router.systemd import Notifier
 
 log = logs.get_logger("router.app")
 DEFAULT_API_KEYS = frozenset({"change-me", "429683C4C977415CAAFCCE10F7D57E11"})
 
 
-def database_path(settings: Settings) -> Path:
-    return settings.database_path
+def database_path(settings: Settings) -> Path | str:
+    """Where the queue is (``Settings.queue``): the SQLite file, or the PostgreSQL URL."""
+    return settings.queue
+
+
+async def open_store(settings: Settings) -> QueueStore:
+    """The shared PostgreSQL queue when ``ROUTER_DATABASE_URL`` is set, else the SQLite file."""
+    url = settings.router_database_url
+    if url is None:
+        return await SqliteStore.open(settings.database_path, settings.router_dedup_window_s)
+    from router.store.postgres import PostgresStore  # noqa: PLC0415 - only when asked for
+
+    try:
+        return await PostgresStore.open(
+            url, settings.node_name, settings.router_lease_timeout_s, settings.router_dedup_window_s
+        )
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise ConfigError([f"ROUTER_DATABASE_URL: cannot use {redact_url(url)}: {exc}"]) from exc
 
 
 class App:
@@ -82,7 +101,7 @@ class App:
         self.intake: Intake | None = None
         self.dispatcher: Dispatcher | None = None
         self.websocket: WebSocketHub | None = None
-        self.store: Store | None = None
+        self.store: QueueStore | None = None
         self.whatsapp: WhatsAppSessions | None = None
         self.metrics = Metrics()
         self.status = InstanceStatus()  # connections, from the events accepted
@@ -135,7 +154,7 @@ class App:
         if settings.authentication_api_key in DEFAULT_API_KEYS:
             log.warning("config.default_api_key", hint="set AUTHENTICATION_API_KEY")
 
-        store = await Store.open(database_path(settings), settings.router_dedup_window_s)
+        store = await open_store(settings)
         try:
             async with contextlib.AsyncExitStack() as sinks_stack:
                 sinks = build_sinks(settings)
@@ -154,7 +173,7 @@ class App:
             if error is not None:
                 log.error("sink.unusable", sink=name, error=error, hint="events wait in the store")
 
-    async def _serve(self, store: Store, sinks: Mapping[str, BaseSink]) -> None:
+    async def _serve(self, store: QueueStore, sinks: Mapping[str, BaseSink]) -> None:
         settings = self.settings
         dispatcher = Dispatcher(store, sinks, self.current, settings, self.metrics)
         if settings.websocket_enabled:

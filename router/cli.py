@@ -132,8 +132,8 @@ async def _check_sinks(settings: Settings, routes: Routes) -> list[str]:
 
 def waiting_without_sink(settings: Settings) -> list[str]:
     """Deliveries stored for a sink that is not enabled now: they become dead letters at start."""
-    database = settings.database_path
-    if not database.exists():
+    database = settings.queue
+    if isinstance(database, Path) and not database.exists():
         return []
     problems = []
     for target, count in pending_by_target(database).items():
@@ -186,9 +186,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def cmd_dlq(args: argparse.Namespace) -> int:
     from router import deadletters  # noqa: PLC0415
-    from router.app import database_path  # noqa: PLC0415
 
-    path = database_path(_settings(args))
+    path = _settings(args).queue
     selection = deadletters.Selection(
         ids=tuple(getattr(args, "ids", ()) or ()),
         instance=args.instance,

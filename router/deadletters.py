@@ -1,7 +1,8 @@
 """Dead letters from the command line: list, show, replay and purge.
 
 These work on the queue database directly, with their own connection, so they run while the
-daemon runs (SQLite in WAL mode; a busy database is waited for). Replay makes a dead delivery
+daemon runs: the SQLite file (WAL mode; a busy database is waited for) or the shared PostgreSQL
+database (``ROUTER_DATABASE_URL``; the routers are told by NOTIFY). Replay makes a dead delivery
 pending again, due now, with its attempt count reset: the daemon notices the other writer
 within ``EXTERNAL_POLL_S``, wakes its workers, and the delivery goes through the normal retry
 path. Every earlier attempt's error is kept.
@@ -9,7 +10,10 @@ path. Every earlier attempt's error is kept.
 
 from __future__ import annotations
 
+import asyncio
+import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,6 +24,7 @@ from typing import Any
 
 from router.errors import ConfigError
 from router.events import Event, envelope
+from router.redact import redact_url
 from router.store import DEAD, PENDING
 
 
@@ -81,16 +86,73 @@ def parse_time(text: str) -> float:
     return moment.timestamp()
 
 
+class _Sqlite:
+    """The SQLite queue file, with its own connection."""
+
+    notify_sql: str | None = None
+
+    def __init__(self, path: Path) -> None:
+        if not path.exists():
+            raise ConfigError(
+                [f"no queue database at {path} (has the daemon run with this ROUTER_STATE_DIR?)"]
+            )
+        self.conn = sqlite3.connect(path, timeout=10, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        sql = "BEGIN IMMEDIATE" if sql == "BEGIN" else sql  # the write lock at once: no upgrade deadlock
+        return [dict(row) for row in self.conn.execute(sql, params)]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _Postgres:
+    """The shared PostgreSQL queue, through asyncpg on a thread of its own (so these functions
+    work from the command line and from inside a running event loop alike)."""
+
+    notify_sql = "SELECT pg_notify('router_due', '*')"  # every router's workers look again
+
+    def __init__(self, url: str) -> None:
+        import asyncpg  # noqa: PLC0415 - only for PostgreSQL
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="dlq")
+        self._thread.start()
+        try:
+            self.conn = self._call(asyncpg.connect(url))
+        except Exception as exc:
+            self._stop()
+            raise ConfigError([f"ROUTER_DATABASE_URL: cannot use {redact_url(url)}: {exc}"]) from exc
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        numbered = iter(range(1, len(params) + 1))
+        sql = re.sub(r"\?", lambda _: f"${next(numbered)}", sql)
+        return [dict(row) for row in self._call(self.conn.fetch(sql, *params))]
+
+    def close(self) -> None:
+        self._call(self.conn.close())
+        self._stop()
+
+    def _stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
+Where = Path | str  # the SQLite file, or a postgresql:// URL
+
+
 @contextmanager
-def connect(path: Path) -> Iterator[sqlite3.Connection]:
-    if not path.exists():
-        raise ConfigError([f"no queue database at {path} (has the daemon run with this ROUTER_STATE_DIR?)"])
-    conn = sqlite3.connect(path, timeout=10, isolation_level=None)
-    conn.row_factory = sqlite3.Row
+def connect(where: Where) -> Iterator[_Sqlite | _Postgres]:
+    db = _Postgres(where) if isinstance(where, str) else _Sqlite(where)
     try:
-        yield conn
+        yield db
     finally:
-        conn.close()
+        db.close()
 
 
 _COLUMNS = (
@@ -102,33 +164,34 @@ _COLUMNS = (
 _SELECTED = "SELECT d.id, d.event_id FROM deliveries d JOIN events e ON e.id = d.event_id"
 
 
-def pending_by_target(path: Path) -> dict[str, int]:
+def pending_by_target(where: Where) -> dict[str, int]:
     """Deliveries waiting (not dead), by target."""
-    with connect(path) as conn:
-        rows = conn.execute(
-            "SELECT target, COUNT(*) FROM deliveries WHERE state != ? GROUP BY target", (DEAD,)
+    with connect(where) as db:
+        rows = db.rows(
+            "SELECT target, COUNT(*) AS n FROM deliveries WHERE state != ? GROUP BY target", (DEAD,)
         )
-        return {row[0]: int(row[1]) for row in rows}
+        return {row["target"]: int(row["n"]) for row in rows}
 
 
-def dead_letters(path: Path, selection: Selection | None = None) -> list[dict[str, Any]]:
+def dead_letters(where: Where, selection: Selection | None = None) -> list[dict[str, Any]]:
     """The selected dead letters (all of them by default), oldest first."""
-    where, params = (selection or Selection()).where()
-    with connect(path) as conn:
-        return [dict(row) for row in conn.execute(f"{_COLUMNS} WHERE {where} ORDER BY d.id", params)]
+    clause, params = (selection or Selection()).where()
+    with connect(where) as db:
+        return db.rows(f"{_COLUMNS} WHERE {clause} ORDER BY d.id", params)
 
 
-def show(path: Path, delivery_id: int) -> dict[str, Any]:
+def show(where: Where, delivery_id: int) -> dict[str, Any]:
     """One dead letter: its delivery, the envelope and every attempt's error."""
-    with connect(path) as conn:
-        row = conn.execute(f"{_COLUMNS} WHERE d.id = ? AND d.state = ?", (delivery_id, DEAD)).fetchone()
-        if row is None:
+    with connect(where) as db:
+        found = db.rows(f"{_COLUMNS} WHERE d.id = ? AND d.state = ?", (delivery_id, DEAD))
+        if not found:
             raise ConfigError([f"no dead letter with id {delivery_id}"])
-        stored = conn.execute("SELECT * FROM events WHERE id = ?", (row["event_id"],)).fetchone()
-        attempts = conn.execute(
+        row = found[0]
+        [stored] = db.rows("SELECT * FROM events WHERE id = ?", (row["event_id"],))
+        attempts = db.rows(
             "SELECT attempt, at, error FROM attempt_errors WHERE delivery_id = ? ORDER BY attempt, at",
             (delivery_id,),
-        ).fetchall()
+        )
     event = Event(
         id=stored["id"],
         instance=stored["instance"],
@@ -140,43 +203,45 @@ def show(path: Path, delivery_id: int) -> dict[str, Any]:
         apikey=stored["apikey"],
     )
     body = envelope(event, server_url=event.server_url, apikey=event.apikey)
-    return {**dict(row), "envelope": body.decode(), "errors": [dict(a) for a in attempts]}
+    return {**row, "envelope": body.decode(), "errors": attempts}
 
 
-def replay(path: Path, selection: Selection) -> int:
+def replay(where: Where, selection: Selection) -> int:
     """Make the selected dead letters pending again, due now; returns how many."""
-    where, params = selection.where()
+    clause, params = selection.where()
     now = time.time()
-    with connect(path) as conn:
-        conn.execute("BEGIN IMMEDIATE")
-        ids = [r[0] for r in conn.execute(f"{_SELECTED} WHERE {where}", params)]
+    with connect(where) as db:
+        db.rows("BEGIN")
+        ids = [r["id"] for r in db.rows(f"{_SELECTED} WHERE {clause}", params)]
         for chunk in _chunks(ids):
-            conn.execute(
+            db.rows(
                 f"UPDATE deliveries SET state = ?, due_at = ?, attempts = 0, updated_at = ?"
                 f" WHERE id IN ({','.join('?' * len(chunk))})",
                 [PENDING, now, now, *chunk],
             )
-        conn.execute("COMMIT")
+        if db.notify_sql and ids:
+            db.rows(db.notify_sql)
+        db.rows("COMMIT")
     return len(ids)
 
 
-def purge(path: Path, selection: Selection) -> int:
+def purge(where: Where, selection: Selection) -> int:
     """Delete the selected dead letters (and events nothing else waits for); returns how many."""
-    where, params = selection.where()
-    with connect(path) as conn:
-        conn.execute("BEGIN IMMEDIATE")
-        rows = conn.execute(f"{_SELECTED} WHERE {where}", params).fetchall()
-        for chunk in _chunks([r[0] for r in rows]):
+    clause, params = selection.where()
+    with connect(where) as db:
+        db.rows("BEGIN")
+        rows = db.rows(f"{_SELECTED} WHERE {clause}", params)
+        for chunk in _chunks([r["id"] for r in rows]):
             marks = ",".join("?" * len(chunk))
-            conn.execute(f"DELETE FROM attempt_errors WHERE delivery_id IN ({marks})", chunk)
-            conn.execute(f"DELETE FROM deliveries WHERE id IN ({marks})", chunk)
-        for chunk in _chunks(sorted({r[1] for r in rows})):
-            conn.execute(
+            db.rows(f"DELETE FROM attempt_errors WHERE delivery_id IN ({marks})", chunk)
+            db.rows(f"DELETE FROM deliveries WHERE id IN ({marks})", chunk)
+        for chunk in _chunks(sorted({r["event_id"] for r in rows})):
+            db.rows(
                 f"DELETE FROM events WHERE id IN ({','.join('?' * len(chunk))})"
                 " AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_id = events.id)",
                 chunk,
             )
-        conn.execute("COMMIT")
+        db.rows("COMMIT")
     return len(rows)
 
 

@@ -18,7 +18,7 @@ from router.routing import Routes, Target
 from router.settings import Settings
 from router.sinks import BaseSink
 from router.sinks.registry import kind_of
-from router.store import Lease, Store
+from router.store import Lease, QueueStore
 from router.worker import TargetWorker
 
 log = logs.get_logger("router.delivery")
@@ -30,7 +30,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        store: Store,
+        store: QueueStore,
         sinks: Mapping[str, BaseSink],
         current: Current,
         settings: Settings,
@@ -211,6 +211,14 @@ class Dispatcher:
         if count:
             log.error("delivery.sink_missing", target=key, dead_letters=count, error=why)
 
+    def _due_elsewhere(self, key: str | None) -> None:
+        """The store says deliveries of ``key`` (None: of any target) became due elsewhere."""
+        if key is None:
+            for worker in self.workers.values():
+                worker.wake()
+        else:
+            self.notify([key])
+
     async def _watch_other_writers(self) -> None:
         """Wake every worker when another process (``dlq replay``) changed the database, so
         deliveries it made due are picked up without a signal."""
@@ -230,6 +238,7 @@ class Dispatcher:
         async with asyncio.TaskGroup() as group:
             self._group = group
             await self.store.changed_elsewhere()  # from here on, another process's writes wake us
+            self.store.subscribe(self._due_elsewhere)  # and so do other routers' (PostgreSQL)
             stored = await self.store.pending_targets()
             for key in set(self.routes.targets) | stored:
                 if key not in self.routes.targets and self._sink_missing(key) is not None:

@@ -17,6 +17,7 @@ import sqlite3
 from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
 
+import asyncpg
 import orjson
 from aiohttp import web
 
@@ -25,7 +26,7 @@ from router.delivery import Dispatcher
 from router.errors import RouterError
 from router.routing import Routes, Target
 from router.sinks import BaseSink
-from router.store import Store
+from router.store import QueueStore
 
 
 class HealthHost(Protocol):
@@ -35,7 +36,7 @@ class HealthHost(Protocol):
     def stopping(self) -> bool: ...
 
     @property
-    def store(self) -> Store | None: ...
+    def store(self) -> QueueStore | None: ...
 
     @property
     def dispatcher(self) -> Dispatcher | None: ...
@@ -53,7 +54,7 @@ async def _outcome(check: Awaitable[Any]) -> str | None:
         await asyncio.wait_for(check, READY_TIMEOUT_S)
     except TimeoutError:
         return f"no answer within {READY_TIMEOUT_S:g} s"
-    except (RouterError, OSError, sqlite3.Error) as exc:  # a sink's error, a full disk ...
+    except (RouterError, OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         return str(exc)
     return None
 

@@ -30,7 +30,7 @@ from router.metrics import Metrics
 from router.ordering import Ordering, chat_of
 from router.routing import Routes
 from router.settings import Settings
-from router.store import Lease, NewDelivery, Store
+from router.store import Lease, NewDelivery, QueueStore
 
 log = logs.get_logger("router.intake")
 MAX_ID_LENGTH = 128
@@ -77,7 +77,7 @@ class Intake:
 
     def __init__(
         self,
-        store: Store,
+        store: QueueStore,
         settings: Settings,
         current: Current,
         *,

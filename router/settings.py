@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -32,7 +35,7 @@ from pydantic_settings import (
 from router.addresses import parse_networks
 from router.errors import ConfigError
 from router.events import CONFIG_TO_WIRE
-from router.redact import redact_text
+from router.redact import redact_text, redact_url
 from router.sinks.registry import SINKS
 from router.urls import check_http_url
 from router.yamlfile import YamlDoc, load_yaml
@@ -120,6 +123,9 @@ class Settings(BaseSettings):
     router_event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     router_websocket_buffer: int = Field(1000, ge=1)  # messages waiting per client before it is dropped
     router_websocket_buffer_bytes: int = Field(16 * 1024 * 1024, ge=1)  # and bytes of them
+    router_database_url: str | None = None  # postgresql://...: the shared queue (else SQLite)
+    router_lease_timeout_s: float = Field(30.0, gt=0)  # a dead router's leases are taken over after
+    router_node_name: str | None = None  # this router, in leases and metrics (default host:port)
 
     # --- set by systemd under Type=notify (see router/systemd.py), not by operators ---
     notify_socket: str | None = None
@@ -145,6 +151,18 @@ class Settings(BaseSettings):
     def _check_server_url(cls, value: str | None) -> str | None:
         return check_http_url(value) if value is not None else None
 
+    @field_validator("router_database_url", "router_node_name", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("router_database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("postgresql", "postgres"):
+            raise ValueError(f"must be a postgresql:// URL, got {redact_url(value)!r}")
+        return value
+
     @field_validator("router_ingest_trusted_hosts")
     @classmethod
     def _check_networks(cls, value: str) -> str:
@@ -162,9 +180,25 @@ class Settings(BaseSettings):
         """The queue database, in the state directory."""
         return self.router_state_dir / "router.db"
 
+    @property
+    def queue(self) -> Path | str:
+        """Where the queue is: the PostgreSQL URL when set, else the SQLite file."""
+        return self.router_database_url or self.database_path
+
+    @property
+    def node_name(self) -> str:
+        """This router's name among several: ``ROUTER_NODE_NAME``, else host:port."""
+        if self.router_node_name:
+            return self.router_node_name
+        if self.server_port:
+            return f"{socket.gethostname()}:{self.server_port}"
+        return f"{socket.gethostname()}:{os.getpid()}-{secrets.token_hex(3)}"  # any port: not stable
+
     def secret_values(self) -> list[str]:
         """Every secret these settings hold, for ``logs.set_secrets``."""
         values = [self.authentication_api_key]
+        if self.router_database_url:
+            values.append(urlsplit(self.router_database_url).password)
         for kind in SINKS:
             values += kind.secrets(self)
         return [value for value in values if value]

@@ -10,8 +10,10 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,10 +131,44 @@ async def receiver() -> AsyncIterator[Receiver]:
     await runner.cleanup()
 
 
+PG_SERVER = os.environ.get("TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+
+
+def _pg_admin(sql: str) -> None:
+    """One statement on the machine's PostgreSQL (from a thread: callers may run in a loop)."""
+    import asyncpg  # noqa: PLC0415
+
+    async def run() -> None:
+        conn = await asyncpg.connect(f"{PG_SERVER}/postgres")
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, run()).result()
+
+
 @pytest.fixture
-def base_env(tmp_path: Path) -> dict[str, str]:
+def pg_url() -> Iterator[str]:
+    """A database of its own on the machine's PostgreSQL, dropped afterwards."""
+    name = f"router_test_{uuid.uuid4().hex[:12]}"
+    _pg_admin(f"CREATE DATABASE {name}")
+    yield f"{PG_SERVER}/{name}"
+    _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Tests that use this (or ``pytestmark = pytest.mark.usefixtures("backend")``) run on both
+    queue stores; ``base_env`` then points the daemon at a fresh PostgreSQL database."""
+    return str(request.param)
+
+
+@pytest.fixture
+def base_env(tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, str]:
     (tmp_path / "instances").mkdir()
-    return {
+    env = {
         "AUTHENTICATION_API_KEY": API_KEY,
         "SERVER_HOST": "127.0.0.1",
         "SERVER_PORT": "0",
@@ -141,6 +177,9 @@ def base_env(tmp_path: Path) -> dict[str, str]:
         "ROUTER_SHUTDOWN_GRACE_S": "2",
         "LOG_LEVEL": "ERROR,WARN,WEBHOOKS",
     }
+    if "backend" in request.fixturenames and request.getfixturevalue("backend") == "postgres":
+        env["ROUTER_DATABASE_URL"] = request.getfixturevalue("pg_url")
+    return env
 
 
 @pytest.fixture

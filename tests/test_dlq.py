@@ -6,8 +6,11 @@ import asyncio
 import subprocess
 
 import orjson
+import pytest
 
 from tests.conftest import post_ingest, run_router, write_instance
+
+pytestmark = pytest.mark.usefixtures("backend")  # each test runs on SQLite and on PostgreSQL
 
 
 def dlq(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -14,6 +14,8 @@ from router.deadletters import dead_letters
 from router.retry import RetryPolicy
 from tests.conftest import free_port, hook_env, post_ingest, running, wait_idle, write_instance
 
+pytestmark = pytest.mark.usefixtures("backend")  # each test runs on SQLite and on PostgreSQL
+
 EVENT = {"event": "messages.upsert", "instance": "bot", "data": {"key": {"id": "A"}}}
 
 

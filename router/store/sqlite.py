@@ -30,18 +30,29 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from router import logs
 from router.errors import StorageFull
 from router.events import Event
+from router.store.base import (
+    DEAD,
+    EVENT_COLUMNS,
+    LEASED,
+    PARKED,
+    PENDING,
+    Accepted,
+    Lease,
+    NewDelivery,
+    Wake,
+    event_from_row,
+    event_row,
+)
 
 T = TypeVar("T")
 
 log = logs.get_logger("router.store")
-PENDING, LEASED, DEAD, PARKED = 0, 1, 2, 3  # parked: read, waiting for its key (``park``)
 MAX_OPS_PER_TRANSACTION = 4096
 SCHEMA_VERSION = 3  # 1: delivery ids AUTOINCREMENT; 2: auto_vacuum=INCREMENTAL; 3: ordering keys
 FULL_RETRY_S = 1.0  # with the disk full, kept writes (acks, retries) are tried again this often
@@ -104,33 +115,6 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 """.format(deliveries=";\n".join(DELIVERIES) + ";")
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """One leased delivery: the caller owns it until it acks, retries or kills it."""
-
-    delivery_id: int
-    target: str
-    attempts: int  # attempts made before this one
-    event: Event
-    accepted_at: float  # when intake stored the event (unix seconds)
-    okey: str | None = None  # its ordering key (router.ordering): None, no order to keep
-
-
-@dataclass(frozen=True, slots=True)
-class NewDelivery:
-    event: Event
-    targets: tuple[str, ...]
-    keys: tuple[str | None, ...] = ()  # the ordering key of each target's delivery (none: all None)
-
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    """What ``accept`` stored: ids it already had, and the deliveries it stored leased."""
-
-    duplicates: set[str]
-    leases: list[Lease]
-
-
 Op = Callable[[sqlite3.Connection], Any]
 
 
@@ -177,20 +161,6 @@ def _migrate(conn: sqlite3.Connection) -> None:
         log.info("store.migrated", version=3)
 
 
-def _event_from_row(row: Sequence[Any]) -> Event:
-    return Event(
-        id=row[0],
-        instance=row[1],
-        event=row[2],
-        data=bytes(row[3]),
-        date_time=row[4],
-        sender=row[5],
-        server_url=row[6],
-        apikey=row[7],
-        chat=row[8],
-    )
-
-
 def _by_ids(conn: sqlite3.Connection, sql: str, params: Sequence[Any], ids: Sequence[int]) -> None:
     """``sql`` (with ``{marks}`` for the ids) for ``ids``, as many statements as variables allow."""
     for start in range(0, len(ids), MAX_VARIABLES):
@@ -198,21 +168,12 @@ def _by_ids(conn: sqlite3.Connection, sql: str, params: Sequence[Any], ids: Sequ
         conn.execute(sql.format(marks=",".join("?" * len(chunk))), [*params, *chunk])
 
 
-def _event_row(e: Event, accepted_at: float) -> tuple[Any, ...]:
-    """The values of ``_EVENT_COLUMNS`` and ``accepted_at``."""
-    return (
-        *(e.id, e.instance, e.event, e.data, e.date_time),
-        *(e.sender, e.server_url, e.apikey, e.chat, accepted_at),
-    )
-
-
-_EVENT_COLUMNS = "id, instance, event, data, date_time, sender, server_url, apikey, chat"
-_EVENT_COLUMNS_OF_E = ", ".join(f"e.{column}" for column in _EVENT_COLUMNS.split(", "))
+_EVENT_COLUMNS_OF_E = ", ".join(f"e.{column}" for column in EVENT_COLUMNS.split(", "))
 MAX_VARIABLES = 10_000  # per statement; SQLite allows 32766
 
 
-class Store:
-    """The durable queue. Open with ``await Store.open(path)``; run ``run()`` as a task."""
+class SqliteStore:
+    """The durable queue in one file. Open with ``await SqliteStore.open(path)``; run ``run()`` as a task."""
 
     def __init__(self, path: Path, dedup_window_s: float = 600.0) -> None:
         self.path = path
@@ -235,11 +196,12 @@ class Store:
         # (target, ordering key) -> until when its deliveries wait behind a retry; read and
         # written on the store's thread only, rebuilt from the deliveries at open.
         self._blocked: dict[tuple[str, str], float] = {}
+        self.where = str(path)
 
     # --- lifecycle ------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: Path, dedup_window_s: float = 600.0) -> Store:
+    async def open(cls, path: Path, dedup_window_s: float = 600.0) -> SqliteStore:
         store = cls(path, dedup_window_s)
         await asyncio.get_running_loop().run_in_executor(store._executor, store._connect)
         return store
@@ -384,6 +346,9 @@ class Store:
         self._wake.set()
         return future
 
+    def subscribe(self, wake: Wake) -> None:
+        """Another process's writes are found by ``changed_elsewhere`` (the dispatcher polls it)."""
+
     # --- operations -----------------------------------------------------------------------
 
     async def accept(
@@ -411,9 +376,9 @@ class Store:
             fresh = [item for item in batch if item.event.id not in duplicates] if duplicates else batch
             before = conn.total_changes
             conn.executemany(
-                f"INSERT OR IGNORE INTO events ({_EVENT_COLUMNS}, accepted_at)"
+                f"INSERT OR IGNORE INTO events ({EVENT_COLUMNS}, accepted_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [_event_row(item.event, now) for item in fresh],
+                [event_row(item.event, now) for item in fresh],
             )
             if conn.total_changes - before != len(fresh):
                 # An id still queued but older than the dedup window: find which.
@@ -497,7 +462,7 @@ class Store:
                     f"UPDATE deliveries SET state = ? WHERE id IN ({','.join('?' * len(rows))})",
                     [LEASED, *(r[0] for r in rows)],
                 )
-            return [Lease(r[0], target, r[1], _event_from_row(r[4:]), r[2], r[3]) for r in rows]
+            return [Lease(r[0], target, r[1], event_from_row(r[4:]), r[2], r[3]) for r in rows]
 
         return await self._submit(op)
 
