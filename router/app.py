@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import anyio
@@ -43,10 +43,12 @@ from router.health import Health, check_sinks
 from router.instance_status import InstanceStatus
 from router.instances import InstanceConfig, LoadResult, directory_fingerprint, load_instances
 from router.intake import Intake
+from router.live_relay import LiveRelay
 from router.metrics import Metrics
 from router.redact import redact_url
 from router.routing import Routes, build_routes, startup_targets
 from router.settings import Settings
+from router.shared_instances import SharedInstances
 from router.sinks import BaseSink
 from router.sinks.registry import build_sinks
 from router.sinks.websocket import WebSocketHub
@@ -103,6 +105,7 @@ class App:
         self.websocket: WebSocketHub | None = None
         self.store: QueueStore | None = None
         self.whatsapp: WhatsAppSessions | None = None
+        self.shared: SharedInstances | None = None  # with PostgreSQL: instances kept in the database
         self.metrics = Metrics()
         self.status = InstanceStatus()  # connections, from the events accepted
         self.systemd = Notifier(settings)
@@ -156,6 +159,8 @@ class App:
 
         store = await open_store(settings)
         try:
+            if settings.router_database_url:
+                await self._share_instances(settings.router_database_url)
             async with contextlib.AsyncExitStack() as sinks_stack:
                 sinks = build_sinks(settings)
                 for sink in sinks.values():
@@ -163,8 +168,20 @@ class App:
                 await self._check_sinks(sinks)
                 await self._serve(store, sinks)
         finally:
+            if self.shared is not None:
+                await self.shared.close()
             store.shutdown()
         log.info("router.stopped")
+
+    async def _share_instances(self, url: str) -> None:
+        """The instances live in the database: mirror them into the instances directory."""
+        self.shared = SharedInstances(url, self.settings.router_instances_dir, self.reload)
+        try:
+            changed = await self.shared.start()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise ConfigError([f"ROUTER_DATABASE_URL: cannot use {redact_url(url)}: {exc}"]) from exc
+        if changed:
+            await self.reload(every_file=True)
 
     async def _check_sinks(self, sinks: Mapping[str, BaseSink]) -> None:
         """Say at start what cannot work (bad credentials, no broker); the daemon still runs and
@@ -176,15 +193,22 @@ class App:
     async def _serve(self, store: QueueStore, sinks: Mapping[str, BaseSink]) -> None:
         settings = self.settings
         dispatcher = Dispatcher(store, sinks, self.current, settings, self.metrics)
+        live: Callable[[Sequence[Event]], None] | None = None
+        relay: LiveRelay | None = None
         if settings.websocket_enabled:
             self.websocket = WebSocketHub(settings, self.current)
+            live = self.websocket.publish
+            if settings.router_database_url:  # clients of every router see every router's events
+                relay = LiveRelay(settings.router_database_url, self.websocket.publish)
+                await relay.start()
+                live = relay.publish
         intake = Intake(
             store,
             settings,
             self.current,
             status=self.status,
             handoff=dispatcher,
-            live=self.websocket.publish if self.websocket is not None else None,
+            live=live,
             metrics=self.metrics,
         )
         self.dispatcher, self.intake, self.store = dispatcher, intake, store
@@ -203,6 +227,10 @@ class App:
             self.whatsapp = WhatsAppSessions(settings, intake)
             await self.whatsapp.apply(self.instances)
             whatsapp_task = tasks.create_task(self.whatsapp.run(), name="whatsapp")
+            shared_task = (
+                tasks.create_task(self.shared.run(), name="shared instances") if self.shared else None
+            )
+            relay_task = tasks.create_task(relay.run(), name="live relay") if relay else None
             watchdog_task = tasks.create_task(self.systemd.keep_watchdog_fed(), name="watchdog")
             stop_watching = anyio.Event()
             watch_task = tasks.create_task(
@@ -233,6 +261,11 @@ class App:
             self.whatsapp.stop()  # sessions end; what they emitted is stored first
             await whatsapp_task
             reload_task.cancel()
+            for task in (shared_task, relay_task):
+                if task is not None:
+                    task.cancel()
+            if relay is not None:
+                await relay.close()
             stop_watching.set()
             await watch_task
             watchdog_task.cancel()
@@ -346,6 +379,8 @@ class App:
             await self.dispatcher.apply()
         if self.whatsapp is not None:
             await self.whatsapp.apply(instances)
+        if self.shared is not None:
+            await self.shared.push()  # the admin API's or an operator's change, for every router
         self.reloads += 1
         done = time.perf_counter()
         self.metrics.reloads.inc()

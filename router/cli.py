@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +22,7 @@ from router.deadletters import pending_by_target
 from router.errors import ConfigError
 from router.events import EVERY_EVENT, STARTUP, WIRE_NAMES, by_events_suffix, config_name
 from router.instances import load_instances
+from router.redact import redact_url
 from router.routing import Routes, build_routes
 from router.settings import DEFAULT_CONFIG_FILE, DEFAULT_ENV_FILE, Settings, load_settings
 from router.sinks.registry import SINKS, kind_of
@@ -92,13 +94,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_problems(exc.problems)
         return 1
-    loaded = load_instances(settings.router_instances_dir)
+    directory = settings.router_instances_dir
+    with tempfile.TemporaryDirectory() as exported:
+        if settings.router_database_url:  # the instances the routers share, as they will load them
+            from router.shared_instances import export_directory  # noqa: PLC0415
+
+            directory = Path(exported)
+            asyncio.run(export_directory(settings.router_database_url, directory))
+        loaded = load_instances(directory)
     problems += loaded.problems
     routes = build_routes(settings, loaded.instances)
     print(f"settings: ok (port {settings.server_port}, state {settings.router_state_dir})")
-    print(f"instances: {len(loaded.instances)} valid in {settings.router_instances_dir}")
+    if settings.router_database_url:
+        print(f"queue: {redact_url(settings.router_database_url)} (shared; instances from the database)")
+    where = "the database" if settings.router_database_url else directory
+    print(f"instances: {len(loaded.instances)} valid in {where}")
     for name in sorted(loaded.instances):
-        print(f"  {name}: {loaded.files[name]}")
+        print(f"  {name}: {loaded.files[name].name if settings.router_database_url else loaded.files[name]}")
     for line in describe_layouts(settings):
         print(line)
     print("routes:")
@@ -184,6 +196,27 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_instances(args: argparse.Namespace) -> int:
+    from router import shared_instances  # noqa: PLC0415
+
+    settings = _settings(args)
+    url = settings.router_database_url
+    if url is None:
+        raise ConfigError(["instances import|export: ROUTER_DATABASE_URL is not set (instances are files)"])
+    directory = args.directory or settings.router_instances_dir
+    if args.action == "import":
+        loaded = load_instances(directory)
+        if loaded.problems:
+            _print_problems(loaded.problems)
+            return 1
+        count = asyncio.run(shared_instances.import_directory(url, directory))
+        print(f"imported {count} instances from {directory}")
+    else:
+        count = asyncio.run(shared_instances.export_directory(url, directory))
+        print(f"exported {count} instances to {directory}")
+    return 0
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
     from router import deadletters  # noqa: PLC0415
 
@@ -256,6 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     events = commands.add_parser("events", help="list every event and its names")
     events.set_defaults(func=cmd_events)
+
+    shared = commands.add_parser("instances", help="with ROUTER_DATABASE_URL: instances in the database")
+    moves = shared.add_subparsers(dest="action", required=True)
+    for action, helptext in (
+        ("import", "every instance file of DIR into the database (added or replaced)"),
+        ("export", "every instance in the database as a file in DIR"),
+    ):
+        sub = moves.add_parser(action, help=helptext)
+        sub.add_argument(
+            "directory", nargs="?", type=Path, metavar="DIR", help="default: ROUTER_INSTANCES_DIR"
+        )
+        sub.set_defaults(func=cmd_instances)
 
     dlq = commands.add_parser("dlq", help="dead letters: list, show, replay, purge")
     actions = dlq.add_subparsers(dest="action", required=True)

@@ -4,9 +4,13 @@ the queue, each delivery goes out once, and a router killed mid-stream loses not
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import Counter
 
-from tests.conftest import post_ingest
+import aiohttp
+import orjson
+
+from tests.conftest import API_KEY, post_ingest, run_router, write_instance
 
 
 def hook(receiver, pg_url: str, **extra: str) -> dict[str, str]:
@@ -75,3 +79,98 @@ async def test_a_router_killed_mid_stream_has_its_deliveries_completed_by_the_ot
     repeated = [i for i, c in counts.items() if c > 1]
     # At least once: only what the killed router had under way may arrive twice.
     assert len(repeated) <= 64, repeated
+
+
+HEADERS = {"apikey": API_KEY}
+
+
+async def admin_call(port: int, method: str, path: str, body: object = None) -> tuple[int, object]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method, f"http://127.0.0.1:{port}{path}", json=body, headers={"apikey": API_KEY}
+        ) as r,
+    ):
+        return r.status, await r.json(content_type=None)
+
+
+async def test_an_instance_made_through_one_routers_admin_api_serves_events_taken_by_another(
+    receiver, daemon, pg_url, tmp_path
+):
+    routers = [
+        daemon(
+            ROUTER_DATABASE_URL=pg_url,
+            ROUTER_INSTANCES_DIR=str(tmp_path / f"instances-{n}"),
+            ROUTER_STATE_DIR=str(tmp_path / f"state-{n}"),
+        )
+        for n in range(2)
+    ]
+    await start_all(routers)
+    try:
+        created = {"instanceName": "shop", "webhook": {"enabled": True, "url": f"{receiver.url}/shop"}}
+        status, answer = await admin_call(routers[0].port, "POST", "/instance/create", created)
+        assert status == 201, answer
+        async with asyncio.timeout(5):  # the other router has it within the notification's time
+            while (await admin_call(routers[1].port, "GET", "/webhook/find/shop"))[0] != 200:
+                await asyncio.sleep(0.05)
+        event = {"event": "messages.upsert", "instance": "shop", "data": {"key": {"id": "S1"}}}
+        assert (await post_ingest(routers[1].port, event))[0] == 202
+        async with asyncio.timeout(10):
+            while not any(r.json()["event"] == "messages.upsert" for r in receiver.on("/shop")):
+                await receiver.wait_for(len(receiver.on("/shop")) + 1, "/shop")
+        [got] = [r for r in receiver.on("/shop") if r.json()["event"] == "messages.upsert"]
+        assert got.json()["data"]["key"]["id"] == "S1"
+        # Deleted through the second: gone from the first too.
+        assert (await admin_call(routers[1].port, "DELETE", "/instance/delete/shop"))[0] == 200
+        async with asyncio.timeout(5):
+            while (tmp_path / "instances-0" / "shop.yaml").exists():
+                await asyncio.sleep(0.05)
+    finally:
+        for router in routers:
+            await router.terminate()
+
+
+def test_instances_import_export_and_check_against_the_database(base_env, pg_url, tmp_path):
+    source, broken = tmp_path / "source", tmp_path / "broken"
+    source.mkdir()
+    broken.mkdir()
+    write_instance(source, "bot", "webhook: {enabled: true, url: 'http://127.0.0.1:9/bot'}\n")
+    write_instance(source, "shop", "token: shop-token\n")
+    env = {**os.environ, **base_env, "ROUTER_DATABASE_URL": pg_url}
+    done = run_router(env, "instances", "import", str(source))
+    assert done.returncode == 0 and "imported 2 instances" in done.stdout, done.stderr
+    checked = run_router(env, "check")
+    assert "instances: 2 valid in the database" in checked.stdout, checked.stdout + checked.stderr
+    assert "queue: postgresql://***@127.0.0.1:5432/" in checked.stdout
+    exported = run_router(env, "instances", "export", str(tmp_path / "copy"))
+    assert exported.returncode == 0 and "exported 2 instances" in exported.stdout
+    assert (tmp_path / "copy" / "bot.yaml").read_text() == (source / "bot.yaml").read_text()
+    write_instance(broken, "bad", "webhook: {enabled: maybe}\n")
+    refused = run_router(env, "instances", "import", str(broken))
+    assert refused.returncode == 1 and "bad.yaml" in refused.stderr
+    without = run_router({**env, "ROUTER_DATABASE_URL": ""}, "instances", "export", str(tmp_path / "x"))
+    assert without.returncode == 1 and "ROUTER_DATABASE_URL is not set" in without.stderr
+
+
+async def test_a_websocket_client_of_one_router_sees_events_posted_to_another(daemon, pg_url):
+    env = {"ROUTER_DATABASE_URL": pg_url, "WEBSOCKET_ENABLED": "true", "WEBSOCKET_GLOBAL_EVENTS": "true"}
+    watched, posted = daemon(**env), daemon(**env)
+    await start_all([watched, posted])
+    big = "x" * 20_000  # larger than one NOTIFY can carry: relayed through the table
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"http://127.0.0.1:{watched.port}/") as ws,
+        ):
+            events = [message(1), {**message(2), "data": {"key": {"id": "M00002"}, "text": big}}, message(3)]
+            for event in events:
+                assert (await post_ingest(posted.port, event))[0] == 202
+            got = []
+            async with asyncio.timeout(10):
+                while len(got) < 3:
+                    got.append(orjson.loads((await ws.receive()).data))
+    finally:
+        await watched.terminate()
+        await posted.terminate()
+    assert [m["data"]["key"]["id"] for m in got] == ["M00001", "M00002", "M00003"]
+    assert got[1]["data"]["text"] == big and got[0]["event"] == "messages.upsert"

@@ -67,6 +67,14 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # 3: events too large for a NOTIFY, relayed to other routers' WebSocket clients (kept 60 s).
+    """
+    CREATE TABLE live_events (
+        id   BIGSERIAL PRIMARY KEY,
+        body BYTEA NOT NULL,
+        at   DOUBLE PRECISION NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -1,0 +1,180 @@
+"""Instance configuration shared by every router through PostgreSQL (``ROUTER_DATABASE_URL``).
+
+The ``instances`` table holds each instance file's text, by file name. Each router keeps its
+``ROUTER_INSTANCES_DIR`` as a mirror of the table and goes on loading instances from files as it
+always does:
+
+- **down**: when another router changed the table (``NOTIFY router_instances``), this router
+  writes the changed files, removes the deleted ones and reloads, within the notification's time;
+- **up**: after each reload (the admin API's writes, an operator's edit), files that differ from
+  what the table held are written to it, removed files are deleted from it, and the other
+  routers are notified.
+
+At start the table wins (a router that was down catches up, deleted instances stay deleted),
+except when the table is empty: then this router's files are its first content.
+``import_directory`` and ``export_directory`` are ``evolution-router instances import|export``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+
+from router import instance_files, logs
+from router.instances import instance_files as list_instance_files
+from router.redact import redact_url
+from router.store.pg_schema import migrate
+
+log = logs.get_logger("router.shared_instances")
+CHANNEL = "router_instances"
+
+
+def read_directory(directory: Path) -> dict[str, str]:
+    """File name -> text of every instance file in ``directory``."""
+    texts = {}
+    for path in list_instance_files(directory):
+        with contextlib.suppress(OSError):  # removed meanwhile
+            texts[path.name] = path.read_text(encoding="utf-8")
+    return texts
+
+
+async def _rows(conn: asyncpg.Connection) -> dict[str, str]:
+    return {row[0]: row[1] for row in await conn.fetch("SELECT name, yaml FROM instances")}
+
+
+async def _write_rows(conn: asyncpg.Connection, upserts: dict[str, str], deletes: set[str]) -> None:
+    """One transaction: the table changed as said, and every router told."""
+    async with conn.transaction():
+        now = time.time()
+        if upserts:
+            await conn.executemany(
+                "INSERT INTO instances (name, yaml, updated_at) VALUES ($1, $2, $3)"
+                " ON CONFLICT (name) DO UPDATE SET yaml = EXCLUDED.yaml, updated_at = EXCLUDED.updated_at",
+                [(name, text, now) for name, text in upserts.items()],
+            )
+        if deletes:
+            await conn.execute("DELETE FROM instances WHERE name = ANY($1::text[])", sorted(deletes))
+        await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+
+
+def _mirror(directory: Path, wanted: dict[str, str], have: dict[str, str]) -> bool:
+    """Make ``directory`` hold ``wanted``; True if a file changed."""
+    changed = False
+    for name, text in wanted.items():
+        if have.get(name) != text:
+            instance_files.write_atomically(directory / name, text)
+            changed = True
+    for name in set(have) - set(wanted):
+        with contextlib.suppress(FileNotFoundError):
+            instance_files.remove(directory / name)
+        changed = True
+    return changed
+
+
+class SharedInstances:
+    """Keeps ``directory`` and the database's ``instances`` table the same, both ways."""
+
+    def __init__(self, url: str, directory: Path, reload: Callable[[], Awaitable[None]]) -> None:
+        self.url = url
+        self.directory = directory
+        self._reload = reload  # the daemon's reload, under its configuration lock
+        self._conn: asyncpg.Connection | None = None
+        self._known: dict[str, str] = {}  # the table as last read or written by this router
+        self._pulls = asyncio.Event()
+        self._lock = asyncio.Lock()  # one statement at a time on the connection
+
+    async def start(self) -> bool:
+        """Connect and make the directory and the table agree; True if the files changed."""
+        self._conn = await asyncpg.connect(self.url)
+        await migrate(self._conn)
+        await self._conn.add_listener(CHANNEL, self._notified)
+        table = await _rows(self._conn)
+        files = await asyncio.to_thread(read_directory, self.directory)
+        if not table and files:
+            await _write_rows(self._conn, files, set())
+            self._known = files
+            log.info("instances.shared", instances=len(files), source=str(self.directory))
+            return False
+        self._known = table
+        return await asyncio.to_thread(_mirror, self.directory, table, files)
+
+    def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        if self._conn is not None and pid != self._conn.get_server_pid():
+            self._pulls.set()  # another router's change (our own are known already)
+
+    async def run(self) -> None:
+        """Apply other routers' changes as they are notified, until cancelled."""
+        while True:
+            await self._pulls.wait()
+            self._pulls.clear()
+            try:
+                await self.pull()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.error("instances.sync_failed", database=redact_url(self.url), error=str(exc))
+                await asyncio.sleep(1)
+                self._pulls.set()
+
+    async def pull(self) -> None:
+        assert self._conn is not None
+        async with self._lock:
+            table = await _rows(self._conn)
+        if table == self._known:
+            return
+        files = await asyncio.to_thread(read_directory, self.directory)
+        self._known = table
+        if await asyncio.to_thread(_mirror, self.directory, table, files):
+            await self._reload()
+
+    async def push(self) -> None:
+        """After a reload: what the files say now, into the table (changes only)."""
+        if self._conn is None:
+            return
+        files = await asyncio.to_thread(read_directory, self.directory)
+        upserts = {name: text for name, text in files.items() if self._known.get(name) != text}
+        deletes = set(self._known) - set(files)
+        if not upserts and not deletes:
+            return
+        try:
+            async with self._lock:
+                await _write_rows(self._conn, upserts, deletes)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.error("instances.sync_failed", database=redact_url(self.url), error=str(exc))
+            return
+        self._known = files
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+            self._conn = None
+
+
+async def import_directory(url: str, directory: Path) -> int:
+    """Every instance file of ``directory`` into the table (added or replaced); returns how many."""
+    files = await asyncio.to_thread(read_directory, directory)
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate(conn)
+        await _write_rows(conn, files, set())
+    finally:
+        await conn.close()
+    return len(files)
+
+
+async def export_directory(url: str, directory: Path) -> int:
+    """Every instance in the table as a file in ``directory``; returns how many."""
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate(conn)
+        table = await _rows(conn)
+    finally:
+        await conn.close()
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in table.items():
+        await asyncio.to_thread(instance_files.write_atomically, directory / name, text)
+    return len(table)
