@@ -24,7 +24,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import anyio
-import asyncpg
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -35,9 +34,9 @@ from router.adapters.jsonl import JsonlAdapter
 from router.adapters.whatsapp import WhatsAppSessions
 from router.admin import Admin, upstream_not_found
 from router.bodies import close_marked
+from router.cluster import database_path, open_store, share_instances, start_relay
 from router.current import Current
 from router.delivery import Dispatcher
-from router.errors import ConfigError
 from router.events import Event, new_event_id, utc_timestamp
 from router.health import Health, check_sinks
 from router.instance_status import InstanceStatus
@@ -45,38 +44,19 @@ from router.instances import InstanceConfig, LoadResult, directory_fingerprint, 
 from router.intake import Intake
 from router.live_relay import LiveRelay
 from router.metrics import Metrics
-from router.redact import redact_url
 from router.routing import Routes, build_routes, startup_targets
 from router.settings import Settings
 from router.shared_instances import SharedInstances
 from router.sinks import BaseSink
 from router.sinks.registry import build_sinks
 from router.sinks.websocket import WebSocketHub
-from router.store import QueueStore, SqliteStore
+from router.store import QueueStore
 from router.systemd import Notifier
+
+__all__ = ["App", "database_path"]  # database_path: where the queue is, for tools and tests
 
 log = logs.get_logger("router.app")
 DEFAULT_API_KEYS = frozenset({"change-me", "429683C4C977415CAAFCCE10F7D57E11"})
-
-
-def database_path(settings: Settings) -> Path | str:
-    """Where the queue is (``Settings.queue``): the SQLite file, or the PostgreSQL URL."""
-    return settings.queue
-
-
-async def open_store(settings: Settings) -> QueueStore:
-    """The shared PostgreSQL queue when ``ROUTER_DATABASE_URL`` is set, else the SQLite file."""
-    url = settings.router_database_url
-    if url is None:
-        return await SqliteStore.open(settings.database_path, settings.router_dedup_window_s)
-    from router.store.postgres import PostgresStore  # noqa: PLC0415 - only when asked for
-
-    try:
-        return await PostgresStore.open(
-            url, settings.node_name, settings.router_lease_timeout_s, settings.router_dedup_window_s
-        )
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise ConfigError([f"ROUTER_DATABASE_URL: cannot use {redact_url(url)}: {exc}"]) from exc
 
 
 class App:
@@ -107,6 +87,9 @@ class App:
         self.whatsapp: WhatsAppSessions | None = None
         self.shared: SharedInstances | None = None  # with PostgreSQL: instances kept in the database
         self.metrics = Metrics()
+        self.node = settings.node_name  # once: without a fixed port it is made up at each call
+        store_kind = "postgresql" if settings.router_database_url else "sqlite"
+        self.metrics.info.labels(self.node, store_kind).set(1)
         self.status = InstanceStatus()  # connections, from the events accepted
         self.systemd = Notifier(settings)
         self._stopping = asyncio.Event()
@@ -157,10 +140,11 @@ class App:
         if settings.authentication_api_key in DEFAULT_API_KEYS:
             log.warning("config.default_api_key", hint="set AUTHENTICATION_API_KEY")
 
-        store = await open_store(settings)
+        store = await open_store(settings, self.node)
         try:
-            if settings.router_database_url:
-                await self._share_instances(settings.router_database_url)
+            if settings.router_database_url:  # instances live in the database: mirror them here
+                directory = settings.router_instances_dir
+                self.shared = await share_instances(settings.router_database_url, directory, self.reload)
             async with contextlib.AsyncExitStack() as sinks_stack:
                 sinks = build_sinks(settings)
                 for sink in sinks.values():
@@ -172,16 +156,6 @@ class App:
                 await self.shared.close()
             store.shutdown()
         log.info("router.stopped")
-
-    async def _share_instances(self, url: str) -> None:
-        """The instances live in the database: mirror them into the instances directory."""
-        self.shared = SharedInstances(url, self.settings.router_instances_dir, self.reload)
-        try:
-            changed = await self.shared.start()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise ConfigError([f"ROUTER_DATABASE_URL: cannot use {redact_url(url)}: {exc}"]) from exc
-        if changed:
-            await self.reload(every_file=True)
 
     async def _check_sinks(self, sinks: Mapping[str, BaseSink]) -> None:
         """Say at start what cannot work (bad credentials, no broker); the daemon still runs and
@@ -199,8 +173,7 @@ class App:
             self.websocket = WebSocketHub(settings, self.current)
             live = self.websocket.publish
             if settings.router_database_url:  # clients of every router see every router's events
-                relay = LiveRelay(settings.router_database_url, self.websocket.publish)
-                await relay.start()
+                relay = await start_relay(settings.router_database_url, self.websocket.publish)
                 live = relay.publish
         intake = Intake(
             store,
@@ -305,6 +278,7 @@ class App:
             metrics.set_store_state(await self.store.sink_state())
         if self.dispatcher is not None:
             metrics.idle.set(1 if await self.dispatcher.idle() else 0)
+            metrics.in_flight.set(sum(worker.in_flight for worker in self.dispatcher.workers.values()))
         if self.websocket is not None:
             hub = self.websocket
             metrics.websocket_clients.set(len(hub.clients) + sum(hub.sio_clients.values()))

@@ -3,6 +3,8 @@
 Counters and histograms are updated as events are accepted and attempts end; queue depth,
 dead letters and the oldest waiting delivery's age are read from the store at each scrape.
 Each ``App`` has its own registry, so several daemons in one process (the tests) stay apart.
+With PostgreSQL the queue figures are those of the queue every router shares; the counters,
+``router_in_flight`` and ``router_info`` are this router's.
 """
 
 from __future__ import annotations
@@ -73,6 +75,17 @@ class Metrics:
             "router_last_reload_seconds",
             "How long the last reload took: in all (``total``), and on the event loop (``loop``)",
             ["part"],
+            registry=registry,
+        )
+        self.info = Gauge(
+            "router_info",
+            "1, labelled with this router's name and its queue store (sqlite or postgresql)",
+            ["node", "store"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "router_in_flight",
+            "Attempts under way in this router (the queue figures are the store's)",
             registry=registry,
         )
         self.sink_connected = Gauge(

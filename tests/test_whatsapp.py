@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gc
 import subprocess
 import sys
@@ -510,3 +511,36 @@ async def test_create_with_qrcode_answers_the_first_qr_code(core, receiver, make
     assert (qrcode["code"], qrcode["pairingCode"], qrcode["count"]) == ("2@first-code", None, 1)
     assert qrcode["base64"].startswith("data:image/png;base64,")
     assert sent.json()["data"]["qrcode"]["code"] == "2@first-code"
+
+
+async def test_with_several_routers_a_session_runs_on_one_and_moves_when_it_stops(
+    core, receiver, make_settings, tmp_path, pg_url
+):
+    """Two routers on one PostgreSQL database: the session runs on exactly one of them; when
+    that router goes, the other takes the session over and its events flow again."""
+    session_instance(tmp_path, receiver, "bot")
+    (tmp_path / "instances-2").mkdir()
+    first = make_settings(ROUTER_DATABASE_URL=pg_url, ROUTER_NODE_NAME="first")
+    second = make_settings(
+        ROUTER_DATABASE_URL=pg_url,
+        ROUTER_NODE_NAME="second",
+        ROUTER_INSTANCES_DIR=str(tmp_path / "instances-2"),
+        ROUTER_STATE_DIR=str(tmp_path / "state-2"),
+    )
+    async with contextlib.AsyncExitStack() as first_running:
+        app_first = await first_running.enter_async_context(running(first))
+        await core.wait_connects(BOT, 1)  # the first router, alone, runs the session
+        async with running(second) as app_second:
+            assert "bot" in app_second.instances  # the instance came through the database
+            ownership = app_second.whatsapp.ownership
+            rounds = ownership.rounds
+            await wait_until(lambda: ownership.rounds >= rounds + 2)  # it looked for it, twice
+            assert core.connects[BOT] == 1 and not app_second.whatsapp.sessions
+            assert "bot" in app_first.whatsapp.sessions
+            await first_running.aclose()  # the first router stops: its lock goes with its connection
+            await core.wait_connects(BOT, 2)  # the second router took the session over
+            assert "bot" in app_second.whatsapp.sessions
+            await connect(core, BOT)
+            message = proto.Message(Info=info("3EB0MOVED"), Message=wa.Message(conversation="moved"))
+            core.emit(BOT, message)
+            await wait_until(lambda: any("3EB0MOVED" in r.body.decode() for r in receiver.on("/bot")))

@@ -17,10 +17,12 @@ every other instance works.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from router import logs
+from router.adapters.whatsapp.ownership import ROUND_S, SessionOwnership
 from router.errors import ConfigError, IntakeError
 from router.instances import InstanceConfig
 from router.intake import Intake
@@ -72,12 +74,16 @@ class WhatsAppSessions:
     def __init__(self, settings: Settings, intake: Intake) -> None:
         self.directory = settings.router_state_dir / "whatsapp"
         self.intake = intake
+        # With PostgreSQL, several routers: each session runs on the one router that owns it.
+        url = settings.router_database_url
+        self.ownership = SessionOwnership(url, self._ownership_lost) if url else None
         self.sessions: dict[str, Session] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._queue: asyncio.Queue[Emitted | None] = asyncio.Queue()
         self._group: asyncio.TaskGroup | None = None
         self._configured: Mapping[str, InstanceConfig] = {}
         self._stop = asyncio.Event()
+        self._stopping: set[asyncio.Task[None]] = set()
         self.refused = 0  # events intake could not take (logged)
 
     def stop(self) -> None:
@@ -89,11 +95,24 @@ class WhatsAppSessions:
             self._group = group
             pump = group.create_task(self._pump(), name="whatsapp pump")
             await self.apply(self._configured)  # what was applied before this ran
-            await self._stop.wait()
+            while not self._stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), ROUND_S)
+                if self.ownership is not None and not self._stop.is_set():
+                    await self.apply(self._configured)  # sessions whose router died: take them
             await asyncio.gather(*(session.stop() for session in self.sessions.values()))
             await asyncio.gather(*self._tasks.values())
             self._queue.put_nowait(None)  # after the sessions' last events
             await pump
+        if self.ownership is not None:
+            await self.ownership.close()
+
+    def _ownership_lost(self) -> None:
+        """The database connection holding this router's sessions went: stop them all here."""
+        for name in list(self.sessions):
+            task = asyncio.get_running_loop().create_task(self.sessions.pop(name).stop())
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
 
     async def apply(self, instances: Mapping[str, InstanceConfig]) -> None:
         """Start sessions for new instances (and ended ones), stop those no longer configured."""
@@ -102,9 +121,16 @@ class WhatsAppSessions:
         for name in [name for name in self.sessions if name not in configured]:
             log.info("whatsapp.session_removed", instance=name)
             await self.sessions.pop(name).stop()
+            if self.ownership is not None:
+                await self.ownership.release(name)
         start = [name for name in configured if name not in self._tasks or self._tasks[name].done()]
         if not start or self._group is None or self._stop.is_set():
             return
+        if self.ownership is not None:
+            held = await self.ownership.claim(start)
+            start = [name for name in start if name in held]
+            if not start:
+                return
         try:
             session_class = load()
         except ConfigError as exc:
