@@ -43,7 +43,7 @@ from router.admin_shapes import (
 )
 from router.apikeys import key_matches
 from router.bodies import BodyError, leave_unread, read_body
-from router.errors import ConfigError, StorageFull
+from router.errors import ConfigError, StoreRefused
 from router.events import utc_timestamp
 from router.instance_status import InstanceStatus
 from router.instances import (
@@ -151,7 +151,7 @@ class Admin:
             try:
                 try:
                     return await handler(request, *args)  # type: ignore[no-any-return]
-                except StorageFull as full:  # the file may be written; its lifecycle event is not
+                except StoreRefused as full:  # the file may be written; its lifecycle event is not
                     raise Refused(503, str(full)) from None
             except Refused as exc:
                 leave_unread(request)

@@ -4,7 +4,9 @@ boundary of each sink (``raise ... from exc``), so the delivery loop only knows 
     RouterError
     ├── ConfigError            bad settings or instance file; carries every problem found
     ├── IntakeError            an ingested event or request that cannot be accepted
-    ├── StorageFull            the state directory's disk is full: nothing new can be stored
+    ├── StoreRefused           nothing new can be stored now (the sender should retry):
+    │   ├── StorageFull        the state directory's disk (or the database's) is full
+    │   └── StoreUnavailable   the PostgreSQL database cannot be reached
     └── DeliveryError          one delivery attempt failed
         ├── RetryableError     try again later (timeout, 5xx, connection refused, ...);
         │   │                  may carry ``retry_after_s`` from the receiver
@@ -32,7 +34,19 @@ class IntakeError(RouterError):
     """An ingested event that cannot be accepted; the message names what is wrong."""
 
 
-class StorageFull(RouterError):
+class StoreRefused(RouterError):
+    """The queue cannot take new events now. Events already stored are kept; intake answers 503
+    and the sender retries."""
+
+
+class StoreUnavailable(StoreRefused):
+    """The shared database cannot be reached (``where`` names it without its password)."""
+
+    def __init__(self, where: object, why: object) -> None:
+        super().__init__(f"the queue database {where} cannot be reached: {why}")
+
+
+class StorageFull(StoreRefused):
     """The queue database could not be written for lack of disk space. Events already stored are
     kept; new ones cannot be accepted until there is room (the sender should retry)."""
 

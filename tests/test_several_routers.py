@@ -10,7 +10,7 @@ from collections import Counter
 import aiohttp
 import orjson
 
-from tests.conftest import API_KEY, post_ingest, run_router, write_instance
+from tests.conftest import API_KEY, _pg_admin, post_ingest, run_router, write_instance
 
 
 def hook(receiver, pg_url: str, **extra: str) -> dict[str, str]:
@@ -174,3 +174,54 @@ async def test_a_websocket_client_of_one_router_sees_events_posted_to_another(da
         await posted.terminate()
     assert [m["data"]["key"]["id"] for m in got] == ["M00001", "M00002", "M00003"]
     assert got[1]["data"]["text"] == big and got[0]["event"] == "messages.upsert"
+
+
+async def test_a_router_that_was_down_takes_the_databases_instances_and_edits_travel_both_ways(
+    daemon, pg_url, tmp_path
+):
+    """At start the database wins over a router's stale files (a deleted instance stays deleted);
+    an operator's edit of a file on one router reaches the other."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    write_instance(one, "shop", "token: shop-token\n")
+    write_instance(two, "stale", "token: deleted-meanwhile\n")  # the second router's old file
+    env = {"ROUTER_DATABASE_URL": pg_url}
+    first = daemon(**env, ROUTER_INSTANCES_DIR=str(one), ROUTER_STATE_DIR=str(tmp_path / "s1"))
+    first.start()
+    await first.wait_ready()  # the table was empty: the first router's files are its content
+    second = daemon(**env, ROUTER_INSTANCES_DIR=str(two), ROUTER_STATE_DIR=str(tmp_path / "s2"))
+    second.start()
+    try:
+        await second.wait_ready()
+        assert sorted(p.name for p in two.iterdir() if not p.name.startswith(".")) == ["shop.yaml"]
+        (two / "shop.yaml").write_text(
+            "token: shop-token\nwebhook: {enabled: true, url: 'http://127.0.0.1:9/x'}\n"
+        )
+        async with asyncio.timeout(10):
+            while "127.0.0.1:9/x" not in (one / "shop.yaml").read_text():
+                await asyncio.sleep(0.05)
+        status, found = await admin_call(first.port, "GET", "/webhook/find/shop")
+        assert status == 200 and found["url"] == "http://127.0.0.1:9/x"
+    finally:
+        await first.terminate()
+        await second.terminate()
+
+
+async def test_ready_says_so_when_the_database_is_gone(receiver, daemon, pg_url):
+    router = daemon(**hook(receiver, pg_url))
+    router.start()
+    try:
+        await router.wait_ready()
+        status, body = await admin_call(router.port, "GET", "/ready")
+        assert status == 200 and body["checks"]["store"] == {"ok": True}
+        name = pg_url.rsplit("/", 1)[1]
+        await asyncio.to_thread(_pg_admin, f"DROP DATABASE {name} WITH (FORCE)")
+        status, body = await admin_call(router.port, "GET", "/ready")
+        assert status == 503 and body["checks"]["store"]["ok"] is False
+        assert body["checks"]["store"]["error"]
+        assert (await admin_call(router.port, "GET", "/health"))[0] == 200  # alive all the same
+        status, answer = await post_ingest(router.port, message(1))  # nothing taken: the sender retries
+        assert status == 503 and "cannot be reached" in str(answer) and name in str(answer)
+    finally:
+        await router.terminate()

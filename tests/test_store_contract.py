@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from router.current import Current
@@ -21,6 +22,7 @@ from router.routing import Routes
 from router.sinks import BaseSink
 from router.sinks.webhook import WebhookTarget
 from router.store import NewDelivery, QueueStore, SqliteStore
+from router.store.pg_schema import MIGRATIONS, SCHEMA_VERSION
 from router.store.postgres import PostgresStore
 
 TARGET = "webhook:global"
@@ -206,3 +208,36 @@ async def test_a_dead_routers_leases_are_taken_over_when_they_run_out(open_store
         while not (taken := await b.lease(TARGET, 10)):
             await asyncio.sleep(0.1)
     assert sorted(lease.okey or "" for lease in taken) == [f"bot\nc{n}" for n in range(4)]
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_a_database_an_older_router_made_is_upgraded(backend, pg_url):
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(
+            "CREATE TABLE router_schema (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)"
+        )
+        await conn.execute(MIGRATIONS[0])  # what the first release made
+        await conn.execute("INSERT INTO router_schema VALUES (1, now())")
+        await conn.execute(
+            "INSERT INTO events VALUES ('e1', 'bot', 'call', '\\x7b7d', '2026-01-01T00:00:00.000Z',"
+            " NULL, NULL, NULL, 1, NULL)"
+        )
+        await conn.execute(
+            "INSERT INTO deliveries (event_id, target, due_at, updated_at) VALUES ('e1', $1, 0, 0)", TARGET
+        )
+    finally:
+        await conn.close()
+    store = await PostgresStore.open(pg_url, "node-a")
+    task = asyncio.create_task(store.run())
+    try:
+        [lease] = await store.lease(TARGET, 10)  # what the older router queued goes out
+        assert lease.event.id == "e1"
+    finally:
+        await stop(store, task)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        versions = [row[0] for row in await conn.fetch("SELECT version FROM router_schema ORDER BY version")]
+    finally:
+        await conn.close()
+    assert versions == list(range(1, SCHEMA_VERSION + 1))

@@ -20,7 +20,7 @@ from aiohttp import web
 from router.addresses import AddressList
 from router.apikeys import key_matches, request_keys
 from router.bodies import BodyError, leave_unread, read_body
-from router.errors import IntakeError, StorageFull
+from router.errors import IntakeError, StoreRefused
 from router.events import UnknownEventError, wire_from_suffix
 from router.intake import Intake
 
@@ -99,7 +99,7 @@ async def ingest(request: web.Request) -> web.Response:
                 return _error(401, f"apikey is not valid for instance {event.instance!r}")
     try:
         ids = await intake.accept(events)
-    except StorageFull as exc:  # senders (upstream among them) retry a 503; nothing was taken
+    except StoreRefused as exc:  # senders (upstream among them) retry a 503; nothing was taken
         answer = _error(503, str(exc))
         answer.headers["Retry-After"] = str(FULL_RETRY_AFTER_S)
         return answer

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from router import logs
-from router.errors import IntakeError, StorageFull
+from router.errors import IntakeError, StoreRefused
 from router.intake import Intake
 
 log = logs.get_logger("router.adapters.jsonl")
@@ -87,7 +87,7 @@ class JsonlAdapter:
             try:
                 await self.intake.accept(objects, checkpoint, adapter="jsonl")
                 return
-            except StorageFull as exc:
+            except StoreRefused as exc:
                 log.error("jsonl.cannot_store", source=self.path, error=str(exc), retry_in_s=FULL_RETRY_S)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), FULL_RETRY_S)

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from router import logs
-from router.errors import StorageFull
+from router.errors import StorageFull, StoreUnavailable
 from router.redact import redact_url
 from router.store.base import (
     DEAD,
@@ -51,6 +51,15 @@ log = logs.get_logger("router.store")
 CHANNEL = "router_due"
 NOTIFY_MAX = 7900  # bytes of one NOTIFY payload (PostgreSQL allows 8000); more: "*" (every target)
 KEPT_RETRY_S = 1.0
+# The database cannot be used now (down, restarting, dropped, refusing): kept writes wait for it.
+UNAVAILABLE = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InvalidCatalogNameError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
 _E = ", ".join(f"e.{c}" for c in EVENT_COLUMNS.split(", "))
 
 # A delivery a router may lease now: due and waiting, or leased by a router that stopped renewing.
@@ -149,7 +158,7 @@ class PostgresStore:
         try:
             self._listener = await asyncpg.connect(self.url)
             await self._listener.add_listener(CHANNEL, self._notified)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except UNAVAILABLE as exc:
             log.error("store.unreachable", database=self.where, error=str(exc))
             self._listener = None
             return
@@ -168,7 +177,7 @@ class PostgresStore:
                 rows = await conn.fetch(
                     "SELECT DISTINCT target FROM deliveries WHERE state = 1 AND lease_until <= $1", now
                 )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except UNAVAILABLE as exc:
             log.error("store.unreachable", database=self.where, error=str(exc))
             return
         for row in rows:
@@ -206,9 +215,9 @@ class PostgresStore:
                 self.full = True
                 if not kept or self._closing:
                     raise StorageFull(self.where) from exc
-            except (OSError, asyncpg.PostgresConnectionStatusError, asyncpg.InterfaceError) as exc:
+            except UNAVAILABLE as exc:
                 if not kept or self._closing:
-                    raise
+                    raise StoreUnavailable(self.where, exc) from exc
                 log.error("store.unreachable", database=self.where, error=str(exc))
             await asyncio.sleep(KEPT_RETRY_S)
 
