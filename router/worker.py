@@ -193,7 +193,7 @@ class TargetWorker:
             self._wake.clear()  # before leasing: a notify during the lease is not lost
             refused = self._refused
             try:
-                leases = await store.lease(self.key, want)
+                leases = await store.lease(self.key, want, exclusive=self.concurrency == 1)
             except Exception as exc:  # a full disk, a locked file: wait and lease again
                 self.dispatcher.release(want)
                 await self._store_trouble(exc)

@@ -225,3 +225,34 @@ async def test_ready_says_so_when_the_database_is_gone(receiver, daemon, pg_url)
         assert status == 503 and "cannot be reached" in str(answer) and name in str(answer)
     finally:
         await router.terminate()
+
+
+async def test_at_concurrency_one_a_target_gets_one_delivery_at_a_time_in_order_from_all_routers(
+    receiver, daemon, pg_url
+):
+    env = hook(receiver, pg_url, ROUTER_WEBHOOK_CONCURRENCY="1")
+    routers = [daemon(**env) for _ in range(2)]
+    await start_all(routers)
+    in_flight, overlapped = 0, False
+    answer = receiver.handle
+
+    async def counting(request):
+        nonlocal in_flight, overlapped
+        in_flight += 1
+        overlapped |= in_flight > 1
+        try:
+            await asyncio.sleep(0.005)
+            return await answer(request)
+        finally:
+            in_flight -= 1
+
+    receiver.handle = counting
+    try:
+        for n in range(60):  # one at a time, to alternate routers: acceptance order is n's order
+            assert (await post_ingest(routers[n % 2].port, message(n)))[0] == 202
+        await receiver.wait_for(60, "/hook", timeout=60)
+    finally:
+        for router in routers:
+            await router.terminate()
+    assert arrived_ids(receiver) == [f"M{n:05d}" for n in range(60)]
+    assert not overlapped, "two deliveries to the target were under way at once"

@@ -70,6 +70,23 @@ _HEAD = (
     " AND p.okey = d.okey AND p.state IN (0, 1, 3) AND p.id < d.id))"
 )
 
+# ... and, for a target with one attempt at a time, no delivery of it is leased by anyone.
+_TARGET_FREE = (
+    " AND NOT EXISTS (SELECT 1 FROM deliveries q WHERE q.target = d.target AND q.state = 1"
+    " AND q.lease_until > $2)"
+)
+_LEASE = (
+    "WITH picked AS (SELECT d.id FROM deliveries d WHERE d.target = $1 AND "
+    + _LEASABLE
+    + " AND "
+    + _HEAD
+    + "{free} ORDER BY d.due_at, d.id LIMIT $3 FOR UPDATE SKIP LOCKED),"
+    " leased AS (UPDATE deliveries d SET state = 1, leased_by = $4, lease_until = $5"
+    " FROM picked WHERE d.id = picked.id RETURNING d.id, d.attempts, d.okey, d.event_id, d.due_at)"
+    f" SELECT l.id, l.attempts, e.accepted_at, l.okey, {_E} FROM leased l"
+    " JOIN events e ON e.id = l.event_id ORDER BY l.due_at, l.id"
+)
+
 
 def _notify_sql(targets: Sequence[str]) -> tuple[str, str] | None:
     if not targets:
@@ -306,24 +323,23 @@ class PostgresStore:
         if sql is not None:
             await conn.execute(sql[0], CHANNEL, sql[1])
 
-    async def lease(self, target: str, limit: int, now: float | None = None) -> list[Lease]:
-        """Up to ``limit`` leasable deliveries of ``target``, each the first of its key."""
+    async def lease(
+        self, target: str, limit: int, now: float | None = None, exclusive: bool = False
+    ) -> list[Lease]:
+        """Up to ``limit`` leasable deliveries of ``target``, each the first of its key. With
+        ``exclusive`` (concurrency 1), one only, and none while any router holds one of the
+        target's: checked and taken under the target's advisory lock, so two routers cannot
+        both find the target free."""
         due = time.time() if now is None else now
+        sql = _LEASE.format(free=_TARGET_FREE if exclusive else "")
+        args = (target, due, 1 if exclusive else limit, self.node, due + self.lease_timeout_s)
         async with self._connection() as conn:
-            rows = await conn.fetch(
-                f"WITH picked AS (SELECT d.id FROM deliveries d WHERE d.target = $1 AND {_LEASABLE}"
-                f" AND {_HEAD} ORDER BY d.due_at, d.id LIMIT $3 FOR UPDATE SKIP LOCKED),"
-                " leased AS (UPDATE deliveries d SET state = 1, leased_by = $4, lease_until = $5"
-                " FROM picked WHERE d.id = picked.id"
-                " RETURNING d.id, d.attempts, d.okey, d.event_id, d.due_at)"
-                f" SELECT l.id, l.attempts, e.accepted_at, l.okey, {_E} FROM leased l"
-                " JOIN events e ON e.id = l.event_id ORDER BY l.due_at, l.id",
-                target,
-                due,
-                limit,
-                self.node,
-                due + self.lease_timeout_s,
-            )
+            if exclusive:
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", target)
+                    rows = await conn.fetch(sql, *args)
+            else:
+                rows = await conn.fetch(sql, *args)
         return [Lease(r[0], target, r[1], event_from_row(r[4:]), r[2], r[3]) for r in rows]
 
     def ack(self, lease: Lease) -> asyncio.Future[None]:

@@ -446,8 +446,11 @@ class SqliteStore:
         )
         return {row[0] for row in rows}
 
-    async def lease(self, target: str, limit: int, now: float | None = None) -> list[Lease]:
-        """Take up to ``limit`` due deliveries of ``target``, oldest first."""
+    async def lease(
+        self, target: str, limit: int, now: float | None = None, exclusive: bool = False
+    ) -> list[Lease]:
+        """Take up to ``limit`` due deliveries of ``target``, oldest first. (``exclusive`` needs
+        nothing here: one process uses the file, and its worker keeps its own concurrency.)"""
         due = time.time() if now is None else now
 
         def op(conn: sqlite3.Connection) -> list[Lease]:
