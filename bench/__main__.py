@@ -189,17 +189,23 @@ async def daemon(**sink_env: str) -> AsyncIterator[tuple[int, int]]:
 
 
 async def ingest_all(
-    session: aiohttp.ClientSession, port: int, count: int, posters: int = 4, chats: int = CHATS
+    session: aiohttp.ClientSession,
+    port: int | list[int],
+    count: int,
+    posters: int = 4,
+    chats: int = CHATS,
 ) -> None:
-    """POST events 0..count-1 to the daemon in batches of BATCH, ``posters`` requests at a time."""
+    """POST events 0..count-1 to the daemon in batches of BATCH, ``posters`` requests at a time
+    (to several daemons: batches round-robin over ``port``)."""
     batches = list(range(0, count, BATCH))
+    ports = port if isinstance(port, list) else [port]
 
     async def post_batches(mine: list[int]) -> None:
         for start in mine:
             now = time.time()
             batch = [make_event(n, now, chats) for n in range(start, min(start + BATCH, count))]
             async with session.post(
-                f"http://127.0.0.1:{port}/ingest",
+                f"http://127.0.0.1:{ports[start // BATCH % len(ports)]}/ingest",
                 data=orjson.dumps(batch),
                 headers={"apikey": API_KEY, "Content-Type": "application/json"},
             ) as response:
@@ -988,6 +994,92 @@ async def isolation_section() -> dict[str, object]:
     return row
 
 
+PG_SERVER = os.environ.get("BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+PG_EVENTS = int(os.environ.get("BENCH_PG_EVENTS", "10000"))
+
+
+def postgres_cpu_s() -> float:
+    """CPU seconds used so far by every PostgreSQL server process on this machine."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            text = stat.read_text()
+            if "(postgres)" in text:
+                fields = text.rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+async def pg_database(name: str, create: bool) -> None:
+    import asyncpg  # noqa: PLC0415
+
+    conn = await asyncpg.connect(f"{PG_SERVER}/postgres")
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        if create:
+            await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+
+
+async def postgres_run(base: str, routers: int, database: str | None) -> dict[str, float]:
+    """PG_EVENTS events through ``routers`` daemons (on SQLite when ``database`` is None)."""
+    env = hook_env(base)
+    if database is not None:
+        await pg_database(database, create=True)
+        env["ROUTER_DATABASE_URL"] = f"{PG_SERVER}/{database}"
+    async with contextlib.AsyncExitStack() as stack, aiohttp.ClientSession() as session:
+        started_daemons = [await stack.enter_async_context(daemon(**env)) for _ in range(routers)]
+        await session.post(f"{base}/reset")
+        pids = [pid for _, pid in started_daemons]
+        cpu0, db0 = sum(cpu_s(pid) for pid in pids), postgres_cpu_s()
+        started = time.perf_counter()
+        await ingest_all(session, [port for port, _ in started_daemons], PG_EVENTS)
+        await wait_count(session, base, PG_EVENTS)
+        elapsed = time.perf_counter() - started
+        cpu, db_cpu = sum(cpu_s(pid) for pid in pids) - cpu0, postgres_cpu_s() - db0
+    if database is not None:
+        await pg_database(database, create=False)
+    return {
+        "events_per_s": PG_EVENTS / elapsed,
+        "router_cpu_us_per_event": cpu / PG_EVENTS * 1e6,
+        "postgres_cpu_us_per_event": db_cpu / PG_EVENTS * 1e6,
+    }
+
+
+async def postgres_section() -> dict[str, object]:
+    """One router on SQLite, one on PostgreSQL, two on PostgreSQL: the same events and receiver.
+    On a 2-core machine two routers measure the cost of sharing, not scaling."""
+    port = free_port()
+    receiver = subprocess.Popen([sys.executable, "-m", "bench.receiver", "--port", str(port)])
+    base = f"http://127.0.0.1:{port}"
+    setups = {
+        "1 router, SQLite": (1, None),
+        "1 router, PostgreSQL": (1, "bench_pg"),
+        "2 routers, PostgreSQL": (2, "bench_pg"),
+    }
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
+    try:
+        await wait_http(f"{base}/count")
+        for _ in range(ROUNDS):
+            for name, (routers, database) in setups.items():
+                runs[name].append(await postgres_run(base, routers, database))
+    finally:
+        receiver.terminate()
+        receiver.wait(10)
+    print(f"\npostgres: {PG_EVENTS} events of ~1 KB, webhook, median of {ROUNDS} rounds")
+    print(f"{'setup':<28}{'events/s':>10}{'router CPU us/ev':>18}{'PostgreSQL CPU us/ev':>22}")
+    table = {}
+    for name, rows in runs.items():
+        row = median_run(rows)
+        table[name] = {**row, "rounds": rows}
+        print(
+            f"{name:<28}{row['events_per_s']:>10.0f}{row['router_cpu_us_per_event']:>18.0f}"
+            f"{row['postgres_cpu_us_per_event']:>22.0f}"
+        )
+    return table
+
+
 SECTIONS = {
     "webhook": webhook_section,
     "rabbitmq": rabbitmq_section,
@@ -999,6 +1091,7 @@ SECTIONS = {
     "ordering": ordering_section,
     "latency": latency_section,
     "isolation": isolation_section,
+    "postgres": postgres_section,
 }
 
 

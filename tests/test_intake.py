@@ -147,6 +147,7 @@ async def test_the_dedup_window_can_be_turned_off(receiver, make_settings):
         await receiver.wait_for(2)
 
 
+@pytest.mark.usefixtures("backend")  # the checkpoint is exact on SQLite and on PostgreSQL
 async def test_jsonl_file_is_followed_and_resumed_without_duplicates(receiver, make_settings, tmp_path):
     feed = tmp_path / "events.jsonl"
     feed.write_bytes(b"".join(orjson.dumps(event(n)) + b"\n" for n in range(3)))

@@ -11,8 +11,10 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 
+from router.cluster import open_store
 from router.current import Current
 from router.deadletters import Selection, replay
 from router.delivery import Dispatcher
@@ -24,6 +26,8 @@ from router.sinks.webhook import WebhookTarget
 from router.sinks.webhook.client import WebhookSink
 from router.store import Lease, NewDelivery, Store
 from tests.conftest import API_KEY, Receiver, hook_env, post_ingest, running, wait_idle
+
+pytestmark = pytest.mark.usefixtures("backend")  # each test runs on SQLite and on PostgreSQL
 
 FAST_RETRY = {
     "WEBHOOK_RETRY_INITIAL_DELAY_SECONDS": "0.02",
@@ -196,7 +200,7 @@ async def test_each_chat_arrives_in_order_through_slow_answers_and_random_failur
     rng = random.Random(7)
     tracking = Tracking(receiver, lambda body: 500 if rng.random() < 0.3 else 200)
     settings = make_settings(**hook_env(receiver, **FAST_RETRY))
-    store = await Store.open(settings.database_path)
+    store = await open_store(settings, "test-node")  # this test's backend: SQLite or PostgreSQL
     store_task = asyncio.create_task(store.run())
     target = WebhookTarget("webhook:global", None, f"{receiver.url}/hook", False, events=frozenset())
     async with WebhookSink(settings) as sink:
@@ -376,6 +380,6 @@ async def test_a_dead_letter_releases_its_key_and_a_replay_comes_after_what_went
     async with running(settings) as app:
         assert (await post_ingest(app, [message(n, "c") for n in range(3)]))[0] == 202
         await receiver.wait_for(3)  # 0 (refused), then 1 and 2: the key went on
-        assert await asyncio.to_thread(replay, settings.database_path, Selection(instance="bot")) == 1
+        assert await asyncio.to_thread(replay, settings.queue, Selection(instance="bot")) == 1
         got = await receiver.wait_for(4)
     assert [(r.json()["data"]["n"]) for r in got] == [0, 1, 2, 0]
