@@ -10,7 +10,7 @@ from collections import Counter
 import aiohttp
 import orjson
 
-from tests.conftest import API_KEY, _pg_admin, post_ingest, run_router, write_instance
+from tests.conftest import API_KEY, _pg_admin, free_port, post_ingest, run_router, write_instance
 
 
 def hook(receiver, pg_url: str, **extra: str) -> dict[str, str]:
@@ -256,3 +256,35 @@ async def test_at_concurrency_one_a_target_gets_one_delivery_at_a_time_in_order_
             await router.terminate()
     assert arrived_ids(receiver) == [f"M{n:05d}" for n in range(60)]
     assert not overlapped, "two deliveries to the target were under way at once"
+
+
+async def test_the_database_password_never_reaches_output(receiver, daemon, pg_url, tmp_path):
+    secret = "db-pass-Zq81xV"
+    with_password = pg_url.replace("postgres@", f"postgres:{secret}@")  # trust auth takes any
+    unreachable = f"postgresql://postgres:{secret}@127.0.0.1:{free_port()}/router"
+    outputs = []
+    env = {**os.environ, "AUTHENTICATION_API_KEY": API_KEY, "ROUTER_INSTANCES_DIR": str(tmp_path)}
+    for url in (with_password, unreachable):
+        for args in (("check",), ("dlq", "list"), ("instances", "export", str(tmp_path / "out"))):
+            done = run_router({**env, "ROUTER_DATABASE_URL": url}, *args)
+            outputs += [done.stdout, done.stderr]
+    refused = daemon(
+        **hook(receiver, unreachable, LOG_LEVEL="ERROR,WARN,DEBUG,INFO,LOG,VERBOSE,DARK,WEBHOOKS")
+    )
+    refused.start()
+    assert await asyncio.to_thread(refused.proc.wait, 30) == 1  # it cannot start, and says why
+    working = daemon(
+        **hook(receiver, with_password, LOG_LEVEL="ERROR,WARN,DEBUG,INFO,LOG,VERBOSE,DARK,WEBHOOKS")
+    )
+    working.start()
+    try:
+        await working.wait_ready()
+        assert (await post_ingest(working.port, message(1)))[0] == 202
+        await receiver.wait_for(1, "/hook")
+        outputs.append(str(await admin_call(working.port, "GET", "/ready")))
+    finally:
+        await working.terminate()
+    outputs += [refused.logs(), working.logs()]
+    text = "\n".join(outputs)
+    assert "ROUTER_DATABASE_URL: cannot use postgresql://postgres:***@127.0.0.1:" in refused.logs()
+    assert secret not in text
