@@ -9,7 +9,7 @@ only when delivered or purged, and the deliveries of one ordering key go one at 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -110,3 +110,28 @@ def event_row(e: Event, accepted_at: float) -> tuple[Any, ...]:
         *(e.id, e.instance, e.event, e.data, e.date_time),
         *(e.sender, e.server_url, e.apikey, e.chat, accepted_at),
     )
+
+
+SinkState = dict[str, tuple[int, int, float | None]]
+
+
+def sink_state_of(rows: Iterable[Sequence[Any]], now: float) -> SinkState:
+    """Rows of (sink, is dead, count, oldest accepted_at) folded into ``Store.sink_state``'s
+    answer: sink -> (waiting or in flight, dead letters, age of the oldest waiting)."""
+    state: SinkState = {}
+    for sink, dead, count, oldest in rows:
+        waiting, dead_count, age = state.get(sink, (0, 0, None))
+        if dead:
+            dead_count = count
+        else:
+            waiting, age = count, max(0.0, now - oldest)
+        state[sink] = (waiting, dead_count, age)
+    return state
+
+
+def counts_of(by_state: Mapping[int, int]) -> dict[str, int]:
+    """Deliveries by state folded into ``Store.counts``' answer (in flight and parked count as pending)."""
+    return {
+        "pending": by_state.get(PENDING, 0) + by_state.get(LEASED, 0) + by_state.get(PARKED, 0),
+        "dead": by_state.get(DEAD, 0),
+    }

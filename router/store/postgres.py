@@ -41,8 +41,10 @@ from router.store.base import (
     Lease,
     NewDelivery,
     Wake,
+    counts_of,
     event_from_row,
     event_row,
+    sink_state_of,
 )
 from router.store.pg_schema import migrate
 
@@ -502,15 +504,7 @@ class PostgresStore:
                 " FROM deliveries d JOIN events e ON e.id = d.event_id GROUP BY 1, 2",
                 DEAD,
             )
-        state: dict[str, tuple[int, int, float | None]] = {}
-        for sink, dead, count, oldest in rows:
-            waiting, dead_count, age = state.get(sink, (0, 0, None))
-            if dead:
-                dead_count = count
-            else:
-                waiting, age = count, max(0.0, now - oldest)
-            state[sink] = (waiting, dead_count, age)
-        return state
+        return sink_state_of(rows, now)
 
     async def due_or_leased(self, now: float | None = None) -> int:
         due = time.time() if now is None else now
@@ -526,8 +520,5 @@ class PostgresStore:
 
     async def counts(self) -> dict[str, int]:
         async with self._connection() as conn:
-            rows = dict(await conn.fetch("SELECT state, COUNT(*) FROM deliveries GROUP BY state"))
-        return {
-            "pending": rows.get(PENDING, 0) + rows.get(LEASED, 0) + rows.get(PARKED, 0),
-            "dead": rows.get(DEAD, 0),
-        }
+            rows = await conn.fetch("SELECT state, COUNT(*) FROM deliveries GROUP BY state")
+        return counts_of({row[0]: row[1] for row in rows})

@@ -46,8 +46,10 @@ from router.store.base import (
     Lease,
     NewDelivery,
     Wake,
+    counts_of,
     event_from_row,
     event_row,
+    sink_state_of,
 )
 
 T = TypeVar("T")
@@ -663,15 +665,7 @@ class SqliteStore:
                 " MIN(e.accepted_at) FROM deliveries d JOIN events e ON e.id = d.event_id GROUP BY 1, 2",
                 (DEAD,),
             )
-            state: dict[str, tuple[int, int, float | None]] = {}
-            for sink, dead, count, oldest in rows:
-                waiting, dead_count, age = state.get(sink, (0, 0, None))
-                if dead:
-                    dead_count = count
-                else:
-                    waiting, age = count, max(0.0, now - oldest)
-                state[sink] = (waiting, dead_count, age)
-            return state
+            return sink_state_of(rows, now)
 
         return await self._submit(op)
 
@@ -692,10 +686,6 @@ class SqliteStore:
         """Deliveries by state: ``pending`` (incl. in flight) and ``dead``."""
 
         def op(conn: sqlite3.Connection) -> dict[str, int]:
-            rows = dict(conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state"))
-            return {
-                "pending": rows.get(PENDING, 0) + rows.get(LEASED, 0) + rows.get(PARKED, 0),
-                "dead": rows.get(DEAD, 0),
-            }
+            return counts_of(dict(conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state")))
 
         return await self._submit(op)
