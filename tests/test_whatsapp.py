@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import gc
+import sqlite3
 import subprocess
 import sys
 from typing import Any
@@ -537,9 +538,17 @@ async def test_with_several_routers_a_session_runs_on_one_and_moves_when_it_stop
             await wait_until(lambda: ownership.rounds >= rounds + 2)  # it looked for it, twice
             assert core.connects[BOT] == 1 and not app_second.whatsapp.sessions
             assert "bot" in app_first.whatsapp.sessions
+            # What the session keeps in its database file (neonize's, in the real library).
+            with contextlib.closing(sqlite3.connect(tmp_path / "state" / "whatsapp" / "bot.db")) as db:
+                db.execute("CREATE TABLE device (jid TEXT)")
+                db.execute("INSERT INTO device VALUES ('5511999999999@s.whatsapp.net')")
+                db.commit()
             await first_running.aclose()  # the first router stops: its lock goes with its connection
             await core.wait_connects(BOT, 2)  # the second router took the session over
             assert "bot" in app_second.whatsapp.sessions
+            moved = tmp_path / "state-2" / "whatsapp" / "bot.db"  # the credentials came with it
+            with contextlib.closing(sqlite3.connect(moved)) as db:
+                assert db.execute("SELECT jid FROM device").fetchall() == [("5511999999999@s.whatsapp.net",)]
             await connect(core, BOT)
             message = proto.Message(Info=info("3EB0MOVED"), Message=wa.Message(conversation="moved"))
             core.emit(BOT, message)

@@ -75,6 +75,14 @@ MIGRATIONS: tuple[str, ...] = (
         at   DOUBLE PRECISION NOT NULL
     );
     """,
+    # 4: live WhatsApp sessions' credential files, so the router that takes a session over has them.
+    """
+    CREATE TABLE whatsapp_sessions (
+        name       TEXT PRIMARY KEY,
+        db         BYTEA NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from router import logs
-from router.adapters.whatsapp.ownership import ROUND_S, SessionOwnership
+from router.adapters.whatsapp.ownership import ROUND_S, SAVE_EVERY_S, SessionOwnership
 from router.errors import ConfigError, IntakeError
 from router.instances import InstanceConfig
 from router.intake import Intake
@@ -95,17 +96,27 @@ class WhatsAppSessions:
             self._group = group
             pump = group.create_task(self._pump(), name="whatsapp pump")
             await self.apply(self._configured)  # what was applied before this ran
+            saved = time.monotonic()
             while not self._stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), ROUND_S)
                 if self.ownership is not None and not self._stop.is_set():
                     await self.apply(self._configured)  # sessions whose router died: take them
+                    if time.monotonic() - saved >= SAVE_EVERY_S:
+                        saved = time.monotonic()
+                        await self._save_credentials()
             await asyncio.gather(*(session.stop() for session in self.sessions.values()))
             await asyncio.gather(*self._tasks.values())
+            await self._save_credentials()  # stopped: the files are as the sessions left them
             self._queue.put_nowait(None)  # after the sessions' last events
             await pump
         if self.ownership is not None:
             await self.ownership.close()
+
+    async def _save_credentials(self) -> None:
+        if self.ownership is not None:
+            for name in list(self.ownership.held):
+                await self.ownership.save(name, self.directory / f"{name}.db")
 
     def _ownership_lost(self) -> None:
         """The database connection holding this router's sessions went: stop them all here."""
@@ -122,6 +133,7 @@ class WhatsAppSessions:
             log.info("whatsapp.session_removed", instance=name)
             await self.sessions.pop(name).stop()
             if self.ownership is not None:
+                await self.ownership.save(name, self.directory / f"{name}.db")
                 await self.ownership.release(name)
         start = [name for name in configured if name not in self._tasks or self._tasks[name].done()]
         if not start or self._group is None or self._stop.is_set():
@@ -131,6 +143,8 @@ class WhatsAppSessions:
             start = [name for name in start if name in held]
             if not start:
                 return
+            for name in start:  # the credentials the last router to run it saved
+                await self.ownership.fetch(name, self.directory / f"{name}.db")
         try:
             session_class = load()
         except ConfigError as exc:
@@ -146,6 +160,8 @@ class WhatsAppSessions:
             await session.run()
         except Exception:  # a broken session must not end the others (nor the task group)
             log.exception("whatsapp.session_failed", instance=session.instance)
+        if self.ownership is not None:  # ended (a logout, a failure): its file as it left it
+            await self.ownership.save(session.instance, self.directory / f"{session.instance}.db")
 
     def _emit(self, instance: str, wire: str, data: Any, sender: str | None) -> None:
         self._queue.put_nowait((instance, wire, data, sender))
