@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections import Counter
 
 import aiohttp
@@ -51,6 +52,12 @@ async def test_events_posted_to_three_routers_arrive_once_each_in_order_per_chat
             batch = [message(n) for n in range(start, start + 20)]
             assert (await post_ingest(routers[start // 20 % 3].port, batch))[0] == 202
         await receiver.wait_for(300, "/hook", timeout=60)
+        metrics = await metrics_of(routers[1].port)
+        assert (
+            f'router_info{{node="{socket.gethostname()}:{routers[1].port}",store="postgresql"}} 1.0'
+            in metrics
+        )
+        assert 'router_queue_depth{sink="webhook"}' in metrics  # the shared queue's
     finally:
         for router in routers:
             await router.terminate()
@@ -82,6 +89,11 @@ async def test_a_router_killed_mid_stream_has_its_deliveries_completed_by_the_ot
 
 
 HEADERS = {"apikey": API_KEY}
+
+
+async def metrics_of(port: int) -> str:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as r:
+        return await r.text()
 
 
 async def admin_call(port: int, method: str, path: str, body: object = None) -> tuple[int, object]:

@@ -241,3 +241,21 @@ async def test_a_database_an_older_router_made_is_upgraded(backend, pg_url):
     finally:
         await conn.close()
     assert versions == list(range(1, SCHEMA_VERSION + 1))
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_what_one_router_stores_wakes_the_others_by_notification(open_store, backend):
+    """Leases renewed every 10 s here, so only the NOTIFY of the accepting transaction can
+    bring the other router the news within the wait below."""
+    a, b = await open_store("node-a"), await open_store("node-b")
+    woken: list[str | None] = []
+    b.subscribe(woken.append)
+    async with asyncio.timeout(5):
+        while None not in woken:  # its listener is up (it says so with a wake for every target)
+            await asyncio.sleep(0.01)
+    await a.accept([NewDelivery(event(), (TARGET,), ("bot\nc1",))])
+    async with asyncio.timeout(5):
+        while TARGET not in woken:
+            await asyncio.sleep(0.01)
+    [lease] = await b.lease(TARGET, 10)
+    assert lease.okey == "bot\nc1"
