@@ -139,6 +139,11 @@ class PostgresStore:
     def subscribe(self, wake: Wake) -> None:
         self._wakes.append(wake)
 
+    @property
+    def listening(self) -> bool:
+        """Other routers' notifications reach this one (its listening connection is open)."""
+        return self._listener is not None and not self._listener.is_closed()
+
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         targets: list[str | None] = [None] if payload == "*" else list(payload.split("\n"))
         for wake in self._wakes:
