@@ -26,6 +26,7 @@ log = logs.get_logger("router.live_relay")
 CHANNEL = "router_live"
 PAYLOAD_MAX = 7900
 KEEP_S = 60.0
+CHECK_S = 5.0  # how often an idle router checks that its connection (and so its listening) holds
 Publish = Callable[[Sequence[Event]], None]
 
 
@@ -75,7 +76,11 @@ class LiveRelay:
 
     async def _send(self) -> None:
         while True:
-            await self._ready.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), CHECK_S)
+            if self._conn is None or self._conn.is_closed():
+                await self._reconnect()  # listening again: other routers' events reach us again
+                continue
             self._ready.clear()
             outbox, self._outbox = self._outbox, []
             try:

@@ -32,6 +32,7 @@ from router.store.pg_schema import migrate
 
 log = logs.get_logger("router.shared_instances")
 CHANNEL = "router_instances"
+CHECK_S = 5.0  # how often an idle router checks that its connection (and so its listening) holds
 
 
 def read_directory(directory: Path) -> dict[str, str]:
@@ -90,39 +91,52 @@ class SharedInstances:
 
     async def start(self) -> bool:
         """Connect and make the directory and the table agree; True if the files changed."""
-        self._conn = await asyncpg.connect(self.url)
-        await migrate(self._conn)
-        await self._conn.add_listener(CHANNEL, self._notified)
-        table = await _rows(self._conn)
+        conn = await self._connection()
+        await migrate(conn)
+        table = await _rows(conn)
         files = await asyncio.to_thread(read_directory, self.directory)
         if not table and files:
-            await _write_rows(self._conn, files, set())
+            await _write_rows(conn, files, set())
             self._known = files
             log.info("instances.shared", instances=len(files), source=str(self.directory))
             return False
         self._known = table
         return await asyncio.to_thread(_mirror, self.directory, table, files)
 
+    async def _connection(self) -> asyncpg.Connection:
+        """The connection, opened again (and listening again) if it was lost; after a loss the
+        table is read again, since notifications may have been missed meanwhile."""
+        if self._conn is None or self._conn.is_closed():
+            reopened = self._conn is not None
+            self._conn = await asyncpg.connect(self.url)
+            await self._conn.add_listener(CHANNEL, self._notified)
+            if reopened:
+                self._pulls.set()
+        return self._conn
+
     def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
         if self._conn is not None and pid != self._conn.get_server_pid():
             self._pulls.set()  # another router's change (our own are known already)
 
     async def run(self) -> None:
-        """Apply other routers' changes as they are notified, until cancelled."""
+        """Apply other routers' changes as they are notified, until cancelled. A connection lost
+        meanwhile is noticed within CHECK_S, opened again, and the table read again."""
         while True:
-            await self._pulls.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pulls.wait(), CHECK_S)
+            if not self._pulls.is_set() and self._conn is not None and not self._conn.is_closed():
+                continue
             self._pulls.clear()
             try:
                 await self.pull()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.error("instances.sync_failed", database=redact_url(self.url), error=str(exc))
                 await asyncio.sleep(1)
-                self._pulls.set()
+                self._pulls.set()  # again, on a new connection if this one is gone
 
     async def pull(self) -> None:
-        assert self._conn is not None
         async with self._lock:
-            table = await _rows(self._conn)
+            table = await _rows(await self._connection())
         if table == self._known:
             return
         files = await asyncio.to_thread(read_directory, self.directory)
@@ -141,7 +155,7 @@ class SharedInstances:
             return
         try:
             async with self._lock:
-                await _write_rows(self._conn, upserts, deletes)
+                await _write_rows(await self._connection(), upserts, deletes)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.error("instances.sync_failed", database=redact_url(self.url), error=str(exc))
             return

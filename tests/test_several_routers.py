@@ -300,3 +300,49 @@ async def test_the_database_password_never_reaches_output(receiver, daemon, pg_u
     text = "\n".join(outputs)
     assert "ROUTER_DATABASE_URL: cannot use postgresql://postgres:***@127.0.0.1:" in refused.logs()
     assert secret not in text
+
+
+async def test_routers_recover_when_the_database_drops_their_connections(receiver, daemon, pg_url, tmp_path):
+    """Every connection the routers hold is cut (a database restart, a proxy's timeout): they
+    open new ones, and instance changes, WebSocket relays and deliveries flow again."""
+    env = {"ROUTER_DATABASE_URL": pg_url, "WEBSOCKET_ENABLED": "true", "WEBSOCKET_GLOBAL_EVENTS": "true"}
+    routers = [
+        daemon(**env, ROUTER_INSTANCES_DIR=str(tmp_path / f"i{n}"), ROUTER_STATE_DIR=str(tmp_path / f"s{n}"))
+        for n in range(2)
+    ]
+    for n in range(2):
+        (tmp_path / f"i{n}").mkdir()
+    await start_all(routers)
+    try:
+        name = pg_url.rsplit("/", 1)[1]
+        await asyncio.to_thread(
+            _pg_admin,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            f" WHERE datname = '{name}' AND pid <> pg_backend_pid()",
+        )
+        created = {"instanceName": "shop", "webhook": {"enabled": True, "url": f"{receiver.url}/shop"}}
+        async with asyncio.timeout(20):
+            while (await admin_call(routers[0].port, "POST", "/instance/create", created))[0] != 201:
+                await asyncio.sleep(0.2)  # the first attempts may meet a connection being replaced
+            while (await admin_call(routers[1].port, "GET", "/webhook/find/shop"))[0] != 200:
+                await asyncio.sleep(0.1)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(f"http://127.0.0.1:{routers[1].port}/") as ws,
+        ):
+            event = {"event": "messages.upsert", "instance": "shop", "data": {"key": {"id": "AFTER"}}}
+            async with asyncio.timeout(20):
+                while True:  # the relay's listening comes back within its check interval
+                    assert (await post_ingest(routers[0].port, event))[0] == 202
+                    try:
+                        async with asyncio.timeout(1):
+                            message = orjson.loads((await ws.receive()).data)
+                    except TimeoutError:
+                        continue
+                    if message["event"] == "messages.upsert":
+                        break
+        assert message["data"]["key"]["id"] == "AFTER"
+        await receiver.wait_for(1, "/shop")
+    finally:
+        for router in routers:
+            await router.terminate()
