@@ -141,7 +141,9 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown level {', '.join(unknown)}; known: {', '.join(LOG_LEVEL_NAMES)}")
         return names
 
-    @field_validator("server_url", "authentication_api_key", mode="before")
+    @field_validator(
+        "server_url", "authentication_api_key", "router_database_url", "router_node_name", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -150,11 +152,6 @@ class Settings(BaseSettings):
     @classmethod
     def _check_server_url(cls, value: str | None) -> str | None:
         return check_http_url(value) if value is not None else None
-
-    @field_validator("router_database_url", "router_node_name", mode="before")
-    @classmethod
-    def _blank_is_unset(cls, value: Any) -> Any:
-        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("router_database_url")
     @classmethod

@@ -346,3 +346,11 @@ async def test_routers_recover_when_the_database_drops_their_connections(receive
     finally:
         for router in routers:
             await router.terminate()
+
+
+def test_a_database_url_that_is_not_postgresql_is_refused_naming_the_setting(base_env):
+    env = {**os.environ, **base_env, "ROUTER_DATABASE_URL": "mysql://router:hunter2-db@db/router"}
+    done = run_router(env, "check")
+    assert done.returncode == 1
+    assert "ROUTER_DATABASE_URL" in done.stderr and "must be a postgresql:// URL" in done.stderr
+    assert "hunter2-db" not in done.stdout + done.stderr
