@@ -144,11 +144,8 @@ async def _check_sinks(settings: Settings, routes: Routes) -> list[str]:
 
 def waiting_without_sink(settings: Settings) -> list[str]:
     """Deliveries stored for a sink that is not enabled now: they become dead letters at start."""
-    database = settings.queue
-    if isinstance(database, Path) and not database.exists():
-        return []
     problems = []
-    for target, count in pending_by_target(database).items():
+    for target, count in pending_by_target(settings.queue).items():
         kind = kind_of(target)
         if kind is None or not kind.enabled(settings):
             sink = target.split(":", 1)[0]

@@ -9,14 +9,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import asyncpg
-
 from router.errors import ConfigError
 from router.live_relay import LiveRelay, Publish
 from router.redact import redact_url
 from router.settings import Settings
 from router.shared_instances import SharedInstances
 from router.store import QueueStore, SqliteStore
+from router.store.pg_schema import DATABASE_ERRORS
 
 
 @asynccontextmanager
@@ -24,7 +23,7 @@ async def database_errors(url: str) -> AsyncIterator[None]:
     """A database that cannot be reached or used, as a configuration error naming the setting."""
     try:
         yield
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DATABASE_ERRORS as exc:
         raise ConfigError([f"ROUTER_DATABASE_URL: cannot use {redact_url(url)}: {exc}"]) from exc
 
 

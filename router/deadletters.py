@@ -86,6 +86,10 @@ def parse_time(text: str) -> float:
     return moment.timestamp()
 
 
+class NoQueue(ConfigError):
+    """No router has made the queue there yet."""
+
+
 class _Sqlite:
     """The SQLite queue file, with its own connection."""
 
@@ -93,9 +97,7 @@ class _Sqlite:
 
     def __init__(self, path: Path) -> None:
         if not path.exists():
-            raise ConfigError(
-                [f"no queue database at {path} (has the daemon run with this ROUTER_STATE_DIR?)"]
-            )
+            raise NoQueue([f"no queue database at {path} (has the daemon run with this ROUTER_STATE_DIR?)"])
         self.conn = sqlite3.connect(path, timeout=10, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
 
@@ -121,9 +123,14 @@ class _Postgres:
         self._thread.start()
         try:
             self.conn = self._call(asyncpg.connect(url))
+            made = self._call(self.conn.fetchval("SELECT to_regclass('deliveries') IS NOT NULL"))
         except Exception as exc:
             self._stop()
             raise ConfigError([f"ROUTER_DATABASE_URL: cannot use {redact_url(url)}: {exc}"]) from exc
+        if not made:
+            self.close()
+            hint = "has a router run with this ROUTER_DATABASE_URL?"
+            raise NoQueue([f"no queue in the database {redact_url(url)} ({hint})"])
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -148,6 +155,7 @@ Where = Path | str  # the SQLite file, or a postgresql:// URL
 
 @contextmanager
 def connect(where: Where) -> Iterator[_Sqlite | _Postgres]:
+    """The queue at ``where``; NoQueue if no router has made it there yet."""
     db = _Postgres(where) if isinstance(where, str) else _Sqlite(where)
     try:
         yield db
@@ -165,12 +173,15 @@ _SELECTED = "SELECT d.id, d.event_id FROM deliveries d JOIN events e ON e.id = d
 
 
 def pending_by_target(where: Where) -> dict[str, int]:
-    """Deliveries waiting (not dead), by target."""
-    with connect(where) as db:
-        rows = db.rows(
-            "SELECT target, COUNT(*) AS n FROM deliveries WHERE state != ? GROUP BY target", (DEAD,)
-        )
-        return {row["target"]: int(row["n"]) for row in rows}
+    """Deliveries waiting (not dead), by target; none where no queue was made yet."""
+    try:
+        with connect(where) as db:
+            rows = db.rows(
+                "SELECT target, COUNT(*) AS n FROM deliveries WHERE state != ? GROUP BY target", (DEAD,)
+            )
+    except NoQueue:
+        return {}
+    return {row["target"]: int(row["n"]) for row in rows}
 
 
 def dead_letters(where: Where, selection: Selection | None = None) -> list[dict[str, Any]]:

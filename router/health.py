@@ -17,7 +17,6 @@ import sqlite3
 from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
 
-import asyncpg
 import orjson
 from aiohttp import web
 
@@ -27,6 +26,7 @@ from router.errors import RouterError
 from router.routing import Routes, Target
 from router.sinks import BaseSink
 from router.store import QueueStore
+from router.store.pg_schema import DATABASE_ERRORS
 
 
 class HealthHost(Protocol):
@@ -54,7 +54,7 @@ async def _outcome(check: Awaitable[Any]) -> str | None:
         await asyncio.wait_for(check, READY_TIMEOUT_S)
     except TimeoutError:
         return f"no answer within {READY_TIMEOUT_S:g} s"
-    except (RouterError, OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except (RouterError, sqlite3.Error, *DATABASE_ERRORS) as exc:
         return str(exc)
     return None
 

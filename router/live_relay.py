@@ -21,6 +21,7 @@ import orjson
 from router import logs
 from router.events import Event
 from router.redact import redact_url
+from router.store.pg_schema import DATABASE_ERRORS
 
 log = logs.get_logger("router.live_relay")
 CHANNEL = "router_live"
@@ -58,6 +59,7 @@ class LiveRelay:
         self._outbox: list[bytes] = []
         self._ready = asyncio.Event()
         self._inbox: asyncio.Queue[str] = asyncio.Queue()
+        self._reader: asyncpg.Connection | None = None  # reads back events relayed through the table
 
     async def start(self) -> None:
         self._conn = await asyncpg.connect(self.url)
@@ -85,7 +87,7 @@ class LiveRelay:
             outbox, self._outbox = self._outbox, []
             try:
                 await self._relay(outbox)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 log.error("websocket.relay_failed", database=redact_url(self.url), error=str(exc))
                 await self._reconnect()
 
@@ -121,28 +123,34 @@ class LiveRelay:
 
     async def _receive(self) -> None:
         """Other routers' notifications, one after another, so their events keep their order."""
-        reader: asyncpg.Connection | None = None  # for events relayed through the table
         try:
             while True:
                 raws = orjson.loads(await self._inbox.get())
                 events = []
                 for raw in raws:
-                    fields = raw
-                    if "row" in raw:
-                        reader = reader or await asyncpg.connect(self.url)
-                        body = await reader.fetchval("SELECT body FROM live_events WHERE id = $1", raw["row"])
-                        if body is None:
-                            continue  # pruned already
-                        fields = orjson.loads(body)
-                    events.append(_decode(fields))
+                    fields = await self._read_back(raw["row"]) if "row" in raw else raw
+                    if fields is not None:
+                        events.append(_decode(fields))
                 self.publish_here(events)
         finally:
-            if reader is not None:
-                await reader.close()
+            if self._reader is not None:
+                await self._reader.close()
+
+    async def _read_back(self, row: int) -> dict[str, object] | None:
+        """An event relayed through the table; None if it is gone (pruned) or cannot be read
+        (the database went away: left out, as a live stream leaves out what it could not hear)."""
+        try:
+            if self._reader is None or self._reader.is_closed():
+                self._reader = await asyncpg.connect(self.url)
+            body = await self._reader.fetchval("SELECT body FROM live_events WHERE id = $1", row)
+        except DATABASE_ERRORS as exc:
+            log.error("websocket.relay_failed", database=redact_url(self.url), error=str(exc))
+            return None
+        return None if body is None else dict(orjson.loads(body))
 
     async def _reconnect(self) -> None:
         await self.close()
-        with contextlib.suppress(OSError, asyncpg.PostgresError):
+        with contextlib.suppress(*DATABASE_ERRORS):
             await asyncio.sleep(1)
             await self.start()
 

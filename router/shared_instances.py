@@ -28,7 +28,7 @@ import asyncpg
 from router import instance_files, logs
 from router.instances import instance_files as list_instance_files
 from router.redact import redact_url
-from router.store.pg_schema import migrate
+from router.store.pg_schema import DATABASE_ERRORS, migrate
 
 log = logs.get_logger("router.shared_instances")
 CHANNEL = "router_instances"
@@ -129,7 +129,7 @@ class SharedInstances:
             self._pulls.clear()
             try:
                 await self.pull()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 log.error("instances.sync_failed", database=redact_url(self.url), error=str(exc))
                 await asyncio.sleep(1)
                 self._pulls.set()  # again, on a new connection if this one is gone
@@ -156,7 +156,7 @@ class SharedInstances:
         try:
             async with self._lock:
                 await _write_rows(await self._connection(), upserts, deletes)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             log.error("instances.sync_failed", database=redact_url(self.url), error=str(exc))
             return
         self._known = files
@@ -181,11 +181,12 @@ async def import_directory(url: str, directory: Path) -> int:
 
 
 async def export_directory(url: str, directory: Path) -> int:
-    """Every instance in the table as a file in ``directory``; returns how many."""
+    """Every instance in the table as a file in ``directory``; returns how many. Only reads:
+    a database no router has used yet has no instances (and is left as it is)."""
     conn = await asyncpg.connect(url)
     try:
-        await migrate(conn)
-        table = await _rows(conn)
+        made = await conn.fetchval("SELECT to_regclass('instances') IS NOT NULL")
+        table = await _rows(conn) if made else {}
     finally:
         await conn.close()
     directory.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import socket
 from collections import Counter
 
 import aiohttp
+import asyncpg
 import orjson
 
 from tests.conftest import API_KEY, _pg_admin, free_port, post_ingest, run_router, write_instance
@@ -367,3 +368,22 @@ def test_a_database_url_that_is_not_postgresql_is_refused_naming_the_setting(bas
     assert done.returncode == 1
     assert "ROUTER_DATABASE_URL" in done.stderr and "must be a postgresql:// URL" in done.stderr
     assert "hunter2-db" not in done.stdout + done.stderr
+
+
+async def test_commands_on_a_database_no_router_has_used_yet_say_so_and_change_nothing(
+    base_env, pg_url, tmp_path
+):
+    env = {**os.environ, **base_env, "ROUTER_DATABASE_URL": pg_url}
+    listed = run_router(env, "dlq", "list")
+    assert listed.returncode == 1 and "no queue in the database postgresql://***@" in listed.stderr
+    assert "Traceback" not in listed.stderr
+    checked = run_router(env, "check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "instances: 0 valid in the database" in checked.stdout
+    exported = run_router(env, "instances", "export", str(tmp_path / "out"))
+    assert exported.returncode == 0 and "exported 0 instances" in exported.stdout
+    conn = await asyncpg.connect(pg_url)
+    try:  # reading made no tables: the first router to start makes them
+        assert await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == 0
+    finally:
+        await conn.close()

@@ -13,6 +13,9 @@ import asyncpg
 from router import logs
 
 log = logs.get_logger("router.store")
+# What a call to the database raises when it cannot be used: unreachable, refusing, or the
+# statement failing there. Every PostgreSQL part of the router catches this one tuple.
+DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 MIGRATION_LOCK = 0x7E0C0DE  # pg_advisory_xact_lock key: one migrating router at a time
 
 MIGRATIONS: tuple[str, ...] = (

@@ -28,6 +28,7 @@ import asyncpg
 
 from router import instance_files, logs
 from router.redact import redact_url
+from router.store.pg_schema import DATABASE_ERRORS
 
 log = logs.get_logger("router.whatsapp")
 ROUND_S = 2.0  # how often sessions nobody runs are looked for
@@ -54,13 +55,13 @@ class SessionOwnership:
                 if await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", _key(name)):
                     self.held.add(name)
                     log.info("whatsapp.session_owned", instance=name)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             log.error("whatsapp.ownership_failed", database=redact_url(self.url), error=str(exc))
         return set(self.held)
 
     async def release(self, name: str) -> None:
         if name in self.held and self._conn is not None and not self._conn.is_closed():
-            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            with contextlib.suppress(*DATABASE_ERRORS):
                 await self._conn.fetchval("SELECT pg_advisory_unlock(hashtextextended($1, 0))", _key(name))
         self.held.discard(name)
 
@@ -69,7 +70,7 @@ class SessionOwnership:
         try:
             conn = await self._connection()
             stored = await conn.fetchval("SELECT db FROM whatsapp_sessions WHERE name = $1", name)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             log.error("whatsapp.credentials_unavailable", instance=name, error=str(exc))
             return
         if stored is not None:
@@ -89,7 +90,7 @@ class SessionOwnership:
                 copy,
                 time.time(),
             )
-        except (OSError, sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (sqlite3.Error, *DATABASE_ERRORS) as exc:
             log.error("whatsapp.credentials_not_saved", instance=name, error=str(exc))
 
     async def _connection(self) -> asyncpg.Connection:
