@@ -37,6 +37,7 @@ from router.bodies import close_marked
 from router.cluster import database_path, open_store, share_instances, start_relay
 from router.current import Current
 from router.delivery import Dispatcher
+from router.errors import RouterError
 from router.events import Event, new_event_id, utc_timestamp
 from router.health import Health, check_sinks
 from router.instance_status import InstanceStatus
@@ -50,7 +51,7 @@ from router.shared_instances import SharedInstances
 from router.sinks import BaseSink
 from router.sinks.registry import build_sinks
 from router.sinks.websocket import WebSocketHub
-from router.store import QueueStore
+from router.store import STORE_ERRORS, QueueStore
 from router.systemd import Notifier
 
 __all__ = ["App", "database_path"]  # database_path: where the queue is, for tools and tests
@@ -274,10 +275,14 @@ class App:
 
     async def _metrics(self, _: web.Request) -> web.Response:
         metrics = self.metrics
-        if self.store is not None:
-            metrics.set_store_state(await self.store.sink_state())
+        try:  # the queue's figures as the store tells them; the last ones while it cannot
+            if self.store is not None:
+                metrics.set_store_state(await self.store.sink_state())
+            if self.dispatcher is not None:
+                metrics.idle.set(1 if await self.dispatcher.idle() else 0)
+        except (RouterError, *STORE_ERRORS) as exc:
+            log.warning("metrics.store_unavailable", error=str(exc))
         if self.dispatcher is not None:
-            metrics.idle.set(1 if await self.dispatcher.idle() else 0)
             metrics.in_flight.set(sum(worker.in_flight for worker in self.dispatcher.workers.values()))
         if self.websocket is not None:
             hub = self.websocket

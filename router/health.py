@@ -13,7 +13,6 @@ systemd, a load balancer or an operator sees it. Each check has ``READY_TIMEOUT_
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol
 
@@ -25,8 +24,7 @@ from router.delivery import Dispatcher
 from router.errors import RouterError
 from router.routing import Routes, Target
 from router.sinks import BaseSink
-from router.store import QueueStore
-from router.store.pg_schema import DATABASE_ERRORS
+from router.store import STORE_ERRORS, QueueStore
 
 
 class HealthHost(Protocol):
@@ -54,7 +52,7 @@ async def _outcome(check: Awaitable[Any]) -> str | None:
         await asyncio.wait_for(check, READY_TIMEOUT_S)
     except TimeoutError:
         return f"no answer within {READY_TIMEOUT_S:g} s"
-    except (RouterError, sqlite3.Error, *DATABASE_ERRORS) as exc:
+    except (RouterError, *STORE_ERRORS) as exc:
         return str(exc)
     return None
 

@@ -8,7 +8,8 @@ always does:
   writes the changed files, removes the deleted ones and reloads, within the notification's time;
 - **up**: after each reload (the admin API's writes, an operator's edit), files that differ from
   what the table held are written to it, removed files are deleted from it, and the other
-  routers are notified.
+  routers are notified. A change the database could not take is tried again until it does, and
+  nothing is taken from the table over it meanwhile.
 
 At start the table wins (a router that was down catches up, deleted instances stay deleted),
 except when the table is empty: then this router's files are its first content.
@@ -88,6 +89,7 @@ class SharedInstances:
         self._known: dict[str, str] = {}  # the table as last read or written by this router
         self._pulls = asyncio.Event()
         self._lock = asyncio.Lock()  # one statement at a time on the connection
+        self._unpushed = False  # the files hold a change the database has not taken yet
 
     async def start(self) -> bool:
         """Connect and make the directory and the table agree; True if the files changed."""
@@ -127,6 +129,12 @@ class SharedInstances:
             if not self._pulls.is_set() and self._conn is not None and not self._conn.is_closed():
                 continue
             self._pulls.clear()
+            if self._unpushed:  # a change of ours the database did not take: it goes first
+                await self.push()
+                if self._unpushed:
+                    await asyncio.sleep(1)
+                    self._pulls.set()
+                    continue
             try:
                 await self.pull()
             except DATABASE_ERRORS as exc:
@@ -158,7 +166,10 @@ class SharedInstances:
                 await _write_rows(await self._connection(), upserts, deletes)
         except DATABASE_ERRORS as exc:
             log.error("instances.sync_failed", database=redact_url(self.url), error=str(exc))
+            self._unpushed = True  # ``run`` tries again, before it takes anything from the table
+            self._pulls.set()
             return
+        self._unpushed = False
         self._known = files
 
     async def close(self) -> None:

@@ -387,3 +387,39 @@ async def test_commands_on_a_database_no_router_has_used_yet_say_so_and_change_n
         assert await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == 0
     finally:
         await conn.close()
+
+
+async def test_an_instance_edit_made_while_the_database_refuses_reaches_the_others_once_it_is_back(
+    daemon, pg_url, tmp_path
+):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    env = {"ROUTER_DATABASE_URL": pg_url}
+    routers = [
+        daemon(**env, ROUTER_INSTANCES_DIR=str(d), ROUTER_STATE_DIR=str(tmp_path / f"s{n}"))
+        for n, d in enumerate((one, two))
+    ]
+    await start_all(routers)
+    name = pg_url.rsplit("/", 1)[1]
+    try:
+        await asyncio.to_thread(_pg_admin, f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+        await asyncio.to_thread(
+            _pg_admin,
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'",
+        )
+        write_instance(one, "shop", "token: edited-while-down\n")  # the first router reloads it
+        async with asyncio.timeout(20):  # and tries to write it to the database, which refuses
+            while "router_reloads_total 1.0" not in await metrics_of(routers[0].port):
+                await asyncio.sleep(0.1)
+        assert (await admin_call(routers[0].port, "GET", "/health"))[0] == 200  # up all along
+        await asyncio.to_thread(_pg_admin, f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        async with asyncio.timeout(20):
+            while not (two / "shop.yaml").exists():
+                await asyncio.sleep(0.1)
+        assert (two / "shop.yaml").read_text() == "token: edited-while-down\n"
+        assert (one / "shop.yaml").exists()  # not undone by the table it could not write to
+    finally:
+        await asyncio.to_thread(_pg_admin, f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        for router in routers:
+            await router.terminate()

@@ -46,7 +46,7 @@ from router.store.base import (
     event_row,
     sink_state_of,
 )
-from router.store.pg_schema import migrate
+from router.store.pg_schema import DATABASE_ERRORS, migrate
 
 T = TypeVar("T")
 log = logs.get_logger("router.store")
@@ -60,6 +60,7 @@ UNAVAILABLE = (
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InvalidCatalogNameError,
+    asyncpg.exceptions.ObjectNotInPrerequisiteStateError,  # "not currently accepting connections"
     asyncpg.exceptions.TooManyConnectionsError,
 )
 _E = ", ".join(f"e.{c}" for c in EVENT_COLUMNS.split(", "))
@@ -182,7 +183,7 @@ class PostgresStore:
         try:
             self._listener = await asyncpg.connect(self.url)
             await self._listener.add_listener(CHANNEL, self._notified)
-        except UNAVAILABLE as exc:
+        except DATABASE_ERRORS as exc:  # said, and tried again next round
             log.error("store.unreachable", database=self.where, error=str(exc))
             self._listener = None
             return
@@ -201,7 +202,7 @@ class PostgresStore:
                 rows = await conn.fetch(
                     "SELECT DISTINCT target FROM deliveries WHERE state = 1 AND lease_until <= $1", now
                 )
-        except UNAVAILABLE as exc:
+        except DATABASE_ERRORS as exc:  # said, and tried again next round
             log.error("store.unreachable", database=self.where, error=str(exc))
             return
         for row in rows:
