@@ -259,6 +259,7 @@ class TargetWorker:
             else:
                 ready.appendleft(lease)  # not attempted after all: first again, uncounted
                 self.dispatcher.buffered += 1  # held in memory again
+                await asyncio.sleep(0)  # the sink's own tasks run before the lane looks again
 
     async def _sleep_until(self, due_at: float | None) -> None:
         timeout = None if due_at is None else max(0.0, due_at - time.time())

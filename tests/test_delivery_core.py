@@ -8,6 +8,7 @@ from pathlib import Path
 from router.current import Current
 from router.deadletters import dead_letters, show
 from router.delivery import Dispatcher
+from router.errors import Unavailable
 from router.events import Event, new_event_id, utc_timestamp
 from router.routing import Routes
 from router.sinks import BaseSink
@@ -55,6 +56,59 @@ async def test_an_unexpected_error_counts_as_an_attempt_and_ends_as_a_dead_lette
     shown = show(Path(path), dead["id"])
     assert shown["last_error"] == "internal error: RuntimeError: a bug in the sink (gave up after 3 attempts)"
     assert [error["attempt"] for error in shown["errors"]] == [1, 2, 3]
+
+
+class FlakySink(BaseSink):
+    """Says it is ready, then finds its connection gone (``Unavailable``) at once, without
+    waiting for anything, until its own callback has reconnected: that callback must get to run."""
+
+    name = "webhook"
+
+    def __init__(self) -> None:
+        self.connected = True
+        self.tries = 0
+        self.delivered: list[str] = []
+
+    def _reconnect(self) -> None:
+        self.connected = True
+
+    async def send(self, target: object, event: Event) -> int | None:
+        self.tries += 1
+        if self.tries == 1:  # the connection is lost as the first attempt starts
+            self.connected = False
+            asyncio.get_running_loop().call_soon(self._reconnect)
+        if not self.connected:
+            raise Unavailable("the connection was lost")
+        self.delivered.append(event.id)
+        return None
+
+
+async def test_a_sink_unavailable_without_waiting_does_not_hold_the_loop(make_settings, tmp_path):
+    store = await Store.open(tmp_path / "router.db")
+    store_task = asyncio.create_task(store.run())
+    target = WebhookTarget("webhook:global", None, "http://127.0.0.1:9/x", False, events=frozenset({"call"}))
+    sink = FlakySink()
+    dispatcher = Dispatcher(
+        store, {"webhook": sink}, Current(Routes(targets={target.key: target})), make_settings()
+    )
+    running = asyncio.create_task(dispatcher.run(grace_s=1))
+    try:
+        event = Event(new_event_id(), "bot", "call", b"{}", utc_timestamp())
+        await store.accept([NewDelivery(event, (target.key,))])
+        dispatcher.notify([target.key])
+        async with asyncio.timeout(10):
+            while not sink.delivered:
+                await asyncio.sleep(0.02)
+            while not await dispatcher.idle():
+                await asyncio.sleep(0.02)
+    finally:
+        dispatcher.stop()
+        await running
+        await store.close()
+        await store_task
+        store.shutdown()
+    assert sink.delivered == [event.id]
+    assert sink.tries < 10, "the lane tried again and again without letting the sink reconnect"
 
 
 async def test_idle_targets_run_no_lanes_and_busy_ones_end_theirs(receiver, make_settings, tmp_path):

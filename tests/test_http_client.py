@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import orjson
 import pytest
@@ -172,31 +170,6 @@ async def test_a_broken_answer_is_a_protocol_error(serve):
             await client.post(f"{base}/", b"{}", {}, 5)
     finally:
         await client.close()
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """A CA and a certificate it signed for 127.0.0.1."""
-    d = tmp_path_factory.mktemp("tls")
-    run = lambda *args: subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)  # noqa: E731
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=router test CA")  # fmt: skip
-    run(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    )
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")  # fmt: skip
-    return d / "ca.pem", d / "server.pem", d / "server.key"
 
 
 async def test_https_is_verified(serve, tls_files):

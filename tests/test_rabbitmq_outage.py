@@ -12,6 +12,7 @@ import orjson
 
 from router.app import database_path
 from tests.conftest import free_port, post_ingest, running
+from tests.test_amqp_client import Proxy as SilentProxy
 from tests.test_rabbitmq import broker  # noqa: F401 - the fixture
 
 
@@ -85,8 +86,7 @@ async def test_closing_ends_the_connection_keeper_even_when_a_connect_eats_the_c
 ):
     """Python 3.11's ``asyncio.wait_for`` (inside client libraries too) can turn a cancellation
     into the connect's own failure; the keeper must end at shutdown all the same, not retry on."""
-    import aiormq  # noqa: PLC0415
-
+    from router.sinks.rabbitmq import amqp  # noqa: PLC0415
     from router.sinks.rabbitmq.client import RabbitmqSink  # noqa: PLC0415
 
     attempts = 0
@@ -99,7 +99,7 @@ async def test_closing_ends_the_connection_keeper_even_when_a_connect_eats_the_c
         except asyncio.CancelledError:  # what a lost cancellation looks like from outside
             raise ConnectionRefusedError("connect failed") from None
 
-    monkeypatch.setattr(aiormq, "connect", connect)
+    monkeypatch.setattr(amqp, "connect", connect)
     settings = make_settings(
         RABBITMQ_ENABLED="true", RABBITMQ_URI=f"amqp://guest:guest@127.0.0.1:{free_port()}/"
     )
@@ -110,3 +110,33 @@ async def test_closing_ends_the_connection_keeper_even_when_a_connect_eats_the_c
             await asyncio.sleep(0.01)
         await sink.aclose()  # returns: the keeper does not connect again
     assert attempts == 1
+
+
+async def test_a_broker_that_stops_answering_costs_the_connection_not_the_event(
+    broker,  # noqa: F811
+    make_settings,
+    tmp_path,
+    monkeypatch,
+    capsys,
+):
+    """No heartbeats asked for, and the broker's host goes silent: the declaration or publish
+    left unanswered gives the connection up after ANSWER_TIMEOUT_S; the event goes out on the next."""
+    from router.sinks.rabbitmq import client  # noqa: PLC0415
+
+    monkeypatch.setattr(client, "ANSWER_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(client, "WATCH_S", 0.1)
+    queue = broker.subscribe(tmp_path / "instances")
+    silent = SilentProxy()
+    env = broker.env(RABBITMQ_URI=f"amqp://guest:guest@127.0.0.1:{silent.port}/?heartbeat=0")
+    async with silent, running(make_settings(**env)) as app:
+        sink = app.dispatcher.sinks["rabbitmq"]  # type: ignore[union-attr]
+        async with asyncio.timeout(10):
+            await sink.wait_ready()
+        silent.freeze()
+        assert (
+            await post_ingest(app, [{"event": "messages.upsert", "instance": broker.instance, "data": {}}])
+        )[0] == 202
+        [got] = await broker.consume(queue, 1)
+    assert got.header.properties.message_id
+    lines = capsys.readouterr().out
+    assert "rabbitmq.disconnected" in lines and "no answer from the broker in 1 s" in lines

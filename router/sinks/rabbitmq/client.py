@@ -4,34 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiormq
-from aiormq.abc import AbstractChannel, AbstractConnection
-from pamqp.commands import Basic
-from pamqp.common import FieldValue
+from pamqp.common import FieldTable
 
 from router import logs
 from router.errors import PermanentError, RetryableError, Unavailable
 from router.events import Event, envelope
 from router.sinks.keeper import KeptConnectionSink
+from router.sinks.rabbitmq import amqp
+from router.sinks.rabbitmq.channel import AmqpError, Channel, ChannelClosed, Nacked, Unroutable
 from router.sinks.rabbitmq.config import RabbitmqTarget
 
 log = logs.get_logger("router.sinks.rabbitmq")
 CONNECT_TIMEOUT_S = 10.0
 CHECK_WAIT_S = 2.0  # /ready and start-up give the connection this long (within READY_TIMEOUT_S)
-PUBLISH_TIMEOUT_S = 30.0
-QUORUM: dict[str, FieldValue] = {"x-queue-type": "quorum"}
+ANSWER_TIMEOUT_S = 30.0  # a confirm or answer later than this: the connection is taken for dead
+WATCH_S = 1.0  # how often the keeper looks for confirms and answers that are that late
+QUORUM: FieldTable = {"x-queue-type": "quorum"}
 
 # The broker closes the channel with these when a declaration or publish cannot work as asked
-# (a queue that exists with other arguments, missing permissions): retrying will not help.
-_REFUSED = (
-    aiormq.exceptions.ChannelPreconditionFailed,
-    aiormq.exceptions.ChannelAccessRefused,
-    aiormq.exceptions.ChannelNotFoundEntity,
-)
+# (403 access refused, 404 not found, 406 precondition failed: a queue that exists with other
+# arguments): retrying will not help.
+_REFUSED = frozenset({403, 404, 406})
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +52,8 @@ class RabbitmqSink(KeptConnectionSink):
         self.exchange = settings.rabbitmq_exchange_name
         self.prefix = settings.rabbitmq_prefix_key
         self.upstream = settings.rabbitmq_topology == "upstream"
-        self._connection: AbstractConnection | None = None
-        self._channel: AbstractChannel | None = None
+        self._connection: amqp.Connection | None = None
+        self._channel: Channel | None = None
         # Exchanges, and (exchange, queue, binding key), declared on this channel.
         self._declared: set[str | tuple[str, str, str]] = set()
         self._lock = asyncio.Lock()
@@ -102,8 +100,8 @@ class RabbitmqSink(KeptConnectionSink):
                 # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that
                 # arrives as the connect fails, and this loop would then never end.
                 async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                    connection = await aiormq.connect(self.uri)
-            except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
+                    connection = await amqp.connect(self.uri)
+            except (AmqpError, ValueError, OSError, TimeoutError) as exc:
                 failures += 1
                 self._last_error = logs.scrub(f"{type(exc).__name__}: {exc}")
                 if failures == 1:
@@ -116,21 +114,34 @@ class RabbitmqSink(KeptConnectionSink):
             self.connected = True
             self._up.set()
             log.info("rabbitmq.connected", exchange=self.exchange)
-            with contextlib.suppress(Exception):  # closed by the broker, the network or us
-                await connection.closing
+            reason = await self._watch(connection)
             self._up.clear()
             self.connected = False
             self._last_error = "the connection was lost"
-            log.warning("rabbitmq.disconnected", reason=self._closed_because or "closed by the broker")
+            log.warning("rabbitmq.disconnected", reason=self._closed_because or logs.scrub(str(reason)))
             self._closed_because = None
             await self._close_connection()
 
-    async def _lost(self, reason: str) -> None:
-        """The connection no longer works (a publish timed out, the socket failed): close it, and
-        the keeper opens a new one."""
-        if self._up.is_set():
+    async def _watch(self, connection: amqp.Connection) -> amqp.ConnectionLost:
+        """Until ``connection`` ends; one that leaves a publish unconfirmed or a declaration
+        unanswered for longer than ``ANSWER_TIMEOUT_S`` is taken for dead and closed (what it
+        had not confirmed is then published again)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(asyncio.shield(connection.closed), WATCH_S)
+            if connection.waited_s(time.monotonic()) > ANSWER_TIMEOUT_S:
+                self._lost(f"no answer from the broker in {ANSWER_TIMEOUT_S:g} s")
+
+    def _lost(self, reason: str) -> None:
+        """The connection no longer works (the broker stopped answering, the socket failed):
+        drop it at once (a polite close would wait for that broker), and the keeper opens a new
+        one."""
+        if self._up.is_set() and self._closed_because is None:
             self._closed_because = reason
-        await self._close_connection()
+        self._up.clear()  # deliveries wait for the next connection from now on
+        self.connected = False
+        if self._connection is not None:
+            self._connection.abort()
 
     async def _close_connection(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
@@ -140,8 +151,9 @@ class RabbitmqSink(KeptConnectionSink):
                 await asyncio.wait_for(connection.close(), CONNECT_TIMEOUT_S)
             except Exception as exc:  # closing a broken connection may fail too
                 log.debug("rabbitmq.close_failed", error=str(exc))
+                connection.abort()
 
-    async def _channel_ready(self) -> AbstractChannel:
+    async def _channel_ready(self) -> Channel:
         """The publishing channel; opened again if the broker closed it (a refused declaration)."""
         channel = self._channel
         if channel is not None and not channel.is_closed:
@@ -151,63 +163,62 @@ class RabbitmqSink(KeptConnectionSink):
             if connection is None or connection.is_closed:
                 raise Unavailable(f"broker unavailable: {self._last_error}")
             if self._channel is None or self._channel.is_closed:
-                channel = await connection.channel(publisher_confirms=True)
-                await channel.exchange_declare(exchange=self.exchange, exchange_type="topic", durable=True)
+                channel = await connection.channel()
+                await channel.exchange_declare(self.exchange)
                 self._channel, self._declared = channel, {self.exchange}
             return self._channel
 
-    async def _declare(self, channel: AbstractChannel, publish: Publish) -> None:
+    async def _declare(self, channel: Channel, publish: Publish) -> None:
         exchange = publish.exchange
         if exchange not in self._declared:  # the instance's own exchange (upstream topology)
-            await channel.exchange_declare(exchange=exchange, exchange_type="topic", durable=True)
+            await channel.exchange_declare(exchange)
             self._declared.add(exchange)
         for queue, key in publish.queues:
             if (exchange, queue, key) in self._declared:
                 continue
             try:
-                await channel.queue_declare(queue, durable=True, arguments=QUORUM)
+                await channel.queue_declare(queue, arguments=QUORUM)
                 await channel.queue_bind(queue, exchange, routing_key=key)
-            except _REFUSED as exc:
+            except ChannelClosed as exc:
+                if exc.code not in _REFUSED:
+                    raise
                 log.error("rabbitmq.queue_refused", queue=queue, reason=str(exc))
                 raise PermanentError(f"queue {queue!r} refused by the broker: {exc}") from exc
             self._declared.add((exchange, queue, key))
 
     async def send(self, target: RabbitmqTarget, event: Event) -> int | None:
         body = envelope(event, server_url=event.server_url, apikey=event.apikey)
-        properties = Basic.Properties(delivery_mode=2, content_type="application/json", message_id=event.id)
         publish = self.plan(target, event)
         if not self._up.is_set():
             raise Unavailable(f"broker unavailable: {self._last_error}")
         try:
-            channel = await self._channel_ready()
-            await self._declare(channel, publish)
-            await channel.basic_publish(
-                body,
-                exchange=publish.exchange,
-                routing_key=publish.routing_key,
-                properties=properties,
-                mandatory=True,
-                timeout=PUBLISH_TIMEOUT_S,
-            )
+            channel = self._channel
+            if channel is None or channel.is_closed or not self._all_declared(publish):
+                channel = await self._channel_ready()
+                await self._declare(channel, publish)
+            await channel.publish(body, publish.exchange, publish.routing_key, event.id)
         except PermanentError:
             self._channel = None  # the broker closed it: a new one next time
             raise
-        except _REFUSED as exc:
+        except ValueError as exc:  # a name or id AMQP cannot carry
+            raise PermanentError(f"cannot publish: {exc}") from exc
+        except ChannelClosed as exc:
             self._channel = None
-            raise PermanentError(f"publish refused by the broker: {exc}") from exc
-        except aiormq.exceptions.PublishError as exc:
+            if exc.code in _REFUSED:
+                raise PermanentError(f"publish refused by the broker: {exc}") from exc
+            raise RetryableError(f"the broker closed the channel: {exc}") from exc
+        except Unroutable as exc:
             self._declared.clear()  # a queue was deleted under us: declare again next time
             raise RetryableError(f"unroutable: no queue bound for {publish.routing_key!r}") from exc
-        except aiormq.exceptions.DeliveryError as exc:
+        except Nacked as exc:
             raise RetryableError("the broker did not confirm the message (nack)") from exc
-        except (
-            aiormq.exceptions.AMQPError,
-            aiormq.exceptions.ChannelInvalidStateError,
-            ConnectionError,
-            OSError,
-            TimeoutError,
-            RuntimeError,
-        ) as exc:
-            await self._lost(f"{type(exc).__name__}: {exc}")
+        except (AmqpError, OSError, TimeoutError) as exc:
+            self._lost(f"{type(exc).__name__}: {exc}")
             raise Unavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from exc
         return None
+
+    def _all_declared(self, publish: Publish) -> bool:
+        declared = self._declared
+        return publish.exchange in declared and all(
+            (publish.exchange, queue, key) in declared for queue, key in publish.queues
+        )
