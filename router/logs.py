@@ -102,13 +102,10 @@ def configure(levels: Iterable[str], fmt: str = "console", color: bool = True) -
     root = logging.getLogger()
     root.handlers = [_StdlibToStructlog()]
     root.setLevel(logging.WARNING)
-    # aiormq logs every failed connection attempt; the RabbitMQ sink says once that the broker is
-    # unreachable and once that it is back (rabbitmq.unreachable, rabbitmq.connected).
-    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
 
 
 class _StdlibToStructlog(logging.Handler):
-    """Client libraries (aiormq, aiohttp) log through ``logging``: same format, same switches."""
+    """Client libraries (aiohttp, aiobotocore) log through ``logging``: same format, same switches."""
 
     _methods = {logging.ERROR: "error", logging.WARNING: "warning", logging.INFO: "info"}
 
