@@ -111,6 +111,84 @@ async def test_a_sink_unavailable_without_waiting_does_not_hold_the_loop(make_se
     assert sink.tries < 10, "the lane tried again and again without letting the sink reconnect"
 
 
+class CountingStore(Store):
+    """The SQLite store, counting the reads a worker makes to find work."""
+
+    reads = 0
+
+    async def lease(self, target: str, limit: int, now: float | None = None, exclusive: bool = False):  # type: ignore[no-untyped-def]
+        self.reads += 1
+        return await super().lease(target, limit, now, exclusive)
+
+    async def next_due(self, target: str) -> float | None:
+        self.reads += 1
+        return await super().next_due(target)
+
+
+class CountingSink(BaseSink):
+    name = "webhook"
+
+    def __init__(self) -> None:
+        self.delivered: list[str] = []
+
+    async def send(self, target: object, event: Event) -> int | None:
+        self.delivered.append(event.id)
+        return None
+
+
+async def test_caught_up_targets_ask_the_store_nothing_for_what_intake_hands_them(make_settings, tmp_path):
+    """200 targets that once had stored work (leased, delivered) and are caught up since: new
+    events, one each, handed over by intake, are delivered without a single lease or due-time
+    query (10,000 such targets would be 20,000 queries per event each)."""
+    store = await CountingStore.open(tmp_path / "router.db")
+    store_task = asyncio.create_task(store.run())
+    targets = {
+        f"webhook:instance:i{n}": WebhookTarget(
+            f"webhook:instance:i{n}", f"i{n}", "http://127.0.0.1:9/x", False, events=frozenset({"call"})
+        )
+        for n in range(200)
+    }
+    sink = CountingSink()
+    dispatcher = Dispatcher(store, {"webhook": sink}, Current(Routes(targets=targets)), make_settings())
+    running = asyncio.create_task(dispatcher.run(grace_s=1))
+
+    def batch() -> list[NewDelivery]:
+        return [
+            NewDelivery(Event(new_event_id(), f"i{n}", "call", b"{}", utc_timestamp()), (key,))
+            for n, key in enumerate(targets)
+        ]
+
+    async def delivered(count: int) -> None:
+        async with asyncio.timeout(10):
+            while len(sink.delivered) < count or not await dispatcher.idle():
+                await asyncio.sleep(0.01)
+
+    try:
+        async with asyncio.timeout(10):
+            while len(dispatcher.workers) < 200:
+                await asyncio.sleep(0.01)
+        await store.accept(batch())  # stored pending: each worker leases its event
+        dispatcher.notify(targets)
+        await delivered(200)
+        reads = store.reads
+        for round_no in range(1, 4):
+            counts = {key: 1 for key in targets}
+            claimed = dispatcher.claim(counts)
+            assert claimed == set(targets), "every caught-up worker takes its event from intake"
+            stored = await store.accept(batch(), None, claimed)
+            dispatcher.hand_over(stored.leases, counts)
+            await delivered(200 * (round_no + 1))
+    finally:
+        dispatcher.stop()
+        await running
+        await store.close()
+        await store_task
+        store.shutdown()
+    assert len(set(sink.delivered)) == 800
+    assert reads >= 200, "the stored events were leased"
+    assert store.reads == reads, f"{store.reads - reads} store reads for 600 deliveries handed over"
+
+
 async def test_idle_targets_run_no_lanes_and_busy_ones_end_theirs(receiver, make_settings, tmp_path):
     """An attempt lane exists only while its target has deliveries in hand: 300 idle webhooks
     cost one task each (their leaser), not one per unit of concurrency."""
