@@ -5,6 +5,7 @@ as ``file:line: field: what``; files that validate are used, the others are repo
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import unicodedata
 import uuid
@@ -65,6 +66,7 @@ UPSTREAM_KEYS = frozenset(
 )
 
 
+@functools.lru_cache(maxsize=1 << 16)  # intake checks the name of every event it takes
 def check_instance_name(name: str) -> str:
     """The name in Unicode NFC (one instance however its accents were typed); ValueError saying
     which rule a name breaks."""

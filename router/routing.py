@@ -18,8 +18,10 @@ from router.apikeys import key_digest
 from router.events import STARTUP, WIRE_NAMES
 from router.instances import InstanceConfig
 from router.settings import Settings
+from router.sinks import SinkKind
 from router.sinks.registry import SINKS
 
+MAX_REMEMBERED_NAMES = 1 << 16
 Target = Any  # each sink's own target type (``router.sinks.Target`` describes them)
 
 
@@ -37,6 +39,8 @@ class Routes:
     # Rules of sinks whose global target routes every instance by its name (RabbitMQ's topic keys).
     _name_rules: tuple[Callable[[str], str | None], ...] = ()
     _tokens: frozenset[bytes] = frozenset()  # digests of the instances' tokens (``key_digest``)
+    # Instance names the rules were asked about, and their answers (intake asks for every event).
+    _refusals: dict[str, str | None] = field(default_factory=dict, compare=False, repr=False)
 
     def targets_for(self, instance: str, wire: str) -> tuple[str, ...]:
         """Keys of every target subscribed to ``wire`` for ``instance``, global ones first."""
@@ -51,10 +55,16 @@ class Routes:
 
     def refuses_instance(self, instance: str) -> str | None:
         """Why events of ``instance`` cannot be routed (a sink's naming rule), or None."""
-        for rule in self._name_rules:
-            if (why := rule(instance)) is not None:
-                return why
-        return None
+        if not self._name_rules:
+            return None
+        known = self._refusals
+        if instance in known:
+            return known[instance]
+        why = next((why for rule in self._name_rules if (why := rule(instance)) is not None), None)
+        if len(known) >= MAX_REMEMBERED_NAMES:
+            known.clear()
+        known[instance] = why
+        return why
 
     def websocket_events(self, instance: str) -> frozenset[str]:
         """What ``ws://host/{instance}`` streams: the instance's ``websocket`` subscription."""
@@ -88,7 +98,8 @@ def build_routes(settings: Settings, instances: Mapping[str, InstanceConfig]) ->
                 own.setdefault(placement.instance, []).append(target)
                 if placement.covers is not None:
                     covered.setdefault(placement.instance, set()).add(placement.covers)
-        rules.append(lambda name, kind=kind: kind.refuses_instance(settings, name))
+        if type(kind).refuses_instance is not SinkKind.refuses_instance:  # the sink has a rule
+            rules.append(lambda name, kind=kind: kind.refuses_instance(settings, name))
 
     return Routes(
         targets=targets,

@@ -21,7 +21,7 @@ EVENT_COLUMNS = "id, instance, event, data, date_time, sender, server_url, apike
 Wake = Callable[[str | None], None]  # deliveries of this target (None: of any) became due elsewhere
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen: made per event (see router.events.Event)
 class Lease:
     """One leased delivery: the caller owns it until it acks, retries or kills it."""
 
@@ -33,7 +33,7 @@ class Lease:
     okey: str | None = None  # its ordering key (router.ordering): None, no order to keep
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen: made per event (see router.events.Event)
 class NewDelivery:
     event: Event
     targets: tuple[str, ...]
@@ -91,17 +91,8 @@ class QueueStore(Protocol):
 
 
 def event_from_row(row: Sequence[Any]) -> Event:
-    return Event(
-        id=row[0],
-        instance=row[1],
-        event=row[2],
-        data=bytes(row[3]),
-        date_time=row[4],
-        sender=row[5],
-        server_url=row[6],
-        apikey=row[7],
-        chat=row[8],
-    )
+    """An Event from the values of ``EVENT_COLUMNS`` (positional: this runs for every lease)."""
+    return Event(row[0], row[1], row[2], bytes(row[3]), row[4], row[5], row[6], row[7], row[8])
 
 
 def event_row(e: Event, accepted_at: float) -> tuple[Any, ...]:
