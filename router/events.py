@@ -149,6 +149,7 @@ def _now_timestamp(unix_ms: int) -> str:
     return utc_timestamp(datetime.fromtimestamp(unix_ms / 1000, UTC))
 
 
+@functools.lru_cache(maxsize=1024)  # the events of a burst share their few timestamps
 def normalise_timestamp(value: str) -> str:
     """Parse an ISO-8601 timestamp (naive means UTC) and render it as ``utc_timestamp`` does;
     ValueError if it is not one, or if it falls outside years 1 to 9999 once in UTC."""

@@ -7,6 +7,7 @@ stores events and deliveries durably, and only then returns their ids.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -34,6 +35,7 @@ from router.store import Lease, NewDelivery, QueueStore
 
 log = logs.get_logger("router.intake")
 MAX_ID_LENGTH = 128
+PARSE_SLICE = 64  # events parsed between two turns of the event loop (parse_batch)
 MAX_DATA_DEPTH = 254  # levels of nesting orjson writes back; deeper `data` is refused (400)
 
 
@@ -124,7 +126,8 @@ class Intake:
             instance = check_instance_name(instance)  # NFC: "café" is one instance however typed
         except ValueError as exc:
             raise IntakeError(f"invalid instance name {instance!r}: {exc}") from None
-        if (refusal := self.routes.refuses_instance(instance)) is not None:
+        routes = self.current.routes
+        if (refusal := routes.refuses_instance(instance)) is not None:
             raise IntakeError(refusal)
 
         date_time = _optional_text(obj, "date_time")
@@ -145,50 +148,76 @@ class Intake:
 
         apikey = None
         if self.settings.authentication_expose_in_fetch_instances:
-            apikey = self.routes.token_of(instance) or _optional_text(obj, "apikey")
+            apikey = routes.token_of(instance) or _optional_text(obj, "apikey")
         raw_data = obj.get("data")
         try:
             data = orjson.dumps(raw_data)
         except orjson.JSONEncodeError:
             raise IntakeError(f"field 'data' is nested deeper than {MAX_DATA_DEPTH} levels") from None
-        return Event(
-            id=event_id,
-            instance=instance,
-            event=wire,
-            data=data,
-            date_time=date_time,
-            sender=_optional_text(obj, "sender"),
-            server_url=self.settings.server_url or _optional_text(obj, "server_url"),
-            apikey=apikey,
-            chat=chat_of(wire, raw_data),
-            id_from_source=id_from_source,
+        return Event(  # positional: this runs for every event (id, instance, event, data, ...)
+            event_id,
+            instance,
+            wire,
+            data,
+            date_time,
+            _optional_text(obj, "sender"),
+            self.settings.server_url or _optional_text(obj, "server_url"),
+            apikey,
+            chat_of(wire, raw_data),
+            id_from_source,
         )
 
     def parse_many(self, objects: Sequence[Any], path_event: str | None = None) -> list[Event]:
         """Parse a batch; all or nothing, with every bad item named by its index."""
-        events, problems = [], []
-        for index, obj in enumerate(objects):
-            try:
-                events.append(self.parse(obj, path_event))
-            except IntakeError as exc:
-                problems.append(str(exc) if len(objects) == 1 else f"item {index}: {exc}")
+        events: list[Event] = []
+        problems = self._parse_into(events, objects, 0, len(objects), path_event)
         if problems:
             raise IntakeError("; ".join(problems))
         return events
+
+    async def parse_batch(self, objects: Sequence[Any], path_event: str | None = None) -> list[Event]:
+        """``parse_many``, letting the event loop run between slices of a large batch: a batch of
+        500 events is several milliseconds of parsing, and deliveries under way (a broker's
+        confirms, a webhook's answers) should not wait for all of it."""
+        events: list[Event] = []
+        problems: list[str] = []
+        for start in range(0, len(objects), PARSE_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            end = min(start + PARSE_SLICE, len(objects))
+            problems += self._parse_into(events, objects, start, end, path_event)
+        if problems:
+            raise IntakeError("; ".join(problems))
+        return events
+
+    def _parse_into(
+        self, events: list[Event], objects: Sequence[Any], start: int, end: int, path_event: str | None
+    ) -> list[str]:
+        problems = []
+        for index in range(start, end):
+            try:
+                events.append(self.parse(objects[index], path_event))
+            except IntakeError as exc:
+                problems.append(str(exc) if len(objects) == 1 else f"item {index}: {exc}")
+        return problems
 
     async def accept(
         self, events: Sequence[Event], checkpoint: tuple[str, str] | None = None, adapter: str = "http"
     ) -> list[str]:
         """Store ``events`` with their deliveries; return their ids once they are durable."""
         batch = []
-        counts: Counter[str] = Counter()
+        by_targets: Counter[tuple[str, ...]] = Counter()  # most events of a batch share theirs
         duplicates: set[str] = set()
+        routes, ordering = self.routes, self.ordering
         for event in events:
-            targets = self.routes.targets_for(event.instance, event.event)
+            targets = routes.targets_for(event.instance, event.event)
             if targets:
-                keys = self.ordering.keys(targets, event.instance, event.chat)
-                batch.append(NewDelivery(event, targets, keys))
-                counts.update(targets)
+                batch.append(NewDelivery(event, targets, ordering.keys(targets, event.instance, event.chat)))
+                by_targets[targets] += 1
+        counts: Counter[str] = Counter()
+        for targets, count in by_targets.items():
+            for key in targets:
+                counts[key] += count
         if batch or checkpoint is not None:
             claimed = self.handoff.claim(counts)
             try:

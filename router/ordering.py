@@ -97,4 +97,6 @@ class Ordering:
 
     def keys(self, targets: tuple[str, ...], instance: str, chat: str | None) -> tuple[str | None, ...]:
         """The ordering key of one event's delivery to each of ``targets``."""
+        if len(targets) == 1:  # most events: no generator for one key
+            return (ordering_key(self.mode(targets[0]), instance, chat),)
         return tuple(ordering_key(self.mode(target), instance, chat) for target in targets)

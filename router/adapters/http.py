@@ -89,7 +89,7 @@ async def ingest(request: web.Request) -> web.Response:
         return _error(exc.status, str(exc))
 
     try:
-        events = intake.parse_many(decode_body(body), path_event)
+        events = await intake.parse_batch(decode_body(body), path_event)
     except IntakeError as exc:
         return _error(400, str(exc))
     if not is_global:
