@@ -69,6 +69,12 @@ async def test_upstream_by_events_paths_and_config_names(receiver, make_settings
             b'[{"event": "call", "instance": "bot"}, {"event": "nope", "instance": "bot"}]',
             "item 1: unknown event 'nope'",
         ),
+        (  # a batch parsed in slices: every bad item is named, whichever slice it is in
+            orjson.dumps(
+                [{"event": "nope" if n in (3, 150) else "call", "instance": "bot"} for n in range(200)]
+            ),
+            "item 3: unknown event 'nope'; item 150: unknown event 'nope'",
+        ),
         (
             b'{"event": "call", "instance": "bot"}\n{"event": "call", "instance":\n',
             "malformed JSON on line 2",
