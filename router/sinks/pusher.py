@@ -20,8 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
-from pusher.http import make_query_string
-from pusher.signature import sign
 from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 
 from router.errors import PermanentError, RetryableError
@@ -120,6 +118,9 @@ class _Message:
 
 def signed_query(target: PusherTarget, method: str, path: str, body: bytes) -> str:
     """The query string of a signed Pusher API request (Pusher's HTTP API authentication)."""
+    from pusher.http import make_query_string  # noqa: PLC0415 - the pusher package loads much: when used
+    from pusher.signature import sign  # noqa: PLC0415
+
     params = {
         "auth_key": target.app_key,
         "auth_timestamp": f"{time.time():.0f}",

@@ -10,9 +10,6 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
-import jwt
-from jwt.warnings import InsecureKeyLengthWarning
-
 from router.errors import PermanentError, RetryableError
 from router.events import Event, envelope, strip_message_base64
 from router.redact import redact_url
@@ -31,6 +28,9 @@ def bearer_token(secret: str, now: float | None = None) -> str:
     """The HS256 token that replaces a ``jwt_key`` header (upstream's claims)."""
     iat = int(time.time() if now is None else now)
     claims = {"iat": iat, "exp": iat + JWT_LIFETIME_S, "app": "evolution", "action": "webhook"}
+    import jwt  # noqa: PLC0415 - with its cryptography, a tenth of a start: only once a jwt_key is used
+    from jwt.warnings import InsecureKeyLengthWarning  # noqa: PLC0415
+
     with warnings.catch_warnings():
         # Upstream accepts any key length; the operator's key is theirs to choose.
         warnings.simplefilter("ignore", InsecureKeyLengthWarning)

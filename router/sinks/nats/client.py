@@ -1,35 +1,13 @@
-"""NATS: publish the envelope to upstream's subjects, acknowledged, from the durable queue.
-
-Settings (upstream's): ``NATS_ENABLED``, ``NATS_URI``, ``NATS_GLOBAL_ENABLED``,
-``NATS_PREFIX_KEY``, ``NATS_EVENTS_<EVENT>`` (``NATS_EXCHANGE_NAME`` is accepted and unused, as
-upstream's NATS has no exchanges). Section: ``nats: {enabled, events}``.
-
-Subjects as upstream: ``{instance}.{event}`` for an instance that subscribed, and
-``{NATS_PREFIX_KEY}.{event}`` (or ``{event}``) for the global subscription; two targets, so an
-event for both is two publishes, as upstream makes them. The body is the envelope (no
-``destination``), with the header ``Nats-Msg-Id`` = the event id, so a JetStream stream that
-captures the subject stores a retried publish once.
-
-Upstream publishes and forgets. Here a publish is done only once the server has answered for
-it: when a JetStream stream captures the subject (asked of JetStream, and remembered for
-``STREAM_CACHE_S``), JetStream's publish acknowledgement; otherwise a core publish followed by a
-flush, the server's answer to a ping sent after it, so it has taken the message for the
-subscribers there are. No answer in time is a failed attempt, retried from the store.
-
-One connection, kept by one task: opened with the queue retry backoff for as long as it takes;
-while it is down (nats-py reconnecting) the sink is not ``ready`` and workers wait without
-making or counting attempts.
-"""
+"""The NATS client: one connection kept, acknowledged publishes. Imported only when the sink is
+enabled (nats-py is a quarter of a start with 10,000 instances)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import nats
 from nats.aio.client import Client
@@ -37,17 +15,15 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError, NotFoundError
-from pydantic import BaseModel, field_validator, model_validator
 
 from router import logs
 from router.errors import PermanentError, RetryableError, Unavailable
 from router.events import Event, envelope
-from router.sections import Subscription
-from router.sinks import Placement, SinkKind, subscribed
 from router.sinks.keeper import KeptConnectionSink
+from router.sinks.nats.config import NatsTarget, subject
 
 if TYPE_CHECKING:
-    from router.instances import InstanceConfig
+    pass
 
 log = logs.get_logger("router.sinks.nats")
 CONNECT_TIMEOUT_S = 5.0
@@ -55,42 +31,6 @@ CHECK_WAIT_S = 2.0
 PUBLISH_TIMEOUT_S = 10.0
 STREAM_CACHE_S = 30.0  # how long whether a stream captures a subject is remembered
 STREAM_CACHE_SIZE = 10_000
-
-
-class NatsSettings(BaseModel):
-    nats_enabled: bool = False
-    nats_uri: str | None = None
-    nats_global_enabled: bool = False
-    nats_prefix_key: str = ""
-    nats_exchange_name: str = "evolution_exchange"  # upstream's, unused by its NATS too
-
-    @field_validator("nats_uri", "nats_prefix_key", mode="before")
-    @classmethod
-    def _nats_empty(cls, value: Any) -> Any:
-        return value.strip() if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _nats_consistent(self) -> NatsSettings:
-        if self.nats_enabled and not self.nats_uri:
-            raise ValueError("NATS_ENABLED is true but NATS_URI is not set")
-        for server in (self.nats_uri or "").split(","):
-            if server and urlsplit(server.strip()).scheme not in ("nats", "tls", "ws", "wss"):
-                raise ValueError("NATS_URI must be nats:// (or tls://) server URLs, comma-separated")
-        return self
-
-
-@dataclass(frozen=True, slots=True)
-class NatsTarget:
-    key: str
-    instance: str | None  # None: the global subscription, subjects under NATS_PREFIX_KEY
-    events: frozenset[str]
-    sink = "nats"
-
-
-def subject(target: NatsTarget, event: Event, prefix: str) -> str:
-    if target.instance is not None:
-        return f"{target.instance}.{event.event}"
-    return f"{prefix}.{event.event}" if prefix else event.event
 
 
 class NatsSink(KeptConnectionSink):
@@ -214,34 +154,3 @@ class NatsSink(KeptConnectionSink):
                 raise Unavailable(f"NATS unavailable: {type(exc).__name__}: {exc}") from exc
             raise RetryableError(f"NATS: {type(exc).__name__}: {exc}") from exc
         return None
-
-
-class NatsKind(SinkKind):
-    name = "nats"
-    settings = NatsSettings
-    section = Subscription
-    event_flags = "NATS_EVENTS_"
-
-    def enabled(self, settings: NatsSettings) -> bool:
-        return settings.nats_enabled
-
-    def open(self, settings: NatsSettings) -> NatsSink:
-        return NatsSink(settings)
-
-    def place(self, settings: Any, instances: Mapping[str, InstanceConfig]) -> Iterable[Placement]:
-        if settings.nats_global_enabled:
-            yield Placement(NatsTarget("nats:global", None, settings.events_enabled(self.name)))
-        for name, own in subscribed(self.name, instances):
-            yield Placement(NatsTarget(f"nats:instance:{name}", name, own.subscribed()), name)
-
-    def describe(self, target: NatsTarget, settings: NatsSettings) -> str:
-        if target.instance is not None:
-            return f"subjects {target.instance}.<event>"
-        prefix = settings.nats_prefix_key
-        return f"subjects {prefix}.<event>" if prefix else "subjects <event>"
-
-    def secrets(self, settings: NatsSettings) -> list[str | None]:
-        return [urlsplit(server).password for server in (settings.nats_uri or "").split(",")]
-
-
-KIND = NatsKind()
