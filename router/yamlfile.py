@@ -28,18 +28,28 @@ _CLOSE = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
 
 @dataclass
 class YamlDoc:
-    """A parsed YAML mapping and the line (1-based) of every key and list item in it."""
+    """A parsed YAML mapping and the line (1-based) of every key and list item in it (found
+    from ``node`` when first asked: only an error needs a line)."""
 
     path: Path
     data: dict[str, Any]
-    lines: dict[Loc, int] = field(default_factory=dict)
+    node: yaml.Node | None = None
+    _lines: dict[Loc, int] | None = field(default=None, repr=False)
+
+    @property
+    def lines(self) -> dict[Loc, int]:
+        if self._lines is None:
+            self._lines = {}
+            if self.node is not None:
+                _walk(self.node, (), self._lines)
+        return self._lines
 
     def line_of(self, loc: Sequence[str | int]) -> int:
         """The line of ``loc``, or of its nearest enclosing key that has one."""
-        key = tuple(loc)
+        lines, key = self.lines, tuple(loc)
         while key:
-            if key in self.lines:
-                return self.lines[key]
+            if key in lines:
+                return lines[key]
             key = key[:-1]
         return 1
 
@@ -100,6 +110,20 @@ def _check_bounds(text: str, path: Path) -> None:
             )
 
 
+def _within_bounds_anyway(text: str) -> bool:
+    """Whether ``text`` cannot break the bounds, seen from its characters alone (most instance
+    files, which are then parsed once, not twice): without anchors and aliases no value stands
+    for more than itself, and each takes a character of its own or pairs with one that does (an
+    empty value with its key or dash); each level of nesting takes a line break, a bracket, or a
+    ``-``, ``?`` or ``:`` indicator."""
+    return (
+        "&" not in text
+        and "*" not in text
+        and 2 * len(text) + 1 < MAX_NODES
+        and sum(text.count(mark) for mark in "\n[{-?:") < MAX_DEPTH
+    )
+
+
 def load_yaml(path: Path) -> YamlDoc:
     """Read ``path`` as a YAML mapping; raise ConfigError naming the file and line if it is not."""
     try:
@@ -107,7 +131,8 @@ def load_yaml(path: Path) -> YamlDoc:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read: {exc}"]) from exc
     try:
-        _check_bounds(text, path)
+        if not _within_bounds_anyway(text):
+            _check_bounds(text, path)
         loader = _LOADER(text)
         try:
             node = loader.get_single_node()  # parsed once: the lines come from it, the data too
@@ -123,7 +148,4 @@ def load_yaml(path: Path) -> YamlDoc:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"{path}:1: expected a mapping at the top level"])
-    lines: dict[Loc, int] = {}
-    if node is not None:
-        _walk(node, (), lines)
-    return YamlDoc(path=path, data=data, lines=lines)
+    return YamlDoc(path=path, data=data, node=node)

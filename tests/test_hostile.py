@@ -10,7 +10,10 @@ import unicodedata
 import zlib
 
 import orjson
+import pytest
 
+from router.errors import ConfigError
+from router.yamlfile import load_yaml
 from tests.conftest import (
     API_KEY,
     ROOT,
@@ -268,3 +271,20 @@ def test_error_handling_request_lines_carry_the_traceback():
     )
     [line] = [orjson.loads(text) for text in done.stderr.splitlines()]
     assert line["msg"] == "Error handling request" and "KeyError: 'missing'" in line["exception"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "webhook:\n" + "- " * 60 + "x\n",  # compact sequences: sixty levels on one line
+        "webhook: " + "[" * 60 + "]" * 60 + "\n",
+        "".join("  " * depth + f"k{depth}:\n" for depth in range(60)) + "  " * 60 + "v\n",
+    ],
+)
+def test_every_way_of_nesting_deep_is_refused_before_it_is_built(tmp_path, text):
+    """Small files are read in one pass when their characters show they cannot be too deep;
+    whatever notation nests them, a file past the bound is refused with its line."""
+    path = tmp_path / "deep.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"deep\.yaml:\d+: nested deeper than 50 levels"):
+        load_yaml(path)
