@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from router.current import Current
@@ -11,9 +13,28 @@ from router.delivery import Dispatcher
 from router.errors import Unavailable
 from router.events import Event, new_event_id, utc_timestamp
 from router.routing import Routes
+from router.settings import Settings
 from router.sinks import BaseSink
 from router.sinks.webhook import WebhookTarget
 from router.store import NewDelivery, Store
+
+
+@contextlib.asynccontextmanager
+async def delivery_core(
+    store: Store, sink: BaseSink, targets: dict[str, WebhookTarget], settings: Settings
+) -> AsyncIterator[Dispatcher]:
+    """``store`` and a dispatcher for ``targets`` running, stopped and closed afterwards."""
+    store_task = asyncio.create_task(store.run())
+    dispatcher = Dispatcher(store, {sink.name: sink}, Current(Routes(targets=targets)), settings)
+    running = asyncio.create_task(dispatcher.run(grace_s=1))
+    try:
+        yield dispatcher
+    finally:
+        dispatcher.stop()
+        await running
+        await store.close()
+        await store_task
+        store.shutdown()
 
 
 class BrokenSink(BaseSink):
@@ -33,24 +54,15 @@ async def test_an_unexpected_error_counts_as_an_attempt_and_ends_as_a_dead_lette
     settings = make_settings(WEBHOOK_RETRY_MAX_ATTEMPTS="3", WEBHOOK_RETRY_INITIAL_DELAY_SECONDS="0.01")
     path = tmp_path / "router.db"
     store = await Store.open(path)
-    store_task = asyncio.create_task(store.run())
     target = WebhookTarget("webhook:global", None, "http://127.0.0.1:9/x", False, events=frozenset({"call"}))
     sink = BrokenSink()
-    dispatcher = Dispatcher(store, {"webhook": sink}, Current(Routes(targets={target.key: target})), settings)
-    running = asyncio.create_task(dispatcher.run(grace_s=1))
-    try:
+    async with delivery_core(store, sink, {target.key: target}, settings) as dispatcher:
         event = Event(new_event_id(), "bot", "call", b"{}", utc_timestamp())
         await store.accept([NewDelivery(event, (target.key,))])
         dispatcher.notify([target.key])
         async with asyncio.timeout(10):
             while (await store.counts())["dead"] == 0:
                 await asyncio.sleep(0.02)
-    finally:
-        dispatcher.stop()
-        await running
-        await store.close()
-        await store_task
-        store.shutdown()
     assert sink.attempts == 3, "retried by the policy, then given up: never forever"
     [dead] = dead_letters(Path(path))
     shown = show(Path(path), dead["id"])
@@ -85,14 +97,9 @@ class FlakySink(BaseSink):
 
 async def test_a_sink_unavailable_without_waiting_does_not_hold_the_loop(make_settings, tmp_path):
     store = await Store.open(tmp_path / "router.db")
-    store_task = asyncio.create_task(store.run())
     target = WebhookTarget("webhook:global", None, "http://127.0.0.1:9/x", False, events=frozenset({"call"}))
     sink = FlakySink()
-    dispatcher = Dispatcher(
-        store, {"webhook": sink}, Current(Routes(targets={target.key: target})), make_settings()
-    )
-    running = asyncio.create_task(dispatcher.run(grace_s=1))
-    try:
+    async with delivery_core(store, sink, {target.key: target}, make_settings()) as dispatcher:
         event = Event(new_event_id(), "bot", "call", b"{}", utc_timestamp())
         await store.accept([NewDelivery(event, (target.key,))])
         dispatcher.notify([target.key])
@@ -101,12 +108,6 @@ async def test_a_sink_unavailable_without_waiting_does_not_hold_the_loop(make_se
                 await asyncio.sleep(0.02)
             while not await dispatcher.idle():
                 await asyncio.sleep(0.02)
-    finally:
-        dispatcher.stop()
-        await running
-        await store.close()
-        await store_task
-        store.shutdown()
     assert sink.delivered == [event.id]
     assert sink.tries < 10, "the lane tried again and again without letting the sink reconnect"
 
@@ -141,7 +142,6 @@ async def test_caught_up_targets_ask_the_store_nothing_for_what_intake_hands_the
     events, one each, handed over by intake, are delivered without a single lease or due-time
     query (10,000 such targets would be 20,000 queries per event each)."""
     store = await CountingStore.open(tmp_path / "router.db")
-    store_task = asyncio.create_task(store.run())
     targets = {
         f"webhook:instance:i{n}": WebhookTarget(
             f"webhook:instance:i{n}", f"i{n}", "http://127.0.0.1:9/x", False, events=frozenset({"call"})
@@ -149,8 +149,6 @@ async def test_caught_up_targets_ask_the_store_nothing_for_what_intake_hands_the
         for n in range(200)
     }
     sink = CountingSink()
-    dispatcher = Dispatcher(store, {"webhook": sink}, Current(Routes(targets=targets)), make_settings())
-    running = asyncio.create_task(dispatcher.run(grace_s=1))
 
     def batch() -> list[NewDelivery]:
         return [
@@ -158,12 +156,13 @@ async def test_caught_up_targets_ask_the_store_nothing_for_what_intake_hands_the
             for n, key in enumerate(targets)
         ]
 
-    async def delivered(count: int) -> None:
-        async with asyncio.timeout(10):
-            while len(sink.delivered) < count or not await dispatcher.idle():
-                await asyncio.sleep(0.01)
+    async with delivery_core(store, sink, targets, make_settings()) as dispatcher:
 
-    try:
+        async def delivered(count: int) -> None:
+            async with asyncio.timeout(10):
+                while len(sink.delivered) < count or not await dispatcher.idle():
+                    await asyncio.sleep(0.01)
+
         async with asyncio.timeout(10):
             while len(dispatcher.workers) < 200:
                 await asyncio.sleep(0.01)
@@ -178,12 +177,6 @@ async def test_caught_up_targets_ask_the_store_nothing_for_what_intake_hands_the
             stored = await store.accept(batch(), None, claimed)
             dispatcher.hand_over(stored.leases, counts)
             await delivered(200 * (round_no + 1))
-    finally:
-        dispatcher.stop()
-        await running
-        await store.close()
-        await store_task
-        store.shutdown()
     assert len(set(sink.delivered)) == 800
     assert reads >= 200, "the stored events were leased"
     assert store.reads == reads, f"{store.reads - reads} store reads for 600 deliveries handed over"
