@@ -53,22 +53,22 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, (moment - datetime.now(UTC)).total_seconds())
 
 
-def request_headers(target: WebhookTarget) -> dict[str, str]:
+def request_headers(target: WebhookTarget) -> tuple[tuple[str, str], ...]:
     """Instance headers verbatim, with ``jwt_key`` turned into a bearer token."""
     if not any(name.lower() == JWT_HEADER for name, _ in target.headers):
-        return _static_headers(target)
+        return _static_headers(target.headers)
     headers = dict(BASE_HEADERS)
     for name, value in target.headers:
         if name.lower() == JWT_HEADER:
             headers["Authorization"] = f"Bearer {bearer_token(value)}"
         else:
             headers[name] = value
-    return headers
+    return tuple(headers.items())
 
 
-@functools.lru_cache(maxsize=4096)
-def _static_headers(target: WebhookTarget) -> dict[str, str]:
-    return {**BASE_HEADERS, **dict(target.headers)}
+@functools.lru_cache(maxsize=4096)  # by the headers, not the target: most instances share theirs
+def _static_headers(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    return tuple({**BASE_HEADERS, **dict(headers)}.items())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -117,7 +117,7 @@ class WebhookSink(BaseSink):
         url = target.url_for(event.event)
         headers = request_headers(target)
         if target.signing_keys:  # Standard Webhooks: signed per attempt (the timestamp changes)
-            headers = {**headers, **signature_headers(target.signing_keys, event.id, body)}
+            headers = (*headers, *signature_headers(target.signing_keys, event.id, body).items())
         try:
             # Redirects are not followed: a 301/302 would turn the POST into a GET without the
             # event, and that would count as delivered. The failure names where it points.

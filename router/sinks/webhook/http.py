@@ -17,6 +17,7 @@ import base64
 import functools
 import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import yarl
@@ -54,7 +55,7 @@ class _Request:
     authorization: str | None
 
 
-@functools.lru_cache(maxsize=8192)
+@functools.lru_cache(maxsize=1 << 16)  # a URL per instance webhook, and 10,000s of instances
 def _parse(url: str) -> _Request:
     parsed = yarl.URL(url)
     scheme = parsed.scheme
@@ -73,9 +74,13 @@ def _parse(url: str) -> _Request:
     return _Request(Origin(scheme, host, port), head.encode("latin-1"), authorization)
 
 
-def _header_lines(headers: dict[str, str], authorization: str | None) -> bytes:
+Headers = tuple[tuple[str, str], ...]
+
+
+@functools.lru_cache(maxsize=4096)  # most requests repeat the headers of one before
+def _header_lines(headers: Headers, authorization: str | None) -> bytes:
     lines = []
-    for name, value in headers.items():
+    for name, value in headers:
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
             raise ValueError(f"header {name!r} holds a line break")
         lower = name.lower()
@@ -250,12 +255,16 @@ class HttpClient:
         self._idle: dict[Origin, list[_Connection]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
-    async def post(self, url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> Response:
+    async def post(
+        self, url: str, body: bytes, headers: Headers | Mapping[str, str], timeout_s: float
+    ) -> Response:
         """Send ``body``; the answer's status and headers within ``timeout_s`` (connecting
         included). Raises InvalidURL, ValueError (the request cannot be made), TimeoutError, OSError
         or ProtocolError (connection problems)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         request = _parse(url)
+        if isinstance(headers, Mapping):
+            headers = tuple(headers.items())
         payload = b"".join(
             (
                 request.head,
