@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 from dataclasses import dataclass, field
 
 import orjson
@@ -13,7 +14,7 @@ import orjson
 from router.app import database_path
 from tests.conftest import free_port, post_ingest, running
 from tests.test_amqp_client import Proxy as SilentProxy
-from tests.test_rabbitmq import broker  # noqa: F401 - the fixture
+from tests.test_rabbitmq import broker, rabbitmqctl  # noqa: F401 - the fixture
 
 
 @dataclass
@@ -140,3 +141,44 @@ async def test_a_broker_that_stops_answering_costs_the_connection_not_the_event(
     assert got.header.properties.message_id
     lines = capsys.readouterr().out
     assert "rabbitmq.disconnected" in lines and "no answer from the broker in 1 s" in lines
+
+
+async def test_a_broker_in_a_resource_alarm_is_waited_for_not_given_up(
+    broker,  # noqa: F811
+    make_settings,
+    tmp_path,
+    monkeypatch,
+    capsys,
+):
+    """A memory alarm blocks publishers (Connection.Blocked): the unconfirmed publish waits out
+    the alarm, longer than ANSWER_TIMEOUT_S, on the same connection, and arrives after it."""
+    from router.sinks.rabbitmq import client  # noqa: PLC0415
+
+    monkeypatch.setattr(client, "ANSWER_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(client, "WATCH_S", 0.1)
+    queue = broker.subscribe(tmp_path / "instances")
+    watermark = rabbitmqctl("eval", "vm_memory_monitor:get_vm_memory_high_watermark().").strip()
+    async with running(make_settings(**broker.env())) as app:
+        sink = app.dispatcher.sinks["rabbitmq"]  # type: ignore[union-attr]
+        event = {"event": "messages.upsert", "instance": broker.instance, "data": {}}
+        assert (await post_ingest(app, [event]))[0] == 202  # the queues are declared before the alarm
+        await broker.consume(queue, 1)
+        connection = sink._connection
+        await asyncio.to_thread(rabbitmqctl, "set_vm_memory_high_watermark", "0.0000001")
+        try:
+            assert (await post_ingest(app, [event]))[0] == 202
+            async with asyncio.timeout(20):
+                while not (
+                    connection.blocked and connection.waited_s(asyncio.get_running_loop().time()) == 0
+                ):
+                    await asyncio.sleep(0.05)
+            blocked_at = time.monotonic()
+            async with asyncio.timeout(20):  # three times ANSWER_TIMEOUT_S blocked, at least
+                while time.monotonic() - blocked_at < 3 * client.ANSWER_TIMEOUT_S:
+                    assert sink._connection is connection and not connection.is_closed
+                    await asyncio.sleep(0.1)
+        finally:
+            await asyncio.to_thread(rabbitmqctl, "set_vm_memory_high_watermark", watermark)
+        await broker.consume(queue, 1)
+        assert sink._connection is connection, "the same connection, never given up"
+    assert "rabbitmq.disconnected" not in capsys.readouterr().out

@@ -124,6 +124,8 @@ class Connection(asyncio.Protocol):
         self._heartbeat_s = 0
         self._received_at = self._sent_at = time.monotonic()
         self._beat: asyncio.TimerHandle | None = None
+        self.blocked = False  # the broker said Connection.Blocked, and not yet Unblocked
+        self._resumed_at = float("-inf")  # when it last said Unblocked (monotonic)
 
     @property
     def is_closed(self) -> bool:
@@ -170,10 +172,12 @@ class Connection(asyncio.Protocol):
             self._fail(reason)
         elif isinstance(method, commands.Connection.CloseOk):
             self._fail(ConnectionLost("the connection was closed"))
+        elif isinstance(method, commands.Connection.Blocked):
+            self.blocked = True  # a resource alarm: the broker takes nothing until it is over
+        elif isinstance(method, commands.Connection.Unblocked):
+            self.blocked, self._resumed_at = False, time.monotonic()
         elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(method)
-        # Connection.Blocked / Unblocked: the broker stops reading; confirms wait, bounded by the
-        # publish timeout of the sink.
 
     def _fail(self, reason: ConnectionLost) -> None:
         self._end(reason)
@@ -276,8 +280,12 @@ class Connection(asyncio.Protocol):
         return channel
 
     def waited_s(self, now: float) -> float:
-        """How long the broker has kept any channel waiting (for an answer or a confirm)."""
-        return max((channel.waited_s(now) for channel in self._channels.values()), default=0.0)
+        """How long the broker has kept any channel waiting (for an answer or a confirm), not
+        counting while it said it was blocked (a resource alarm is not a dead broker)."""
+        if self.blocked:
+            return 0.0
+        waited = max((channel.waited_s(now) for channel in self._channels.values()), default=0.0)
+        return min(waited, now - self._resumed_at)
 
     def forget(self, channel: Channel) -> None:
         if self._channels.get(channel.number) is channel:
