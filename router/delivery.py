@@ -160,14 +160,31 @@ class Dispatcher:
         policy, concurrency = kind.policy(self.settings), kind.concurrency(self.settings)
         worker = TargetWorker(key, self, sink, policy, concurrency, nothing_stored=nothing_stored)
         self.workers[key] = worker
+        if not nothing_stored:  # one with nothing stored runs once it has work (``run_worker``)
+            self.run_worker(worker)
+
+    def run_worker(self, worker: TargetWorker) -> None:
+        """Run ``worker``'s task, which ends when it is idle; again whenever it has work."""
+        if self._group is None or worker.scheduled:
+            return
+        key = worker.key
+        worker.scheduled = True
         task = self._group.create_task(worker.run(), name=f"worker {key}")
         self._tasks[key] = task
 
-        def forget(_: asyncio.Task[None]) -> None:  # a retired worker that drained its target
-            if self.workers.get(key) is worker:
-                del self.workers[key], self._tasks[key]
+        def ended(_: asyncio.Task[None]) -> None:
+            worker.scheduled = False
+            if self._tasks.get(key) is task:
+                del self._tasks[key]
+            if self.workers.get(key) is not worker:
+                return
+            if worker.stopped:  # a retired worker that drained its target, or the daemon stops
+                if key in self.retired and not worker.busy:
+                    del self.workers[key]
+            elif worker.has_work:  # handed work while its task was ending
+                self.run_worker(worker)
 
-        task.add_done_callback(forget)
+        task.add_done_callback(ended)
 
     @property
     def routes(self) -> Routes:

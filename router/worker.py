@@ -45,7 +45,6 @@ class TargetWorker:
         nothing_stored: bool = False,
     ) -> None:
         self.key = key
-        self._nothing_stored = nothing_stored  # skip the first lease: wait for work to come
         self.dispatcher = dispatcher
         self.sink = sink
         self.policy = policy
@@ -59,7 +58,16 @@ class TargetWorker:
         self._stopping = False
         # Nothing due is left in the store (the last lease came back short): new deliveries may
         # then come straight from intake without overtaking older ones.
-        self.caught_up = False
+        self.caught_up = nothing_stored
+        # Its task runs only while it has work: the dispatcher starts it (``scheduled``) when
+        # deliveries are stored or handed over, and it ends once the target is caught up with
+        # nothing due and no attempt under way, so an idle target costs no task.
+        self.scheduled = False
+        self._finishing = False  # the leaser has ended; lanes under way finish, none start
+        # When the next pending delivery falls due, as the store last said (None: none is;
+        # 0: not known since). The task ends only when none is.
+        self._due_at: float | None = None
+        self._poked = False  # the last lane ended: the leaser looks whether it may end too
         self.reserved = 0  # places promised to intake for deliveries being stored
         # Deliveries stored pending so far (claims refused, wakes): possibly after a lease under
         # way read the store, so that lease cannot tell the worker it is caught up.
@@ -86,6 +94,24 @@ class TargetWorker:
         self.reserved -= reserved
         if leases:
             self._admit(leases)
+            self._ensure_running()
+
+    def _ensure_running(self) -> None:
+        if not self.scheduled and not self._stopping:
+            self.dispatcher.run_worker(self)
+
+    def _may_end(self) -> bool:
+        """Caught up, nothing due later, no attempt under way or waiting: the task may end."""
+        return self.caught_up and self._due_at is None and self._lanes == 0 and not self.busy
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopping
+
+    @property
+    def has_work(self) -> bool:
+        """Whether its task must run (again): something stored to lease, or ready to attempt."""
+        return self._wake.is_set() or len(self._queue) > 0
 
     def _admit(self, leases: Sequence[Lease]) -> None:
         late, park = self._queue.admit(leases)
@@ -102,6 +128,7 @@ class TargetWorker:
         self._track(self.dispatcher.store.hold(leases, until))
         self.dispatcher.release(len(leases))
         self._need_more.set()
+        self.wake()  # the leaser leases them when they fall due
 
     def _done(self, lease: Lease, retry_at: float | None, written: asyncio.Future[Any] | None) -> None:
         """``lease``'s attempt ended: once ``written`` (its ack or dead letter) is in the store,
@@ -143,8 +170,8 @@ class TargetWorker:
     def _start_lanes(self) -> None:
         """A lane per delivery in flight or ready, up to ``concurrency``: an idle target runs none,
         and one waiting on a slow attempt does not keep a ready delivery waiting."""
-        if self._group is None or self._stopping:
-            return
+        if self._group is None or self._stopping or (self._finishing and self._lanes == 0):
+            return  # (a finishing task group takes no new task: the dispatcher runs it again)
         while self._lanes < min(self.concurrency, self.in_flight + len(self._queue.ready)):
             self._lanes += 1
             self._group.create_task(self._lane())
@@ -155,6 +182,7 @@ class TargetWorker:
         self.caught_up = False
         self._refused += 1
         self._wake.set()
+        self._ensure_running()
 
     def stop(self) -> None:
         """Stop leasing and starting attempts; attempts under way finish (bounded by the dispatcher)."""
@@ -169,17 +197,30 @@ class TargetWorker:
         Leasing ahead of the lanes lets the next lease overlap with attempts under way. What is
         leased but not attempted when the process stops is pending again at the next start.
         """
-        async with asyncio.TaskGroup() as group:
-            self._group = group
-            self._start_lanes()  # for what intake handed over before this ran
-            await self._lease_loop()
+        self._finishing = False
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                self._start_lanes()  # for what intake handed over before this ran
+                await self._lease_loop()
+                self._finishing = True  # lanes under way end; then so does this task
+        finally:
+            self._group = None
 
     async def _lease_loop(self) -> None:
         store = self.dispatcher.store
-        if self._nothing_stored and not self._wake.is_set():
-            self.caught_up = True  # intake may hand new deliveries straight over
-            await self._sleep_until(None)
         while not self._stopping:
+            if self._poked:  # woken by the last lane's end, not by new work
+                self._poked = False
+                if self._may_end():
+                    self._wake.clear()
+            if self.caught_up and self._due_at is None and not self._wake.is_set():
+                # Nothing stored to lease: intake hands new deliveries over. The task ends now,
+                # or once its last lane has (which pokes it), unless work comes first.
+                if self._may_end():
+                    return
+                await self._sleep_until(None)
+                continue
             room = self.concurrency * LEASE_AHEAD - len(self._queue) - self.reserved
             ready = self._queue.ready
             if len(ready) >= self.concurrency or room <= 0 or (room < self.concurrency and ready):
@@ -202,6 +243,7 @@ class TargetWorker:
             self._troubled = False
             self.caught_up = len(leases) < want and self._refused == refused
             if leases:
+                self._due_at = 0.0  # what falls due next is not known: the next round asks
                 self._admit(leases)
                 continue
             try:
@@ -212,7 +254,8 @@ class TargetWorker:
             if due_at is None and self.dispatcher.is_retired(self.key) and not self.busy:
                 self.stop()  # removed from the configuration, and nothing is left for it
                 return
-            await self._sleep_until(due_at)
+            self._due_at = due_at
+            await self._sleep_until(due_at)  # (or until the last lane ends: see _may_end)
 
     async def _store_trouble(self, exc: Exception) -> None:
         """The store failed a read or write: say so once for this target, and try again soon."""
@@ -234,6 +277,9 @@ class TargetWorker:
             await self._attempt_ready()
         finally:
             self._lanes -= 1
+            if self._lanes == 0 and self._may_end():
+                self._poked = True
+                self._wake.set()
         if self._queue.ready and not self._stopping:  # handed over while this lane was finishing
             self._start_lanes()
 
@@ -350,6 +396,7 @@ class TargetWorker:
             delay = min(retry_after_s, self.policy.max_delay_s)
         retry_at = time.time() + delay
         self._track(store.retry(lease, retry_at, error))
+        self._due_at = 0.0
         self._wake.set()  # the leaser recomputes when the next delivery is due
         return f"retry in {delay:.2f}s", error, retry_at, None
 
