@@ -60,7 +60,10 @@ class Routes:
         known = self._refusals
         if instance in known:
             return known[instance]
-        why = next((why for rule in self._name_rules if (why := rule(instance)) is not None), None)
+        why = None
+        for rule in self._name_rules:
+            if (why := rule(instance)) is not None:
+                break
         if len(known) >= MAX_REMEMBERED_NAMES:
             known.clear()
         known[instance] = why

@@ -147,12 +147,15 @@ async def test_credentials_and_vhosts_the_broker_refuses_are_named_without_the_p
 @dataclass
 class Proxy:
     """127.0.0.1:port -> ``upstream``; ``freeze`` stops passing bytes both ways on the
-    connections open now, without closing them (a host gone silent); ``heartbeats`` counts the
-    heartbeat frames the client sent."""
+    connections open now, without closing them (a host gone silent); ``down`` closes each new
+    connection at once (a dead broker's host); ``attempts`` counts the connections tried and
+    ``heartbeats`` the heartbeat frames the client sent."""
 
     upstream: tuple[str, int] = ("127.0.0.1", 5672)
     port: int = field(default_factory=free_port)
     frozen: asyncio.Event = field(default_factory=asyncio.Event)
+    down: bool = False
+    attempts: int = 0
     heartbeats: int = 0
     ssl_context: ssl.SSLContext | None = None
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
@@ -172,8 +175,12 @@ class Proxy:
         await self.server.wait_closed()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.attempts += 1
         frozen = self.frozen
         self.writers.append(writer)
+        if self.down:
+            writer.close()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
         except OSError:

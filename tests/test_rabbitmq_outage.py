@@ -4,45 +4,15 @@ with backoff, deliveries wait for it without attempts, errors or log lines of th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 import time
-from dataclasses import dataclass, field
 
 import orjson
 
 from router.app import database_path
 from tests.conftest import free_port, post_ingest, running
-from tests.test_amqp_client import Proxy as SilentProxy
+from tests.test_amqp_client import Proxy
 from tests.test_rabbitmq import broker, rabbitmqctl  # noqa: F401 - the fixture
-
-
-@dataclass
-class Proxy:
-    """127.0.0.1:port -> the broker; ``down`` closes every connection at once, as a dead broker's
-    host would; ``attempts`` counts the connections tried."""
-
-    port: int = field(default_factory=free_port)
-    down: bool = True
-    attempts: int = 0
-    _pipes: set[asyncio.StreamWriter] = field(default_factory=set)
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.attempts += 1
-        if self.down:
-            writer.close()
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 5672)
-        self._pipes |= {writer, up_writer}
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(ConnectionError):
-                while data := await source.read(65536):
-                    sink.write(data)
-                    await sink.drain()
-            sink.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
 
 async def test_an_outage_costs_one_connection_attempt_at_a_time_and_no_attempts(
@@ -51,11 +21,10 @@ async def test_an_outage_costs_one_connection_attempt_at_a_time_and_no_attempts(
     tmp_path,
     capsys,
 ):
-    proxy = Proxy()
-    server = await asyncio.start_server(proxy.handle, "127.0.0.1", proxy.port)
+    proxy = Proxy(down=True)
     queue = broker.subscribe(tmp_path / "instances")
     env = broker.env(RABBITMQ_URI=f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
-    try:
+    async with proxy:
         async with running(make_settings(**env)) as app:
             events = [
                 {"event": "messages.upsert", "instance": broker.instance, "data": {"n": n}}
@@ -75,8 +44,6 @@ async def test_an_outage_costs_one_connection_attempt_at_a_time_and_no_attempts(
             proxy.down = False
             got = await broker.consume(queue, 300)
         assert sorted(orjson.loads(m.body)["data"]["n"] for m in got) == list(range(300))
-    finally:
-        server.close()
     lines = capsys.readouterr().out
     assert lines.count("rabbitmq.unreachable") == 1, "one line for the outage, not one per attempt"
     assert lines.count("rabbitmq.connected") == 1
@@ -127,7 +94,7 @@ async def test_a_broker_that_stops_answering_costs_the_connection_not_the_event(
     monkeypatch.setattr(client, "ANSWER_TIMEOUT_S", 1.0)
     monkeypatch.setattr(client, "WATCH_S", 0.1)
     queue = broker.subscribe(tmp_path / "instances")
-    silent = SilentProxy()
+    silent = Proxy()
     env = broker.env(RABBITMQ_URI=f"amqp://guest:guest@127.0.0.1:{silent.port}/?heartbeat=0")
     async with silent, running(make_settings(**env)) as app:
         sink = app.dispatcher.sinks["rabbitmq"]  # type: ignore[union-attr]

@@ -158,12 +158,6 @@ class Channel:
             return max(waited, now - entry[4])
         return waited
 
-    async def close(self) -> None:
-        try:
-            await self.rpc(commands.Channel.Close(200, "bye", 0, 0), commands.Channel.CloseOk)
-        finally:
-            self.ended(AmqpError("the channel was closed"))
-
     # --- what the broker sends --------------------------------------------------------------
 
     def frame_received(self, kind: int, payload: bytes) -> None:
