@@ -17,6 +17,7 @@ import pytest
 from router.sinks.rabbitmq import amqp
 from router.sinks.rabbitmq.channel import ChannelClosed, Nacked, Unroutable
 from tests.conftest import free_port
+from tests.test_rabbitmq import rabbitmqctl
 
 URI = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -157,6 +158,7 @@ class Proxy:
     down: bool = False
     attempts: int = 0
     heartbeats: int = 0
+    sent: bytearray = field(default_factory=bytearray)  # every byte the client sent
     ssl_context: ssl.SSLContext | None = None
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
     pipes: list[asyncio.Task[None]] = field(default_factory=list)
@@ -195,6 +197,7 @@ class Proxy:
                         await asyncio.Event().wait()  # never again
                     if count:
                         self.heartbeats += data.count(b"\x08\x00\x00\x00\x00\x00\x00\xce")
+                        self.sent += data
                     sink.write(data)
                     await sink.drain()
             sink.close()
@@ -242,3 +245,18 @@ async def test_amqps_is_verified_against_the_trusted_cas(names, tls_files, monke
             channel = await connection.channel()
             await channel.publish(b'{"tls": 2}', names.exchange, names.key, "tls")
     assert [m.body for m in await names.consume(2)] == [b'{"tls": 1}', b'{"tls": 2}']
+
+
+async def test_a_close_by_the_broker_is_answered_before_the_socket_closes():
+    """The broker closes the connection (an operator's close_connection): the client says
+    CloseOk, as AMQP asks, and what waited on the connection learns why it ended."""
+    proxy = Proxy()
+    async with proxy:
+        connection = await amqp.connect(f"amqp://guest:guest@127.0.0.1:{proxy.port}/?name=closed-by-broker")
+        await asyncio.to_thread(rabbitmqctl, "close_all_connections", "closed by the test")
+        async with asyncio.timeout(10):
+            reason = await connection.closed
+        async with asyncio.timeout(10):
+            while b"\x00\x0a\x00\x33" not in proxy.sent:  # Connection.CloseOk (class 10, method 51)
+                await asyncio.sleep(0.02)
+    assert "closed by the test" in str(reason)

@@ -182,6 +182,8 @@ class Connection(asyncio.Protocol):
     def _fail(self, reason: ConnectionLost) -> None:
         self._end(reason)
         if self._transport is not None:
+            if self._out:  # what is queued (the CloseOk of a close by the broker) goes out first
+                self._flush()
             self._transport.close()
 
     def abort(self) -> None:
