@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from typing import Any
 
 from router import logs
 from router.current import Current
@@ -47,7 +48,7 @@ class Dispatcher:
         # Targets a reload removed: their workers deliver what is already stored for them, then stop.
         self.retired: dict[str, Target] = {}
         self._group: asyncio.TaskGroup | None = None
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # the workers' leasers and lanes
         self._stopped = asyncio.Event()
         # Leased but not yet attempted, across all targets: bounded, so memory is too.
         self.buffer_limit = settings.router_lease_buffer
@@ -160,31 +161,25 @@ class Dispatcher:
         policy, concurrency = kind.policy(self.settings), kind.concurrency(self.settings)
         worker = TargetWorker(key, self, sink, policy, concurrency, nothing_stored=nothing_stored)
         self.workers[key] = worker
-        if not nothing_stored:  # one with nothing stored runs once it has work (``run_worker``)
-            self.run_worker(worker)
+        if not nothing_stored:  # one with nothing stored has no task until it has work
+            worker.wake()
 
-    def run_worker(self, worker: TargetWorker) -> None:
-        """Run ``worker``'s task, which ends when it is idle; again whenever it has work."""
-        if self._group is None or worker.scheduled:
-            return
-        key = worker.key
-        worker.scheduled = True
-        task = self._group.create_task(worker.run(), name=f"worker {key}")
-        self._tasks[key] = task
+    def spawn(self, work: Coroutine[Any, Any, None], name: str | None = None) -> asyncio.Task[None]:
+        """Run a worker's leaser or lane; at stop, they are given the grace period to end."""
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._ended)
+        return task
 
-        def ended(_: asyncio.Task[None]) -> None:
-            worker.scheduled = False
-            if self._tasks.get(key) is task:
-                del self._tasks[key]
-            if self.workers.get(key) is not worker:
-                return
-            if worker.stopped:  # a retired worker that drained its target, or the daemon stops
-                if key in self.retired and not worker.busy:
-                    del self.workers[key]
-            elif worker.has_work:  # handed work while its task was ending
-                self.run_worker(worker)
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:  # a bug: say so, go on
+            log.error("delivery.bug", task=task.get_name(), exc_info=exc)
 
-        task.add_done_callback(ended)
+    def forget(self, worker: TargetWorker) -> None:
+        """``worker`` stopped: its target was removed, and everything stored for it is done."""
+        if self.workers.get(worker.key) is worker and worker.key in self.retired:
+            del self.workers[worker.key]
 
     @property
     def routes(self) -> Routes:
@@ -272,7 +267,7 @@ class Dispatcher:
             for worker in self.workers.values():
                 worker.stop()
             if self._tasks:
-                _, late = await asyncio.wait(list(self._tasks.values()), timeout=grace_s)
+                _, late = await asyncio.wait(list(self._tasks), timeout=grace_s)
                 for task in late:
                     task.cancel()  # their leases are released at the next start
 

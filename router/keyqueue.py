@@ -53,7 +53,9 @@ class KeyQueue:
     def admit(self, leases: Sequence[Lease]) -> tuple[dict[float, list[Lease]], list[Lease]]:
         """Take leased deliveries, oldest first. Returns those to give back to the store, by
         when they are due again (their key waits for a retry), and those to park."""
-        ready, late, park = self.ready, dict[float, list[Lease]](), list[Lease]()
+        ready = self.ready
+        late: dict[float, list[Lease]] = {}
+        park: list[Lease] = []
         for lease in leases:
             key = lease.okey
             if key is None:

@@ -53,21 +53,19 @@ class TargetWorker:
         self._queue = KeyQueue()  # leased, not in flight, in the order their keys require
         self._wake = asyncio.Event()  # new deliveries stored, or an attempt finished
         self._lanes = 0  # lane tasks running: started when there is work, ended when there is none
-        self._group: asyncio.TaskGroup | None = None
         self._need_more = asyncio.Event()  # leaser: fewer are ready or held than it keeps
         self._stopping = False
         # Nothing due is left in the store (the last lease came back short): new deliveries may
         # then come straight from intake without overtaking older ones.
         self.caught_up = nothing_stored
-        # Its task runs only while it has work: the dispatcher starts it (``scheduled``) when
-        # deliveries are stored or handed over, and it ends once the target is caught up with
-        # nothing due and no attempt under way, so an idle target costs no task.
-        self.scheduled = False
-        self._finishing = False  # the leaser has ended; lanes under way finish, none start
+        # Its leaser task runs only while there is something in the store to lease: from a wake
+        # (deliveries stored pending) until the target is caught up with nothing due. Lanes run
+        # only while there are deliveries in hand. So an idle target costs no task, and one fed
+        # by intake alone costs a lane task per burst, no leaser.
+        self._leaser: asyncio.Task[None] | None = None
         # When the next pending delivery falls due, as the store last said (None: none is;
-        # 0: not known since). The task ends only when none is.
+        # 0: not known since). The leaser ends only when none is.
         self._due_at: float | None = None
-        self._poked = False  # the last lane ended: the leaser looks whether it may end too
         self.reserved = 0  # places promised to intake for deliveries being stored
         # Deliveries stored pending so far (claims refused, wakes): possibly after a lease under
         # way read the store, so that lease cannot tell the worker it is caught up.
@@ -94,24 +92,10 @@ class TargetWorker:
         self.reserved -= reserved
         if leases:
             self._admit(leases)
-            self._ensure_running()
 
-    def _ensure_running(self) -> None:
-        if not self.scheduled and not self._stopping:
-            self.dispatcher.run_worker(self)
-
-    def _may_end(self) -> bool:
-        """Caught up, nothing due later, no attempt under way or waiting: the task may end."""
-        return self.caught_up and self._due_at is None and self._lanes == 0 and not self.busy
-
-    @property
-    def stopped(self) -> bool:
-        return self._stopping
-
-    @property
-    def has_work(self) -> bool:
-        """Whether its task must run (again): something stored to lease, or ready to attempt."""
-        return self._wake.is_set() or len(self._queue) > 0
+    def _run_leaser(self) -> None:
+        if self._leaser is None and not self._stopping:
+            self._leaser = self.dispatcher.spawn(self._lease_loop(), f"worker {self.key}")
 
     def _admit(self, leases: Sequence[Lease]) -> None:
         late, park = self._queue.admit(leases)
@@ -170,11 +154,11 @@ class TargetWorker:
     def _start_lanes(self) -> None:
         """A lane per delivery in flight or ready, up to ``concurrency``: an idle target runs none,
         and one waiting on a slow attempt does not keep a ready delivery waiting."""
-        if self._group is None or self._stopping or (self._finishing and self._lanes == 0):
-            return  # (a finishing task group takes no new task: the dispatcher runs it again)
+        if self._stopping:
+            return
         while self._lanes < min(self.concurrency, self.in_flight + len(self._queue.ready)):
             self._lanes += 1
-            self._group.create_task(self._lane())
+            self.dispatcher.spawn(self._lane())
 
     def wake(self) -> None:
         """Deliveries of this target were stored pending: lease them before taking any more
@@ -182,7 +166,7 @@ class TargetWorker:
         self.caught_up = False
         self._refused += 1
         self._wake.set()
-        self._ensure_running()
+        self._run_leaser()
 
     def stop(self) -> None:
         """Stop leasing and starting attempts; attempts under way finish (bounded by the dispatcher)."""
@@ -191,36 +175,22 @@ class TargetWorker:
         self._need_more.set()
         self.dispatcher.stop_waiting(self)
 
-    async def run(self) -> None:
-        """One leaser keeps a buffer of leased deliveries; ``concurrency`` lanes attempt them.
+    async def _lease_loop(self) -> None:
+        """The leaser keeps a buffer of leased deliveries; up to ``concurrency`` lanes attempt them.
 
         Leasing ahead of the lanes lets the next lease overlap with attempts under way. What is
         leased but not attempted when the process stops is pending again at the next start.
         """
-        self._finishing = False
         try:
-            async with asyncio.TaskGroup() as group:
-                self._group = group
-                self._start_lanes()  # for what intake handed over before this ran
-                await self._lease_loop()
-                self._finishing = True  # lanes under way end; then so does this task
+            await self._lease_while_stored()
         finally:
-            self._group = None
+            self._leaser = None  # (here, not in a done callback: a wake from now on runs it again)
 
-    async def _lease_loop(self) -> None:
+    async def _lease_while_stored(self) -> None:
         store = self.dispatcher.store
         while not self._stopping:
-            if self._poked:  # woken by the last lane's end, not by new work
-                self._poked = False
-                if self._may_end():
-                    self._wake.clear()
             if self.caught_up and self._due_at is None and not self._wake.is_set():
-                # Nothing stored to lease: intake hands new deliveries over. The task ends now,
-                # or once its last lane has (which pokes it), unless work comes first.
-                if self._may_end():
-                    return
-                await self._sleep_until(None)
-                continue
+                return  # nothing stored to lease: intake hands new deliveries over
             room = self.concurrency * LEASE_AHEAD - len(self._queue) - self.reserved
             ready = self._queue.ready
             if len(ready) >= self.concurrency or room <= 0 or (room < self.concurrency and ready):
@@ -253,9 +223,11 @@ class TargetWorker:
                 continue
             if due_at is None and self.dispatcher.is_retired(self.key) and not self.busy:
                 self.stop()  # removed from the configuration, and nothing is left for it
+                self.dispatcher.forget(self)
                 return
             self._due_at = due_at
-            await self._sleep_until(due_at)  # (or until the last lane ends: see _may_end)
+            if due_at is not None:  # (none: the loop ends, unless woken meanwhile)
+                await self._sleep_until(due_at)
 
     async def _store_trouble(self, exc: Exception) -> None:
         """The store failed a read or write: say so once for this target, and try again soon."""
@@ -277,9 +249,8 @@ class TargetWorker:
             await self._attempt_ready()
         finally:
             self._lanes -= 1
-            if self._lanes == 0 and self._may_end():
-                self._poked = True
-                self._wake.set()
+        if self._lanes == 0 and not self.busy and self.dispatcher.is_retired(self.key):
+            self.wake()  # the leaser looks whether anything is left, and stops the worker if not
         if self._queue.ready and not self._stopping:  # handed over while this lane was finishing
             self._start_lanes()
 
@@ -398,6 +369,7 @@ class TargetWorker:
         self._track(store.retry(lease, retry_at, error))
         self._due_at = 0.0
         self._wake.set()  # the leaser recomputes when the next delivery is due
+        self._run_leaser()
         return f"retry in {delay:.2f}s", error, retry_at, None
 
     @staticmethod

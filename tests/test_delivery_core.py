@@ -7,6 +7,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import structlog.testing
+
 from router.current import Current
 from router.deadletters import dead_letters, show
 from router.delivery import Dispatcher
@@ -110,6 +112,51 @@ async def test_a_sink_unavailable_without_waiting_does_not_hold_the_loop(make_se
                 await asyncio.sleep(0.02)
     assert sink.delivered == [event.id]
     assert sink.tries < 10, "the lane tried again and again without letting the sink reconnect"
+
+
+class ReadyBugSink(BaseSink):
+    """A sink with a bug outside any attempt: asking whether it is ready raises, once."""
+
+    name = "webhook"
+
+    def __init__(self) -> None:
+        self.raised = False
+        self.delivered: list[str] = []
+
+    @property  # type: ignore[override]
+    def ready(self) -> bool:
+        if not self.raised:
+            self.raised = True
+            raise RuntimeError("a bug in the sink's ready")
+        return True
+
+    async def send(self, target: object, event: Event) -> int | None:
+        self.delivered.append(event.id)
+        return None
+
+
+async def test_a_bug_outside_an_attempt_is_logged_and_delivery_goes_on(make_settings, tmp_path):
+    """A lane that dies of a bug is reported with its traceback; the dispatcher and the other
+    deliveries carry on (the delivery it was about to attempt goes with the next lane)."""
+    store = await Store.open(tmp_path / "router.db")
+    target = WebhookTarget("webhook:global", None, "http://127.0.0.1:9/x", False, events=frozenset({"call"}))
+    sink = ReadyBugSink()
+    with structlog.testing.capture_logs() as logged:
+        async with delivery_core(store, sink, {target.key: target}, make_settings()) as dispatcher:
+            first, second = (Event(new_event_id(), "bot", "call", b"{}", utc_timestamp()) for _ in range(2))
+            await store.accept([NewDelivery(first, (target.key,))])
+            dispatcher.notify([target.key])
+            async with asyncio.timeout(10):
+                while not any(line["event"] == "delivery.bug" for line in logged):
+                    await asyncio.sleep(0.02)
+            await store.accept([NewDelivery(second, (target.key,))])
+            dispatcher.notify([target.key])
+            async with asyncio.timeout(10):
+                while len(sink.delivered) < 2 or not await dispatcher.idle():
+                    await asyncio.sleep(0.02)
+    assert sink.delivered == [first.id, second.id]
+    [bug] = [line for line in logged if line["event"] == "delivery.bug"]
+    assert isinstance(bug["exc_info"], RuntimeError) and "ready" in str(bug["exc_info"])
 
 
 class CountingStore(Store):
