@@ -55,7 +55,7 @@ class Dispatcher:
         self.buffered = 0
         self.handed_over = 0  # deliveries given to workers by intake without a lease query
         self._stored_early: set[str] = set()  # targets given deliveries before their worker ran
-        self._started = False  # every worker of the configuration at start is running
+        self._started = False  # the targets with deliveries stored at start have their workers
         # Workers waiting for room in the buffer, first come first served: a release wakes as
         # many as it freed places, not every worker of every target.
         self._budget_waiters: collections.OrderedDict[TargetWorker, asyncio.Future[None]] = (
@@ -115,7 +115,7 @@ class Dispatcher:
         """Targets whose worker takes these new deliveries from intake directly (Handoff)."""
         claimed = set()
         for key, count in counts.items():
-            worker = self.workers.get(key)
+            worker = self.workers.get(key) or self._first_work(key)
             if worker is None or (self.buffered + count > self.buffer_limit and count > worker.free_lanes):
                 continue
             if worker.claim(count):
@@ -133,15 +133,26 @@ class Dispatcher:
             self.workers[key].take(got, reserved)
             self.release(reserved - len(got))  # ids that were duplicates
 
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    def _first_work(self, key: str) -> TargetWorker | None:
+        """A worker for a configured target that has none: an idle target has no worker (it
+        costs its configuration only), and one without a worker has nothing stored."""
+        if not self._started or key not in self.routes.targets:
+            return None
+        return self._start(key, nothing_stored=True)
+
     def notify(self, keys: Iterable[str]) -> None:
         for key in keys:
             worker = self.workers.get(key)
             if worker is not None:
                 worker.wake()
-            elif key in self.retired:  # stored by a request that began before the reload
-                self._start(key)
             elif not self._started:  # stored before the workers started: this one reads first
                 self._stored_early.add(key)
+            elif key in self.retired or key in self.routes.targets:
+                self._start(key)  # (a removed one: stored by a request begun before the reload)
 
     def target(self, key: str) -> Target | None:
         """The target ``key`` names: configured, or removed but still draining."""
@@ -150,19 +161,20 @@ class Dispatcher:
     def is_retired(self, key: str) -> bool:
         return key in self.retired
 
-    def _start(self, key: str, nothing_stored: bool = False) -> None:
+    def _start(self, key: str, nothing_stored: bool = False) -> TargetWorker | None:
         kind = kind_of(key)
         sink = self.sinks.get(kind.name) if kind is not None else None
         if sink is None or kind is None or self._group is None or key in self.workers:
             # One worker per target: a reload during start-up may have started it already, and a
             # second one would replace the first in ``workers``, which would then never stop.
             # A target of a sink that is not configured has no worker (see ``run``).
-            return
+            return self.workers.get(key)
         policy, concurrency = kind.policy(self.settings), kind.concurrency(self.settings)
         worker = TargetWorker(key, self, sink, policy, concurrency, nothing_stored=nothing_stored)
         self.workers[key] = worker
         if not nothing_stored:  # one with nothing stored has no task until it has work
             worker.wake()
+        return worker
 
     def spawn(self, work: Coroutine[Any, Any, None], name: str | None = None) -> asyncio.Task[None]:
         """Run a worker's leaser or lane; at stop, they are given the grace period to end."""
@@ -198,10 +210,10 @@ class Dispatcher:
         for key, target in previous.targets.items():
             if key not in routes.targets:
                 self.retired[key] = target
-        for key in routes.targets:
+        for key in routes.targets.keys() - previous.targets.keys():
             self.retired.pop(key, None)
-            if key not in self.workers:
-                self._start(key)
+            # Another router sharing the database may have stored some already: look once.
+            self._start(key)
         for key in self.retired:
             if key in self.workers:
                 self.workers[key].wake()
@@ -251,15 +263,16 @@ class Dispatcher:
             self._group = group
             await self.store.changed_elsewhere()  # from here on, another process's writes wake us
             self.store.subscribe(self._due_elsewhere)  # and so do other routers' (PostgreSQL)
-            stored = await self.store.pending_targets()
-            for key in set(self.routes.targets) | stored:
+            # Only targets with something stored get a worker now; the others get one with
+            # their first deliveries (so 10,000 idle targets cost no worker and no query).
+            for key in await self.store.pending_targets():
                 if key not in self.routes.targets and self._sink_missing(key) is not None:
                     await self._bury(key)
                 else:
-                    # A target with nothing stored needs no first lease: it waits, caught up,
-                    # for intake (so 10,000 idle targets cost no store queries at start).
-                    self._start(key, nothing_stored=key not in stored and key not in self._stored_early)
+                    self._start(key)
             self._started = True
+            for key in self._stored_early:
+                self._start(key)
             self._stored_early.clear()
             watcher = group.create_task(self._watch_other_writers(), name="external writes")
             await self._stopped.wait()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 import unicodedata
 import uuid
@@ -256,25 +257,36 @@ def accepted_keys(model: type[BaseModel]) -> frozenset[str]:
 def instance_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if is_instance_file(p) and p.is_file())
+    return [directory / name for name, _, _ in _stamped_files(directory)]
 
 
 def is_instance_file(path: Path) -> bool:
+    return is_instance_file_name(path.name)
+
+
+def is_instance_file_name(name: str) -> bool:
     """``<name>.yaml`` or ``<name>.yml``; hidden files (editors' and our temporary ones) are not."""
-    return path.suffix in (".yaml", ".yml") and not path.name.startswith(".")
-
-
-def fingerprint(files: list[Path]) -> frozenset[tuple[str, int, int]]:
-    stamps = set()
-    for path in files:
-        with contextlib.suppress(OSError):  # removed in the meantime: it is not there
-            stat = path.stat()
-            stamps.add((path.name, stat.st_mtime_ns, stat.st_size))
-    return frozenset(stamps)
+    return name.endswith((".yaml", ".yml")) and not name.startswith(".")
 
 
 def directory_fingerprint(directory: Path) -> frozenset[tuple[str, int, int]]:
-    return fingerprint(instance_files(directory))
+    return frozenset(_stamped_files(directory)) if directory.is_dir() else frozenset()
+
+
+def _stamped_files(directory: Path) -> list[tuple[str, int, int]]:
+    """The instance files of ``directory`` by name, each as (name, mtime, size): one listing and
+    one stat per file (10,000 files are read at start)."""
+    found = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if not is_instance_file_name(entry.name):
+                continue
+            with contextlib.suppress(OSError):  # removed in the meantime: it is not there
+                if entry.is_file():
+                    stat = entry.stat()
+                    found.append((entry.name, stat.st_mtime_ns, stat.st_size))
+    found.sort()
+    return found
 
 
 def load_instances(directory: Path, previous: LoadResult | None = None) -> LoadResult:
@@ -284,17 +296,15 @@ def load_instances(directory: Path, previous: LoadResult | None = None) -> LoadR
     if not directory.is_dir():
         result.problems.append(f"{directory}: instances directory does not exist")
         return result
-    files = instance_files(directory)
-    result.fingerprint = fingerprint(files)
+    stamps = _stamped_files(directory)
+    result.fingerprint = frozenset(stamps)
     folded: dict[str, str] = {}  # casefolded name -> the name loaded: one lookup per file
-    stamps = {name: (name, mtime, size) for name, mtime, size in result.fingerprint}
-    for path in files:
-        stamp = stamps.get(path.name)
-        outcome = previous.parsed.get(stamp) if previous is not None and stamp is not None else None
+    for stamp in stamps:
+        path = directory / stamp[0]
+        outcome = previous.parsed.get(stamp) if previous is not None else None
         if outcome is None:
             outcome = _parse_file(path)
-        if stamp is not None:
-            result.parsed[stamp] = outcome
+        result.parsed[stamp] = outcome
         if isinstance(outcome, ConfigError):
             result.problems.extend(outcome.problems)
             result.failed_names.add(path.stem)

@@ -211,7 +211,7 @@ async def test_caught_up_targets_ask_the_store_nothing_for_what_intake_hands_the
                     await asyncio.sleep(0.01)
 
         async with asyncio.timeout(10):
-            while len(dispatcher.workers) < 200:
+            while not dispatcher.started:
                 await asyncio.sleep(0.01)
         await store.accept(batch())  # stored pending: each worker leases its event
         dispatcher.notify(targets)
@@ -231,7 +231,8 @@ async def test_caught_up_targets_ask_the_store_nothing_for_what_intake_hands_the
 
 async def test_idle_targets_run_no_lanes_and_busy_ones_end_theirs(receiver, make_settings, tmp_path):
     """An attempt lane exists only while its target has deliveries in hand: 300 idle webhooks
-    cost no task (their leaser runs only while they have work), not one per unit of concurrency."""
+    cost no task and not even a worker (one is made with their first deliveries), not a task
+    per unit of concurrency."""
     from tests.conftest import post_ingest, running, wait_idle, write_instance  # noqa: PLC0415
 
     for n in range(300):
@@ -240,15 +241,17 @@ async def test_idle_targets_run_no_lanes_and_busy_ones_end_theirs(receiver, make
         )
     async with running(make_settings(ROUTER_WEBHOOK_CONCURRENCY="64")) as app:
         async with asyncio.timeout(10):
-            while len(app.dispatcher.workers) < 300:  # type: ignore[union-attr]
+            while not app.dispatcher.started:  # type: ignore[union-attr]
                 await asyncio.sleep(0.01)
         await wait_idle(app)
+        assert app.dispatcher.workers == {}  # type: ignore[union-attr]
         idle_tasks = len(asyncio.all_tasks())
         assert idle_tasks < 100, idle_tasks  # a task a target would be 300, 64 lanes each 19,200
         events = [{"event": "call", "instance": f"i{n % 3}", "data": {"n": n}} for n in range(90)]
         assert (await post_ingest(app, events))[0] == 202
         await receiver.wait_for(90)
         await wait_idle(app)
+        assert sorted(app.dispatcher.workers) == [f"webhook:instance:i{n}" for n in range(3)]  # type: ignore[union-attr]
         lanes = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "TargetWorker._lane"]
         assert lanes == [], "lanes end when their work is done"
         async with asyncio.timeout(10):  # and so do the workers' own tasks, once their lanes have
