@@ -7,6 +7,7 @@ import asyncio
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from router.metrics import Metrics
 from tests.conftest import hook_env, post_ingest, running
 
 
@@ -75,3 +76,29 @@ async def test_reloads_are_counted_and_timed(make_settings, tmp_path):
     total = got[("router_last_reload_seconds", (("part", "total"),))]
     loop = got[("router_last_reload_seconds", (("part", "loop"),))]
     assert 0 < loop <= total
+
+
+def test_histogram_buckets_count_each_value_under_every_bound_it_does_not_exceed():
+    """Prometheus' ``le`` is inclusive: a value on a bound counts in that bound's bucket."""
+    metrics = Metrics()
+    for seconds in (0.005, 0.0051, 0.3, 31.0):
+        metrics.attempt("webhook", "call", "delivered", seconds, None)
+    metrics.attempt("webhook", "call", "retried", 0.001, None)
+    found = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for sample in family.samples
+    }
+
+    def bucket(le: str) -> float:
+        return found[("router_delivery_attempt_seconds_bucket", (("le", le), ("sink", "webhook")))]
+
+    assert [bucket(le) for le in ("0.005", "0.01", "0.25", "0.5", "30.0", "+Inf")] == [2, 3, 3, 4, 4, 5]
+    assert found[("router_delivery_attempt_seconds_count", (("sink", "webhook"),))] == 5
+    assert abs(found[("router_delivery_attempt_seconds_sum", (("sink", "webhook"),))] - 31.3111) < 1e-9
+    key = ("router_deliveries_total", (("event", "call"), ("outcome", "retried"), ("sink", "webhook")))
+    assert found[key] == 1
+    assert (
+        "router_delivery_latency_seconds_count",
+        (("sink", "webhook"),),
+    ) not in found  # none delivered with one
