@@ -10,6 +10,8 @@ With PostgreSQL the queue figures are those of the queue every router shares; th
 from __future__ import annotations
 
 import bisect
+import collections
+import functools
 from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -82,9 +84,9 @@ class Metrics:
         attempts = self._attempts
         key = (sink, event, outcome)
         attempts.outcomes[key] = attempts.outcomes.get(key, 0) + 1
-        _observe(attempts.seconds, sink, ATTEMPT_BUCKETS, seconds)
+        attempts.seconds[sink].observe(seconds)
         if latency_s is not None:
-            _observe(attempts.latency, sink, LATENCY_BUCKETS, latency_s)
+            attempts.latency[sink].observe(latency_s)
 
     def set_store_state(self, state: Mapping[str, tuple[int, int, float | None]]) -> None:
         """``sink -> (waiting, dead, oldest waiting age in seconds)``, as the store reports it."""
@@ -105,9 +107,13 @@ class _Attempts:
 
     def __init__(self) -> None:
         self.outcomes: dict[tuple[str, str, str], int] = {}  # (sink, event, outcome) -> attempts
-        # sink -> the count in each bucket (the last one: above every bound) and their sum
-        self.seconds: dict[str, tuple[list[int], list[float]]] = {}
-        self.latency: dict[str, tuple[list[int], list[float]]] = {}
+        # sink -> its attempts' durations; sink -> acceptance to acknowledgement
+        self.seconds: collections.defaultdict[str, _Buckets] = collections.defaultdict(
+            functools.partial(_Buckets, ATTEMPT_BUCKETS)
+        )
+        self.latency: collections.defaultdict[str, _Buckets] = collections.defaultdict(
+            functools.partial(_Buckets, LATENCY_BUCKETS)
+        )
 
     def collect(self) -> Iterator[Metric]:
         deliveries = CounterMetricFamily(
@@ -121,39 +127,37 @@ class _Attempts:
         yield _histogram(
             "router_delivery_attempt_seconds",
             "How long one delivery attempt took (for webhooks: the receiver's response time)",
-            ATTEMPT_BUCKETS,
             self.seconds,
         )
         yield _histogram(
             "router_delivery_latency_seconds",
             "From acceptance at intake to the sink's acknowledgement, retries included",
-            LATENCY_BUCKETS,
             self.latency,
         )
 
 
-def _observe(
-    histograms: dict[str, tuple[list[int], list[float]]], sink: str, bounds: tuple[float, ...], value: float
-) -> None:
-    found = histograms.get(sink)
-    if found is None:
-        found = histograms[sink] = ([0] * (len(bounds) + 1), [0.0])
-    counts, total = found
-    counts[bisect.bisect_left(bounds, value)] += 1  # the first bucket whose bound is >= value
-    total[0] += value
+class _Buckets:
+    """One histogram's observations: the count in each bucket (the last one: above every bound)
+    and their sum."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bound >= value
+        self.total += value
 
 
-def _histogram(
-    name: str,
-    documentation: str,
-    bounds: tuple[float, ...],
-    histograms: dict[str, tuple[list[int], list[float]]],
-) -> HistogramMetricFamily:
+def _histogram(name: str, documentation: str, histograms: dict[str, _Buckets]) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, documentation, labels=["sink"])
-    for sink, (counts, total) in sorted(histograms.items()):
+    for sink, found in sorted(histograms.items()):
         cumulative, buckets = 0, []
-        for bound, count in zip([*map(floatToGoString, bounds), "+Inf"], counts, strict=True):
+        for bound, count in zip([*map(floatToGoString, found.bounds), "+Inf"], found.counts, strict=True):
             cumulative += count
             buckets.append((bound, cumulative))
-        family.add_metric([sink], buckets, total[0])
+        family.add_metric([sink], buckets, found.total)
     return family
