@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from router.delivery import Dispatcher
 
 log = logs.get_logger("router.delivery")
-LEASE_AHEAD = 16  # a worker keeps up to this many times its concurrency leased ahead
+LEASE_AHEAD = 32  # a worker keeps up to this many times its concurrency leased ahead
 STORE_RETRY_S = 1.0  # a worker whose lease failed (disk full ...) leases again after this
 SINK_WAIT_S = 1.0  # lanes waiting for a sink that is down look at whether to stop this often
 
@@ -49,6 +49,10 @@ class TargetWorker:
         self.sink = sink
         self.policy = policy
         self.concurrency = concurrency
+        self.ahead = concurrency * LEASE_AHEAD  # leased and held in memory, at most
+        # The leaser leases again once fewer than this are ready, so the next lease (queued
+        # behind whatever transaction the store is writing) comes back before the lanes run dry.
+        self._low = self.ahead // 2
         self.in_flight = 0
         self._queue = KeyQueue()  # leased, not in flight, in the order their keys require
         self._wake = asyncio.Event()  # new deliveries stored, or an attempt finished
@@ -80,7 +84,7 @@ class TargetWorker:
 
     def claim(self, count: int) -> bool:
         """Take ``count`` new deliveries straight from intake, if that keeps their order."""
-        room = self.concurrency * LEASE_AHEAD - len(self._queue) - self.reserved
+        room = self.ahead - len(self._queue) - self.reserved
         if self._stopping or not self.caught_up or count > room:
             self.caught_up = False  # they go through the store, behind what is there
             self._refused += 1
@@ -191,9 +195,9 @@ class TargetWorker:
         while not self._stopping:
             if self.caught_up and self._due_at is None and not self._wake.is_set():
                 return  # nothing stored to lease: intake hands new deliveries over
-            room = self.concurrency * LEASE_AHEAD - len(self._queue) - self.reserved
+            room = self.ahead - len(self._queue) - self.reserved
             ready = self._queue.ready
-            if len(ready) >= self.concurrency or room <= 0 or (room < self.concurrency and ready):
+            if len(ready) >= self._low or room <= 0 or (room < self.concurrency and ready):
                 self._need_more.clear()  # enough to do; lease again in batches, not one by one
                 await self._need_more.wait()
                 continue
@@ -263,7 +267,7 @@ class TargetWorker:
                 continue
             lease = ready.popleft()
             self.dispatcher.release(1)
-            if len(ready) < self.concurrency:
+            if len(ready) < self._low:
                 self._need_more.set()
             self.in_flight += 1
             try:

@@ -24,6 +24,7 @@ from router.sinks.webhook import WebhookTarget
 from router.store import NewDelivery, QueueStore, SqliteStore
 from router.store.pg_schema import MIGRATIONS, SCHEMA_VERSION
 from router.store.postgres import PostgresStore
+from router.store.sqlite import MAX_ROWS_PER_TRANSACTION
 
 TARGET = "webhook:global"
 OpenStore = Callable[..., Awaitable[QueueStore]]
@@ -107,6 +108,28 @@ async def test_an_id_sent_twice_is_stored_once_and_the_checkpoint_goes_with_it(o
     assert first.duplicates == set() and second.duplicates == {"src-1"}
     assert (await store.counts())["pending"] == 1
     assert await store.checkpoint("jsonl") == "20"
+
+
+async def test_a_lease_does_not_wait_behind_events_being_accepted(tmp_path):
+    """SQLite: leases and acks go in a transaction of their own ahead of queued accepts (which
+    sync to disk), and an accepting transaction holds a bounded number of deliveries."""
+    store = await SqliteStore.open(tmp_path / "router.db")
+    runner = asyncio.create_task(store.run())
+    try:
+        await store.accept([NewDelivery(event(), (TARGET,))])
+        big = [NewDelivery(event(chat=f"c{n}"), (TARGET,)) for n in range(MAX_ROWS_PER_TRANSACTION)]
+        accepting = asyncio.ensure_future(store.accept(big))
+        also = asyncio.ensure_future(store.accept([NewDelivery(event(), (TARGET,))]))
+        leasing = asyncio.ensure_future(store.lease(TARGET, 10))  # queued after both accepts
+        done, _ = await asyncio.wait({accepting, also, leasing}, return_when=asyncio.FIRST_COMPLETED)
+        assert done == {leasing}
+        assert len(leasing.result()) == 1  # what was stored before; the rest is not written yet
+        before = store.transactions
+        await asyncio.gather(accepting, also)
+        assert store.transactions == before + 2  # one batch filled a transaction
+        assert len(await store.lease(TARGET, 2 * MAX_ROWS_PER_TRANSACTION)) == MAX_ROWS_PER_TRANSACTION + 1
+    finally:
+        await stop(store, runner)
 
 
 async def test_leases_under_way_are_pending_again_after_a_restart(open_store):

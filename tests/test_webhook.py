@@ -254,7 +254,7 @@ async def test_one_target_with_concurrency_1_receives_in_intake_order(receiver, 
         ROUTER_WEBHOOK_CONCURRENCY="1",
     )
     async with running(settings) as app:
-        for start in range(0, 400, 10):  # batches that fit the worker's buffer (16 x concurrency)
+        for start in range(0, 400, 10):  # batches that fit the worker's buffer (32 x concurrency)
             batch = [{"event": "call", "instance": "bot", "data": {"n": n}} for n in range(start, start + 10)]
             assert (await post_ingest(app, batch))[0] == 202
             if start == 200:

@@ -30,6 +30,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,6 +58,7 @@ T = TypeVar("T")
 
 log = logs.get_logger("router.store")
 MAX_OPS_PER_TRANSACTION = 4096
+MAX_ROWS_PER_TRANSACTION = 1000  # deliveries an accepting transaction writes (more: one batch alone)
 FULL_RETRY_S = 1.0  # with the disk full, kept writes (acks, retries) are tried again this often
 VACUUM_EVERY_S = 2.0  # how often free pages are looked at
 VACUUM_MIN_FREE_PAGES = 256  # fewer free pages than this are kept for reuse
@@ -64,6 +66,18 @@ VACUUM_STEP_PAGES = 2048  # pages given back per step (8 MiB of 4 KiB pages)
 
 
 Op = Callable[[sqlite3.Connection], Any]
+
+
+@dataclass(slots=True)
+class _Queued:
+    """An operation waiting for the next transaction. A kept one (ack, retry, kill) is tried
+    again when the disk is full, instead of failing; others fail with StorageFull."""
+
+    op: Op
+    future: asyncio.Future[Any]
+    durable: bool = False  # accepted events: synced before the future resolves
+    kept: bool = False
+    rows: int = 1  # deliveries it writes, for the size of a transaction
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -92,9 +106,7 @@ class SqliteStore:
         self.dedup_window_s = dedup_window_s  # ids sent by adapters are remembered this long
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._conn: sqlite3.Connection | None = None
-        # (op, future, durable, kept): a kept op (ack, retry, kill) is tried again when the disk
-        # is full, instead of failing; others fail with StorageFull.
-        self._ops: list[tuple[Op, asyncio.Future[Any], bool, bool]] = []
+        self._ops: list[_Queued] = []
         self.full = False  # the last write failed for lack of disk space
         self._acks: list[Lease] = []
         self._acks_written: asyncio.Future[None] | None = None  # resolves once ``_acks`` are written
@@ -140,7 +152,6 @@ class SqliteStore:
 
     async def run(self) -> None:
         """Apply queued operations, one transaction per batch, until ``close`` is called."""
-        loop = asyncio.get_running_loop()
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), VACUUM_EVERY_S)
@@ -154,30 +165,56 @@ class SqliteStore:
                     acks, self._acks = self._acks, []
                     written, self._acks_written = self._acks_written, None
                     assert written is not None
-                    self._ops.insert(0, (self._ack_op(acks), written, False, True))
-                batch = self._ops[:MAX_OPS_PER_TRANSACTION]
-                del self._ops[:MAX_OPS_PER_TRANSACTION]
-                durable = any(item[2] for item in batch)
-                outcomes = await loop.run_in_executor(
-                    self._executor, self._apply, [item[0] for item in batch], durable
-                )
-                kept = []
-                for item, (ok, value) in zip(batch, outcomes, strict=True):
-                    future = item[1]
-                    if future.done():
-                        continue
-                    if ok:
-                        future.set_result(value)
-                    elif is_disk_full(value) and item[3] and not self._closing:
-                        kept.append(item)  # written once there is room again
-                    else:
-                        future.set_exception(StorageFull(self.path) if is_disk_full(value) else value)
-                await self._note_space(full=any(not ok and is_disk_full(v) for ok, v in outcomes))
-                if kept:
-                    self._ops[:0] = kept
-                    await asyncio.sleep(FULL_RETRY_S)
+                    self._ops.insert(0, _Queued(self._ack_op(acks), written, kept=True))
+                await self._write(self._next_batch())
             if self._closing:
                 return
+
+    def _next_batch(self) -> list[_Queued]:
+        """The next transaction's operations, taken from the front of the queue.
+
+        Leases, acks and retries (not durable) do not wait behind accepted events being synced:
+        when both are queued, they are written first, in a transaction of their own, so a
+        worker's next lease comes back within one accepting transaction. Accepting transactions
+        hold up to ``MAX_ROWS_PER_TRANSACTION`` deliveries, so that wait stays short."""
+        queued = self._ops
+        light = [item for item in queued if not item.durable]
+        if light and len(light) < len(queued):  # accepts are queued too: these go first
+            batch = light[:MAX_OPS_PER_TRANSACTION]
+            taken = set(map(id, batch))
+            self._ops = [item for item in queued if id(item) not in taken]
+            return batch
+        batch, rows = [], 0
+        for item in queued:
+            if batch and (
+                len(batch) == MAX_OPS_PER_TRANSACTION or rows + item.rows > MAX_ROWS_PER_TRANSACTION
+            ):
+                break
+            batch.append(item)
+            rows += item.rows
+        del queued[: len(batch)]
+        return batch
+
+    async def _write(self, batch: list[_Queued]) -> None:
+        """One transaction for ``batch``; each operation's future gets its own outcome."""
+        durable = any(item.durable for item in batch)
+        outcomes = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._apply, [item.op for item in batch], durable
+        )
+        kept = []
+        for item, (ok, value) in zip(batch, outcomes, strict=True):
+            if item.future.done():
+                continue
+            if ok:
+                item.future.set_result(value)
+            elif is_disk_full(value) and item.kept and not self._closing:
+                kept.append(item)  # written once there is room again
+            else:
+                item.future.set_exception(StorageFull(self.path) if is_disk_full(value) else value)
+        await self._note_space(full=any(not ok and is_disk_full(v) for ok, v in outcomes))
+        if kept:
+            self._ops[:0] = kept
+            await asyncio.sleep(FULL_RETRY_S)
 
     async def close(self) -> None:
         """Stop ``run`` once everything queued is written, then close the database."""
@@ -249,12 +286,12 @@ class SqliteStore:
         self.full = full
 
     def _submit(
-        self, op: Callable[[sqlite3.Connection], T], durable: bool = False, kept: bool = False
+        self, op: Callable[[sqlite3.Connection], T], durable: bool = False, kept: bool = False, rows: int = 1
     ) -> asyncio.Future[T]:
         if self._closing and self._conn is None:
             raise RuntimeError("store is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._ops.append((op, future, durable, kept))
+        self._ops.append(_Queued(op, future, durable, kept, rows))
         self._wake.set()
         return future
 
@@ -330,7 +367,7 @@ class SqliteStore:
                 )
             return Accepted(duplicates, leases)
 
-        return await self._submit(op, durable=True)
+        return await self._submit(op, durable=True, rows=sum(len(item.targets) for item in batch))
 
     def _seen_before(self, conn: sqlite3.Connection, ids: list[str], now: float) -> set[str]:
         """Remember adapter-sent ids; return those already remembered (within the window)."""
