@@ -15,9 +15,10 @@ from typing import Any
 from router import logs
 from router.current import Current
 from router.metrics import Metrics
+from router.retry import RetryPolicy
 from router.routing import Routes, Target
 from router.settings import Settings
-from router.sinks import BaseSink
+from router.sinks import BaseSink, SinkKind
 from router.sinks.registry import kind_of
 from router.store import Lease, QueueStore
 from router.worker import TargetWorker
@@ -56,6 +57,7 @@ class Dispatcher:
         self.handed_over = 0  # deliveries given to workers by intake without a lease query
         self._stored_early: set[str] = set()  # targets given deliveries before their worker ran
         self._started = False  # the targets with deliveries stored at start have their workers
+        self._policies: dict[str, tuple[RetryPolicy, int]] = {}  # sink -> its policy, concurrency
         # Workers waiting for room in the buffer, first come first served: a release wakes as
         # many as it freed places, not every worker of every target.
         self._budget_waiters: collections.OrderedDict[TargetWorker, asyncio.Future[None]] = (
@@ -169,12 +171,17 @@ class Dispatcher:
             # second one would replace the first in ``workers``, which would then never stop.
             # A target of a sink that is not configured has no worker (see ``run``).
             return self.workers.get(key)
-        policy, concurrency = kind.policy(self.settings), kind.concurrency(self.settings)
+        policy, concurrency = self._policies.get(kind.name) or self._policy_of(kind)
         worker = TargetWorker(key, self, sink, policy, concurrency, nothing_stored=nothing_stored)
         self.workers[key] = worker
         if not nothing_stored:  # one with nothing stored has no task until it has work
             worker.wake()
         return worker
+
+    def _policy_of(self, kind: SinkKind) -> tuple[RetryPolicy, int]:
+        """A sink's retry policy and concurrency, made once (10,000 targets: 10,000 workers)."""
+        self._policies[kind.name] = found = kind.policy(self.settings), kind.concurrency(self.settings)
+        return found
 
     def spawn(self, work: Coroutine[Any, Any, None], name: str | None = None) -> asyncio.Task[None]:
         """Run a worker's leaser or lane; at stop, they are given the grace period to end."""
