@@ -224,3 +224,55 @@ async def test_deliveries_of_a_sink_no_longer_enabled_are_reported_then_dead_let
     assert letters[0]["last_error"] == (
         "the nats sink is not enabled (NATS_ENABLED is not true); replay with 'evolution-router dlq replay'"
     )
+
+
+@contextlib.asynccontextmanager
+async def counting_relay(upstream_port: int = 4222) -> AsyncIterator[tuple[int, list[int]]]:
+    """A TCP relay to the machine's NATS server: yields its port and [pings the client sent]."""
+    pings = [0]
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: bool) -> None:
+        tail = b""
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                if count:  # a ping may be split across reads: look at the seam too
+                    pings[0] += (tail + data).count(b"PING\r\n") - tail.count(b"PING\r\n")
+                    tail = data[-5:]
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
+        await asyncio.gather(
+            pipe(client_reader, server_writer, True), pipe(server_reader, client_writer, False)
+        )
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1], pings
+
+
+async def test_publishes_made_together_share_one_acknowledging_ping(listener, make_settings):
+    tag = uuid.uuid4().hex[:8]
+    got = await collect(listener, f"p{tag}.messages.upsert")
+    async with counting_relay() as (port, pings):
+        env = nats_env(
+            f"nats://127.0.0.1:{port}",
+            NATS_GLOBAL_ENABLED="true",
+            NATS_PREFIX_KEY=f"p{tag}",
+            NATS_EVENTS_MESSAGES_UPSERT="true",
+            ROUTER_QUEUE_CONCURRENCY="64",
+            ROUTER_NATS_ORDERING="none",
+        )
+        async with running(make_settings(**env)) as app:
+            events = [{"event": "messages.upsert", "instance": "bot", "data": {"n": n}} for n in range(300)]
+            before = pings[0]
+            assert (await post_ingest(app, events))[0] == 202
+            await wait_idle(app)
+            sent = pings[0] - before
+        await listener.flush()
+    assert sorted(orjson.loads(m.data)["data"]["n"] for m in got) == list(range(300))
+    # Each publish counted only after the server answered a ping sent after it; one ping per
+    # publish would be 300.
+    assert 0 < sent < 100, sent

@@ -43,6 +43,9 @@ class NatsSink(KeptConnectionSink):
         self.prefix = settings.nats_prefix_key
         self._client: Client | None = None
         self._streams: dict[str, tuple[bool, float]] = {}  # subject -> (captured, until)
+        # The next flush, shared by every publish made before it is sent (``_flushed``).
+        self._flush: asyncio.Future[None] | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
 
     def where(self, target: NatsTarget, event: Event) -> dict[str, str]:
         return {"subject": subject(target, event, self.prefix)}
@@ -128,6 +131,37 @@ class NatsSink(KeptConnectionSink):
         self._streams[name] = (captured, now + STREAM_CACHE_S)
         return captured
 
+    def _flushed(self, client: Client) -> asyncio.Future[None]:
+        """Resolves once the server answered a ping sent after every publish made so far.
+
+        The publishes of one turn of the event loop share that ping: the same acknowledgement
+        as a flush after each, one ping (a write to the socket) for them all."""
+        if self._flush is None:
+            loop = asyncio.get_running_loop()
+            self._flush = loop.create_future()
+            self._flush.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+            loop.call_soon(self._ping, client)
+        return self._flush
+
+    def _ping(self, client: Client) -> None:
+        waiting, self._flush = self._flush, None
+        assert waiting is not None
+        task = asyncio.ensure_future(client.flush(timeout=int(PUBLISH_TIMEOUT_S)))
+        self._flushing.add(task)
+
+        def answered(task: asyncio.Task[None]) -> None:
+            self._flushing.discard(task)
+            if waiting.done():
+                return
+            if task.cancelled():
+                waiting.cancel()
+            elif (exc := task.exception()) is not None:
+                waiting.set_exception(exc)
+            else:
+                waiting.set_result(None)
+
+        task.add_done_callback(answered)
+
     async def send(self, target: NatsTarget, event: Event) -> int | None:
         client = self._client
         if client is None or not self._up.is_set():
@@ -140,7 +174,7 @@ class NatsSink(KeptConnectionSink):
                 await client.jetstream().publish(name, body, timeout=PUBLISH_TIMEOUT_S, headers=headers)
             else:
                 await client.publish(name, body, headers=headers)
-                await client.flush(timeout=int(PUBLISH_TIMEOUT_S))
+                await asyncio.shield(self._flushed(client))
         except APIError as exc:
             self._streams.pop(name, None)  # the stream may have changed: ask again next time
             if exc.code is not None and 400 <= exc.code < 500 and exc.code not in (408, 429):
