@@ -8,8 +8,10 @@ with its last delivery, so the file stays as large as the backlog.
 
 All access goes through one connection on one thread. Operations queue up while a transaction
 is being written and are then applied together, one transaction for the lot (group commit), so
-the store keeps up with intake. Each operation runs in its own savepoint: one failing operation
-fails only its own caller. Acks, the most frequent write, are gathered into one operation.
+the store keeps up with intake; leases, acks and retries go ahead of queued accepts, in a
+transaction of their own (``_next_batch``). Each operation runs in its own savepoint: one
+failing operation fails only its own caller. Acks, the most frequent write, are gathered into
+one operation.
 
 Durability: a transaction that accepts events is committed with ``synchronous=FULL`` (on disk
 before intake answers 202, power loss included). Leases, acks and retries commit with
