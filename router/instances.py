@@ -269,6 +269,13 @@ def is_instance_file_name(name: str) -> bool:
     return name.endswith((".yaml", ".yml")) and not name.startswith(".")
 
 
+def file_stamps(directory: Path) -> dict[str, tuple[int, int]]:
+    """Each instance file's name -> (mtime in ns, size): what tells that a file changed."""
+    if not directory.is_dir():
+        return {}
+    return {name: (mtime, size) for name, mtime, size in _stamped_files(directory)}
+
+
 def directory_fingerprint(directory: Path) -> frozenset[tuple[str, int, int]]:
     return frozenset(_stamped_files(directory)) if directory.is_dir() else frozenset()
 

@@ -5,11 +5,15 @@ The ``instances`` table holds each instance file's text, by file name. Each rout
 always does:
 
 - **down**: when another router changed the table (``NOTIFY router_instances``), this router
-  writes the changed files, removes the deleted ones and reloads, within the notification's time;
+  writes the changed files, removes the deleted ones and reloads, within the notification's time.
+  It reads only what changed since it last looked: a trigger logs every changed name
+  (``instance_changes``, kept an hour), whoever writes the table. The whole table is read at
+  start, after the connection was lost, and by a pull ``FULL_READ_S`` after the last such read;
 - **up**: after each reload (the admin API's writes, an operator's edit), files that differ from
-  what the table held are written to it, removed files are deleted from it, and the other
-  routers are notified. A change the database could not take is tried again until it does, and
-  nothing is taken from the table over it meanwhile.
+  what the table held (only files whose size or time changed are read) are written to it,
+  removed files are deleted from it, and the other routers are notified. A change the database
+  could not take is tried again until it does, and nothing is taken from the table over it
+  meanwhile.
 
 At start the table wins (a router that was down catches up, deleted instances stay deleted),
 except when the table is empty: then this router's files are its first content.
@@ -27,21 +31,29 @@ from pathlib import Path
 import asyncpg
 
 from router import instance_files, logs
+from router.instances import file_stamps
 from router.instances import instance_files as list_instance_files
 from router.redact import redact_url
-from router.store.pg_schema import DATABASE_ERRORS, migrate
+from router.store.pg_schema import DATABASE_ERRORS, INSTANCES_LOCK, migrate
 
 log = logs.get_logger("router.shared_instances")
 CHANNEL = "router_instances"
 CHECK_S = 5.0  # how often an idle router checks that its connection (and so its listening) holds
+FULL_READ_S = 600.0  # a pull this long after the last whole-table read reads the whole table
+CHANGES_KEPT_S = 3600.0  # the change log's horizon (more than FULL_READ_S: nothing is missed)
 
 
 def read_directory(directory: Path) -> dict[str, str]:
     """File name -> text of every instance file in ``directory``."""
+    return read_files(directory, [path.name for path in list_instance_files(directory)])
+
+
+def read_files(directory: Path, names: list[str]) -> dict[str, str]:
+    """File name -> text of the files ``names`` of ``directory`` that are there."""
     texts = {}
-    for path in list_instance_files(directory):
+    for name in names:
         with contextlib.suppress(OSError):  # removed meanwhile
-            texts[path.name] = path.read_text(encoding="utf-8")
+            texts[name] = (directory / name).read_text(encoding="utf-8")
     return texts
 
 
@@ -49,9 +61,27 @@ async def _rows(conn: asyncpg.Connection) -> dict[str, str]:
     return {row[0]: row[1] for row in await conn.fetch("SELECT name, yaml FROM instances")}
 
 
+async def _read_all(conn: asyncpg.Connection) -> tuple[int, dict[str, str]]:
+    """The last change logged, then the whole table (a change between the two is read again)."""
+    seen = int(await conn.fetchval("SELECT COALESCE(MAX(seq), 0) FROM instance_changes"))
+    return seen, await _rows(conn)
+
+
+async def _changes_since(conn: asyncpg.Connection, seen: int) -> tuple[int, dict[str, str | None]]:
+    """The instances changed after change ``seen``: name -> its text now (None: deleted), and
+    the last change read."""
+    rows = await conn.fetch(
+        "SELECT c.seq, c.name, i.yaml FROM instance_changes c LEFT JOIN instances i ON i.name = c.name"
+        " WHERE c.seq > $1 ORDER BY c.seq",
+        seen,
+    )
+    return (rows[-1][0], {row[1]: row[2] for row in rows}) if rows else (seen, {})
+
+
 async def _write_rows(conn: asyncpg.Connection, upserts: dict[str, str], deletes: set[str]) -> None:
     """One transaction: the table changed as said, and every router told."""
     async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", INSTANCES_LOCK)  # before any row lock
         now = time.time()
         if upserts:
             await conn.executemany(
@@ -61,6 +91,10 @@ async def _write_rows(conn: asyncpg.Connection, upserts: dict[str, str], deletes
             )
         if deletes:
             await conn.execute("DELETE FROM instances WHERE name = ANY($1::text[])", sorted(deletes))
+        await conn.execute(
+            "DELETE FROM instance_changes WHERE at < extract(epoch FROM clock_timestamp()) - $1",
+            CHANGES_KEPT_S,
+        )
         await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
 
 
@@ -78,6 +112,40 @@ def _mirror(directory: Path, wanted: dict[str, str], have: dict[str, str]) -> bo
     return changed
 
 
+def _changed_files(
+    directory: Path, known: dict[str, tuple[int, int]]
+) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """The stamps of ``directory``'s files, and the text of those whose stamp is not as ``known``
+    (a file gone before it was read has no stamp either)."""
+    stamps = file_stamps(directory)
+    changed = [name for name, stamp in stamps.items() if known.get(name) != stamp]
+    texts = read_files(directory, changed)
+    for name in changed:
+        if name not in texts:
+            del stamps[name]
+    return stamps, texts
+
+
+def _mirror_changes(directory: Path, changes: dict[str, str | None]) -> bool:
+    """Write or remove the files ``changes`` name (None: removed); True if a file changed."""
+    changed = False
+    for name, text in changes.items():
+        path = directory / name
+        try:
+            now: str | None = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            now = None
+        if now == text:
+            continue
+        if text is None:
+            with contextlib.suppress(FileNotFoundError):
+                instance_files.remove(path)
+        else:
+            instance_files.write_atomically(path, text)
+        changed = True
+    return changed
+
+
 class SharedInstances:
     """Keeps ``directory`` and the database's ``instances`` table the same, both ways."""
 
@@ -90,12 +158,18 @@ class SharedInstances:
         self._pulls = asyncio.Event()
         self._lock = asyncio.Lock()  # one statement at a time on the connection
         self._unpushed = False  # the files hold a change the database has not taken yet
+        self._seen = 0  # the last change of the log this router has read
+        # File name -> its (mtime, size) when it last held what ``_known`` has for it: a push
+        # reads only the files whose stamp changed.
+        self._stamps: dict[str, tuple[int, int]] = {}
+        self._read_all_at: float | None = None  # when it last read the whole table (monotonic)
 
     async def start(self) -> bool:
         """Connect and make the directory and the table agree; True if the files changed."""
         conn = await self._connection()
         await migrate(conn)
-        table = await _rows(conn)
+        self._seen, table = await _read_all(conn)
+        self._read_all_at = time.monotonic()
         files = await asyncio.to_thread(read_directory, self.directory)
         if not table and files:
             await _write_rows(conn, files, set())
@@ -112,7 +186,8 @@ class SharedInstances:
             reopened = self._conn is not None
             self._conn = await asyncpg.connect(self.url)
             await self._conn.add_listener(CHANNEL, self._notified)
-            if reopened:
+            if reopened:  # changes may have been missed: the whole table next
+                self._read_all_at = None
                 self._pulls.set()
         return self._conn
 
@@ -143,34 +218,55 @@ class SharedInstances:
                 self._pulls.set()  # again, on a new connection if this one is gone
 
     async def pull(self) -> None:
+        """Take the table's changes into the files, and reload if any file changed."""
         async with self._lock:
-            table = await _rows(await self._connection())
-        if table == self._known:
-            return
-        files = await asyncio.to_thread(read_directory, self.directory)
-        self._known = table
-        if await asyncio.to_thread(_mirror, self.directory, table, files):
+            conn = await self._connection()
+            if self._read_all_at is None or time.monotonic() - self._read_all_at > FULL_READ_S:
+                self._seen, table = await _read_all(conn)
+                self._read_all_at = time.monotonic()
+                changes = None
+            else:
+                self._seen, changes = await _changes_since(conn, self._seen)
+        if changes is None:
+            if table == self._known:
+                return
+            files = await asyncio.to_thread(read_directory, self.directory)
+            self._known = table
+            changed = await asyncio.to_thread(_mirror, self.directory, table, files)
+        else:
+            changes = {name: text for name, text in changes.items() if self._known.get(name) != text}
+            if not changes:
+                return
+            for name, text in changes.items():
+                if text is None:
+                    self._known.pop(name, None)
+                else:
+                    self._known[name] = text
+            changed = await asyncio.to_thread(_mirror_changes, self.directory, changes)
+        if changed:
             await self._reload()
 
     async def push(self) -> None:
         """After a reload: what the files say now, into the table (changes only)."""
         if self._conn is None:
             return
-        files = await asyncio.to_thread(read_directory, self.directory)
-        upserts = {name: text for name, text in files.items() if self._known.get(name) != text}
-        deletes = set(self._known) - set(files)
-        if not upserts and not deletes:
-            return
-        try:
-            async with self._lock:
-                await _write_rows(await self._connection(), upserts, deletes)
-        except DATABASE_ERRORS as exc:
-            log.error("instances.sync_failed", database=redact_url(self.url), error=str(exc))
-            self._unpushed = True  # ``run`` tries again, before it takes anything from the table
-            self._pulls.set()
-            return
+        stamps, texts = await asyncio.to_thread(_changed_files, self.directory, self._stamps)
+        upserts = {name: text for name, text in texts.items() if self._known.get(name) != text}
+        deletes = self._known.keys() - stamps.keys()
+        if upserts or deletes:
+            try:
+                async with self._lock:
+                    await _write_rows(await self._connection(), upserts, deletes)
+            except DATABASE_ERRORS as exc:
+                log.error("instances.sync_failed", database=redact_url(self.url), error=str(exc))
+                self._unpushed = True  # ``run`` tries again, before it takes anything from the table
+                self._pulls.set()
+                return
         self._unpushed = False
-        self._known = files
+        self._known.update(texts)
+        for name in deletes:
+            self._known.pop(name, None)
+        self._stamps = stamps
 
     async def close(self) -> None:
         if self._conn is not None:

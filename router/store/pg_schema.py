@@ -17,6 +17,9 @@ log = logs.get_logger("router.store")
 # statement failing there. Every PostgreSQL part of the router catches this one tuple.
 DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 MIGRATION_LOCK = 0x7E0C0DE  # pg_advisory_xact_lock key: one migrating router at a time
+# Held by a transaction that changes ``instances`` (from before its first write, or from the
+# change-log trigger) until it commits: changes are logged in the order they commit.
+INSTANCES_LOCK = 0x7E0C0DF
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the queue, as the SQLite store keeps it, plus who holds a lease and until when.
@@ -85,6 +88,26 @@ MIGRATIONS: tuple[str, ...] = (
         db         BYTEA NOT NULL,
         updated_at DOUBLE PRECISION NOT NULL
     );
+    """,
+    # 5: a log of changed instance names, written by a trigger whoever writes the table (older
+    # routers too), so a router reads what changed since it last looked, not the whole table.
+    f"""
+    CREATE TABLE instance_changes (
+        seq  BIGSERIAL PRIMARY KEY,
+        name TEXT NOT NULL,
+        at   DOUBLE PRECISION NOT NULL
+    );
+    CREATE FUNCTION log_instance_change() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_advisory_xact_lock({INSTANCES_LOCK});
+        INSERT INTO instance_changes (name, at) VALUES (
+            CASE WHEN TG_OP = 'DELETE' THEN OLD.name ELSE NEW.name END,
+            extract(epoch FROM clock_timestamp())
+        );
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER instances_logged AFTER INSERT OR UPDATE OR DELETE ON instances
+        FOR EACH ROW EXECUTE FUNCTION log_instance_change();
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
