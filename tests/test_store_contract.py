@@ -24,7 +24,7 @@ from router.sinks.webhook import WebhookTarget
 from router.store import NewDelivery, QueueStore, SqliteStore
 from router.store.pg_schema import MIGRATIONS, SCHEMA_VERSION
 from router.store.postgres import PostgresStore
-from router.store.sqlite import MAX_ROWS_PER_TRANSACTION
+from router.store.sqlite_writer import MAX_ROWS_PER_TRANSACTION
 
 TARGET = "webhook:global"
 OpenStore = Callable[..., Awaitable[QueueStore]]

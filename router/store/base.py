@@ -51,8 +51,14 @@ class Accepted:
 class QueueStore(Protocol):
     """The durable queue, as intake, the dispatcher, the workers and the health checks use it."""
 
-    full: bool  # the last write failed for lack of space
-    transactions: int  # committed so far
+    @property
+    def full(self) -> bool:
+        """The last write failed for lack of space."""
+
+    @property
+    def transactions(self) -> int:
+        """Transactions committed so far."""
+
     where: str  # what it is, for logs and /ready: a path, or a database URL without password
 
     async def run(self) -> None: ...

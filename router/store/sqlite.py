@@ -6,12 +6,8 @@ a dead letter with its last error) or parked (3, read by its worker and waiting 
 deliveries of its ordering key, ``park``). Delivered rows are deleted at once, and an event row goes
 with its last delivery, so the file stays as large as the backlog.
 
-All access goes through one connection on one thread. Operations queue up while a transaction
-is being written and are then applied together, one transaction for the lot (group commit), so
-the store keeps up with intake; leases, acks and retries go ahead of queued accepts, in a
-transaction of their own (``_next_batch``). Each operation runs in its own savepoint: one
-failing operation fails only its own caller. Acks, the most frequent write, are gathered into
-one operation.
+All access goes through one connection on one thread, written to in batches (group commit:
+``sqlite_writer``). Acks, the most frequent write, are gathered into one operation.
 
 Durability: a transaction that accepts events is committed with ``synchronous=FULL`` (on disk
 before intake answers 202, power loss included). Leases, acks and retries commit with
@@ -27,17 +23,13 @@ one long pause. The schema and the upgrades of older files are in ``sqlite_schem
 from __future__ import annotations
 
 import asyncio
-import errno
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from router import logs
-from router.errors import StorageFull
 from router.events import Event
 from router.store.base import (
     DEAD,
@@ -55,38 +47,11 @@ from router.store.base import (
     sink_state_of,
 )
 from router.store.sqlite_schema import SCHEMA, SCHEMA_VERSION, migrate
+from router.store.sqlite_writer import Op, Queued, Writer
 
 T = TypeVar("T")
 
 log = logs.get_logger("router.store")
-MAX_OPS_PER_TRANSACTION = 4096
-MAX_ROWS_PER_TRANSACTION = 1000  # deliveries an accepting transaction writes (more: one batch alone)
-FULL_RETRY_S = 1.0  # with the disk full, kept writes (acks, retries) are tried again this often
-VACUUM_EVERY_S = 2.0  # how often free pages are looked at
-VACUUM_MIN_FREE_PAGES = 256  # fewer free pages than this are kept for reuse
-VACUUM_STEP_PAGES = 2048  # pages given back per step (8 MiB of 4 KiB pages)
-
-
-Op = Callable[[sqlite3.Connection], Any]
-
-
-@dataclass(slots=True)
-class _Queued:
-    """An operation waiting for the next transaction. A kept one (ack, retry, kill) is tried
-    again when the disk is full, instead of failing; others fail with StorageFull."""
-
-    op: Op
-    future: asyncio.Future[Any]
-    durable: bool = False  # accepted events: synced before the future resolves
-    kept: bool = False
-    rows: int = 1  # deliveries it writes, for the size of a transaction
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """SQLite could not write for lack of space (SQLITE_FULL, or the OS saying ENOSPC)."""
-    if isinstance(exc, sqlite3.Error):
-        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
-    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
 
 
 def _by_ids(conn: sqlite3.Connection, sql: str, params: Sequence[Any], ids: Sequence[int]) -> None:
@@ -106,30 +71,31 @@ class SqliteStore:
     def __init__(self, path: Path, dedup_window_s: float = 600.0) -> None:
         self.path = path
         self.dedup_window_s = dedup_window_s  # ids sent by adapters are remembered this long
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-        self._conn: sqlite3.Connection | None = None
-        self._ops: list[_Queued] = []
-        self.full = False  # the last write failed for lack of disk space
+        self._writer = Writer(path, self._gathered_acks, self._unblock_due)
         self._acks: list[Lease] = []
         self._acks_written: asyncio.Future[None] | None = None  # resolves once ``_acks`` are written
-        self._synchronous = ""
         self._pruned_at = 0.0
-        self._vacuumed_at = 0.0
-        self._wake = asyncio.Event()
-        self._closing = False
-        self.transactions = 0  # written so far, for tests and metrics
         self._data_version: int | None = None  # PRAGMA data_version last seen (writes by others)
         # (target, ordering key) -> until when its deliveries wait behind a retry; read and
         # written on the store's thread only, rebuilt from the deliveries at open.
         self._blocked: dict[tuple[str, str], float] = {}
         self.where = str(path)
 
+    @property
+    def full(self) -> bool:
+        """The last write failed for lack of disk space."""
+        return self._writer.full
+
+    @property
+    def transactions(self) -> int:
+        return self._writer.transactions
+
     # --- lifecycle ------------------------------------------------------------------------
 
     @classmethod
     async def open(cls, path: Path, dedup_window_s: float = 600.0) -> SqliteStore:
         store = cls(path, dedup_window_s)
-        await asyncio.get_running_loop().run_in_executor(store._executor, store._connect)
+        await asyncio.get_running_loop().run_in_executor(store._writer.executor, store._connect)
         return store
 
     def _connect(self) -> None:
@@ -150,152 +116,39 @@ class SqliteStore:
             (PENDING, time.time()),
         )
         self._blocked = {(target, key): until for target, key, until in rows}
-        self._conn = conn
+        self._writer.conn = conn
 
     async def run(self) -> None:
         """Apply queued operations, one transaction per batch, until ``close`` is called."""
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), VACUUM_EVERY_S)
-            except TimeoutError:  # idle: a good moment to give pages back
-                await self._vacuum_if_due()
-                continue
-            self._wake.clear()
-            await self._vacuum_if_due()
-            while self._ops or self._acks:
-                if self._acks:
-                    acks, self._acks = self._acks, []
-                    written, self._acks_written = self._acks_written, None
-                    assert written is not None
-                    self._ops.insert(0, _Queued(self._ack_op(acks), written, kept=True))
-                await self._write(self._next_batch())
-            if self._closing:
-                return
-
-    def _next_batch(self) -> list[_Queued]:
-        """The next transaction's operations, taken from the front of the queue.
-
-        Leases, acks and retries (not durable) do not wait behind accepted events being synced:
-        when both are queued, they are written first, in a transaction of their own, so a
-        worker's next lease comes back within one accepting transaction. Accepting transactions
-        hold up to ``MAX_ROWS_PER_TRANSACTION`` deliveries, so that wait stays short."""
-        queued = self._ops
-        light = [item for item in queued if not item.durable]
-        if light and len(light) < len(queued):  # accepts are queued too: these go first
-            batch = light[:MAX_OPS_PER_TRANSACTION]
-            taken = set(map(id, batch))
-            self._ops = [item for item in queued if id(item) not in taken]
-            return batch
-        batch, rows = [], 0
-        for item in queued:
-            if batch and (
-                len(batch) == MAX_OPS_PER_TRANSACTION or rows + item.rows > MAX_ROWS_PER_TRANSACTION
-            ):
-                break
-            batch.append(item)
-            rows += item.rows
-        del queued[: len(batch)]
-        return batch
-
-    async def _write(self, batch: list[_Queued]) -> None:
-        """One transaction for ``batch``; each operation's future gets its own outcome."""
-        durable = any(item.durable for item in batch)
-        outcomes = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._apply, [item.op for item in batch], durable
-        )
-        kept = []
-        for item, (ok, value) in zip(batch, outcomes, strict=True):
-            if item.future.done():
-                continue
-            if ok:
-                item.future.set_result(value)
-            elif is_disk_full(value) and item.kept and not self._closing:
-                kept.append(item)  # written once there is room again
-            else:
-                item.future.set_exception(StorageFull(self.path) if is_disk_full(value) else value)
-        await self._note_space(full=any(not ok and is_disk_full(v) for ok, v in outcomes))
-        if kept:
-            self._ops[:0] = kept
-            await asyncio.sleep(FULL_RETRY_S)
+        await self._writer.run()
 
     async def close(self) -> None:
         """Stop ``run`` once everything queued is written, then close the database."""
-        self._closing = True
-        self._wake.set()
+        await self._writer.close()
 
     def shutdown(self) -> None:
         """Close the connection (after ``run`` has returned)."""
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            self._executor.submit(conn.close).result()
-        self._executor.shutdown(wait=True)
+        self._writer.shutdown()
 
-    def _apply(self, ops: list[Op], durable: bool) -> list[tuple[bool, Any]]:
-        conn = self._conn
-        assert conn is not None, "store is closed"
-        synchronous = "FULL" if durable else "NORMAL"
-        if synchronous != self._synchronous:
-            conn.execute(f"PRAGMA synchronous={synchronous}")
-            self._synchronous = synchronous
-        outcomes: list[tuple[bool, Any]] = []
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for op in ops:
-                conn.execute("SAVEPOINT op")
-                try:
-                    outcomes.append((True, op(conn)))
-                    conn.execute("RELEASE op")
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    outcomes.append((False, exc))
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            return [(False, exc)] * len(ops)
-        self.transactions += 1
-        return outcomes
+    def _gathered_acks(self) -> Queued | None:
+        """The acks gathered since the last transaction, as one operation to write first."""
+        if not self._acks:
+            return None
+        acks, self._acks = self._acks, []
+        written, self._acks_written = self._acks_written, None
+        assert written is not None
+        return Queued(self._ack_op(acks), written, kept=True)
 
-    async def _vacuum_if_due(self) -> None:
-        """Every ``VACUUM_EVERY_S``: one bounded step of giving free pages back, between transactions."""
-        now = time.monotonic()
-        if now - self._vacuumed_at < VACUUM_EVERY_S:
-            return
-        self._vacuumed_at = now
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._vacuum_step)
-        except sqlite3.Error as exc:  # the disk may be full (said once, by the writer): later
-            log.debug("store.vacuum_failed", error=str(exc))
-
-    def _vacuum_step(self) -> None:
-        conn = self._conn
-        assert conn is not None, "store is closed"
-        if self._blocked:  # keys whose retry is due by now hold nothing back any more
+    def _unblock_due(self) -> None:
+        """(On the writer's thread.) Keys whose retry is due by now hold nothing back any more."""
+        if self._blocked:
             now = time.time()
             self._blocked = {where: until for where, until in self._blocked.items() if until > now}
-        if int(conn.execute("PRAGMA freelist_count").fetchone()[0]) >= VACUUM_MIN_FREE_PAGES:
-            # executescript steps the pragma to its end (execute would free one page); it runs
-            # outside any transaction here, on the writer's thread, between two batches.
-            conn.executescript(f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES});")
-
-    async def _note_space(self, full: bool) -> None:
-        """One log line when the disk fills up, one when writes go through again."""
-        if full and not self.full:
-            log.error("store.disk_full", path=str(self.path), hint="intake answers 503 until there is room")
-        elif self.full and not full:
-            log.info("store.writable", path=str(self.path))
-        self.full = full
 
     def _submit(
         self, op: Callable[[sqlite3.Connection], T], durable: bool = False, kept: bool = False, rows: int = 1
     ) -> asyncio.Future[T]:
-        if self._closing and self._conn is None:
-            raise RuntimeError("store is closed")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._ops.append(_Queued(op, future, durable, kept, rows))
-        self._wake.set()
-        return future
+        return self._writer.submit(op, durable, kept, rows)
 
     def subscribe(self, wake: Wake) -> None:
         """Another process's writes are found by ``changed_elsewhere`` (the dispatcher polls it)."""
@@ -450,7 +303,7 @@ class SqliteStore:
         when this one is written. A failure is logged (the delivery is then made again after a
         restart, as at-least-once allows)."""
         self._acks.append(lease)
-        self._wake.set()
+        self._writer.wake()
         if self._acks_written is None:
             self._acks_written = self._ack_future()
         return self._acks_written
