@@ -3,8 +3,9 @@
 Operations queue up while a transaction is being written and are then applied together, one
 transaction for the lot (group commit), so the store keeps up with intake. Leases, acks and
 retries (not durable) go ahead of queued accepts, in a transaction of their own, so a worker's
-next lease never waits for accepted events to be synced; an accepting transaction holds at most
-``MAX_ROWS_PER_TRANSACTION`` deliveries, so that wait stays short. Each operation runs in its
+next lease never waits for accepted events to be synced; not twice running, so a steady stream
+of acks never keeps accepts waiting. An accepting transaction holds at most
+``MAX_ROWS_PER_TRANSACTION`` deliveries, so the wait for it stays short. Each operation runs in its
 own savepoint: one failing operation fails only its own caller.
 
 A transaction that accepts events commits with ``synchronous=FULL``, the others with ``NORMAL``
@@ -32,7 +33,7 @@ T = TypeVar("T")
 
 log = logs.get_logger("router.store")
 MAX_OPS_PER_TRANSACTION = 4096
-MAX_ROWS_PER_TRANSACTION = 1000  # deliveries an accepting transaction writes (more: one batch alone)
+MAX_ROWS_PER_TRANSACTION = 2000  # deliveries an accepting transaction writes (more: one batch alone)
 FULL_RETRY_S = 1.0  # with the disk full, kept writes (acks, retries) are tried again this often
 VACUUM_EVERY_S = 2.0  # how often free pages are looked at
 VACUUM_MIN_FREE_PAGES = 256  # fewer free pages than this are kept for reuse
@@ -79,6 +80,7 @@ class Writer:
         self._vacuumed_at = 0.0
         self._wake = asyncio.Event()
         self._closing = False
+        self._jumped = False  # the last transaction's light operations went ahead of accepts
 
     def submit(
         self, op: Callable[[sqlite3.Connection], T], durable: bool = False, kept: bool = False, rows: int = 1
@@ -125,10 +127,12 @@ class Writer:
         self.executor.shutdown(wait=True)
 
     def _next_batch(self) -> list[Queued]:
-        """The next transaction's operations: the light ones first when accepts are queued too."""
+        """The next transaction's operations: the light ones first when accepts are queued too,
+        but not twice running, so a steady stream of acks never keeps accepts waiting."""
         queued = self._ops
         light = [item for item in queued if not item.durable]
-        if light and len(light) < len(queued):
+        self._jumped = not self._jumped and bool(light) and len(light) < len(queued)
+        if self._jumped:
             batch = light[:MAX_OPS_PER_TRANSACTION]
             taken = set(map(id, batch))
             self._ops = [item for item in queued if id(item) not in taken]
