@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import asyncpg
@@ -98,14 +98,23 @@ async def _write_rows(conn: asyncpg.Connection, upserts: dict[str, str], deletes
         await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
 
 
-def _mirror(directory: Path, wanted: dict[str, str], have: dict[str, str]) -> bool:
-    """Make ``directory`` hold ``wanted``; True if a file changed."""
+def _mirror(directory: Path, wanted: Mapping[str, str | None], have: dict[str, str] | None = None) -> bool:
+    """Make ``directory`` hold ``wanted`` (None: no such file), given the texts its files have
+    (by default, read for the names in ``wanted``); a file in ``have`` but not in ``wanted`` is
+    removed. True if a file changed."""
+    if have is None:
+        have = read_files(directory, list(wanted))
     changed = False
     for name, text in wanted.items():
-        if have.get(name) != text:
+        if have.get(name) == text:
+            continue
+        if text is None:
+            with contextlib.suppress(FileNotFoundError):
+                instance_files.remove(directory / name)
+        else:
             instance_files.write_atomically(directory / name, text)
-            changed = True
-    for name in set(have) - set(wanted):
+        changed = True
+    for name in have.keys() - wanted.keys():
         with contextlib.suppress(FileNotFoundError):
             instance_files.remove(directory / name)
         changed = True
@@ -124,26 +133,6 @@ def _changed_files(
         if name not in texts:
             del stamps[name]
     return stamps, texts
-
-
-def _mirror_changes(directory: Path, changes: dict[str, str | None]) -> bool:
-    """Write or remove the files ``changes`` name (None: removed); True if a file changed."""
-    changed = False
-    for name, text in changes.items():
-        path = directory / name
-        try:
-            now: str | None = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            now = None
-        if now == text:
-            continue
-        if text is None:
-            with contextlib.suppress(FileNotFoundError):
-                instance_files.remove(path)
-        else:
-            instance_files.write_atomically(path, text)
-        changed = True
-    return changed
 
 
 class SharedInstances:
@@ -242,7 +231,7 @@ class SharedInstances:
                     self._known.pop(name, None)
                 else:
                     self._known[name] = text
-            changed = await asyncio.to_thread(_mirror_changes, self.directory, changes)
+            changed = await asyncio.to_thread(_mirror, self.directory, changes)
         if changed:
             await self._reload()
 
