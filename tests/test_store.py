@@ -12,6 +12,7 @@ import pytest
 
 from router.events import Event, new_event_id, utc_timestamp
 from router.store import NewDelivery, Store
+from router.store.sqlite_writer import Writer
 
 
 def event(data: bytes = b"{}", event_id: str | None = None) -> Event:
@@ -112,3 +113,38 @@ async def test_a_database_of_an_older_router_is_upgraded(tmp_path):
     assert rows(path, "PRAGMA user_version") == [(3,)]
     assert rows(path, "SELECT okey FROM deliveries WHERE id = 7") == [(None,)]  # no order to keep
     assert rows(path, "PRAGMA auto_vacuum") == [(2,)]  # incremental
+
+
+async def test_a_steady_stream_of_acks_does_not_keep_accepts_waiting(tmp_path):
+    """The SQLite writer puts writes that need no sync (leases, acks) ahead of queued accepts,
+    but not twice running: acks that keep coming while each transaction is written, as lanes
+    make them, do not keep an accept waiting."""
+    path = tmp_path / "writer.db"
+    writer = Writer(path, lambda: None, lambda: None)
+    writer.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.conn.execute("CREATE TABLE written (what TEXT)")
+    loop = asyncio.get_running_loop()
+    runner = asyncio.create_task(writer.run())
+    acks_to_come = [50]
+
+    def ack(conn: sqlite3.Connection) -> None:  # while it is written, the next ack is queued
+        conn.execute("INSERT INTO written VALUES ('ack')")
+        if acks_to_come[0]:
+            acks_to_come[0] -= 1
+            loop.call_soon_threadsafe(writer.submit, ack)
+
+    def accept(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO written VALUES ('accept')")
+
+    try:
+        writer.submit(ack)
+        await writer.submit(accept, durable=True)
+        assert acks_to_come[0] > 0, "the acks stopped before the accept was written"
+        assert writer.transactions == 2  # the first ack gone ahead, then the accept with the next
+        while acks_to_come[0]:
+            await writer.submit(lambda conn: None)
+    finally:
+        await writer.close()
+        await runner
+        writer.shutdown()
+    assert rows(path, "SELECT COUNT(*) FROM written WHERE what = 'ack'") == [(51,)]

@@ -132,33 +132,6 @@ async def test_a_lease_does_not_wait_behind_events_being_accepted(tmp_path):
         await stop(store, runner)
 
 
-async def test_a_steady_stream_of_acks_does_not_keep_accepts_waiting(tmp_path):
-    """SQLite: leases and acks go ahead of queued accepts, but not twice running."""
-    store = await SqliteStore.open(tmp_path / "router.db")
-    runner = asyncio.create_task(store.run())
-    try:
-        await store.accept([NewDelivery(event(chat=f"c{n}"), (TARGET,)) for n in range(3000)])
-        leases = await store.lease(TARGET, 3000)
-
-        async def ack_steadily() -> None:  # as lanes do: acks keep coming while a write is under way
-            for lease in leases:
-                store.ack(lease)
-                await asyncio.sleep(0.001)
-
-        acking = asyncio.create_task(ack_steadily())
-        await asyncio.sleep(0.01)
-        submitted = store.transactions
-        written: list[int] = []
-        accepting = asyncio.ensure_future(store.accept([NewDelivery(event(), (TARGET,))]))
-        accepting.add_done_callback(lambda _: written.append(store.transactions))
-        await accepting
-        assert not acking.done(), "the acks stopped before the accept was written"
-        assert written[0] - submitted <= 3  # the one under way, the acks gone ahead, its own
-        acking.cancel()
-    finally:
-        await stop(store, runner)
-
-
 async def test_leases_under_way_are_pending_again_after_a_restart(open_store):
     store = await open_store()
     await store.accept([NewDelivery(event(chat=f"c{n}"), (TARGET,), (f"bot\nc{n}",)) for n in range(3)])
