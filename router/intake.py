@@ -225,10 +225,12 @@ class Intake:
             except BaseException:
                 self.handoff.hand_over([], {key: counts[key] for key in claimed})
                 raise
-            self.handoff.hand_over(stored.leases, {key: counts[key] for key in claimed})
+            # After the answer: the request's 202 goes out first, the deliveries in the next turn.
+            asyncio.get_running_loop().call_soon(
+                self._hand_over, stored.leases, {key: counts[key] for key in claimed}, counts
+            )
             if stored.duplicates:
                 log.info("intake.duplicates", count=len(stored.duplicates))
-            self.handoff.notify(key for key in counts if key not in claimed)
             duplicates = stored.duplicates
         fresh = [event for event in events if event.id not in duplicates] if duplicates else events
         self.status.observe(fresh)
@@ -238,6 +240,12 @@ class Intake:
         if self.metrics is not None:
             self.metrics.accepted.labels(adapter).inc(len(events))
         return [event.id for event in events]
+
+    def _hand_over(
+        self, leases: Sequence[Lease], claimed: Mapping[str, int], counts: Mapping[str, int]
+    ) -> None:
+        self.handoff.hand_over(leases, claimed)
+        self.handoff.notify(key for key in counts if key not in claimed)
 
     async def emit(self, event: Event, targets: Sequence[str]) -> None:
         """Store an event the router makes itself (``application.startup``) for ``targets``."""

@@ -26,6 +26,8 @@ MAX_FOLLOWERS = 16  # deliveries of one key waiting in memory behind the one rea
 
 
 class KeyQueue:
+    __slots__ = ("_blocked", "_followers", "_parked", "_unparking", "held", "ready")
+
     def __init__(self) -> None:
         # Ready to attempt: the oldest of their key here or in flight, or keyless.
         self.ready: collections.deque[Lease] = collections.deque()

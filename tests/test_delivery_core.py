@@ -252,7 +252,7 @@ async def test_idle_targets_run_no_lanes_and_busy_ones_end_theirs(receiver, make
         await receiver.wait_for(90)
         await wait_idle(app)
         assert sorted(app.dispatcher.workers) == [f"webhook:instance:i{n}" for n in range(3)]  # type: ignore[union-attr]
-        lanes = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "TargetWorker._lane"]
+        lanes = [t for t in asyncio.all_tasks() if t.get_name() == "lane"]
         assert lanes == [], "lanes end when their work is done"
         async with asyncio.timeout(10):  # and so do the workers' own tasks, once their lanes have
             while any(t.get_name().startswith("worker ") for t in asyncio.all_tasks()):

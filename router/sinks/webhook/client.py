@@ -82,12 +82,13 @@ class WebhookSink(BaseSink):
     def __init__(self, settings: WebhookSettings) -> None:
         self.timeout_s = settings.webhook_request_timeout_ms / 1000
         self.non_retryable = settings.webhook_retry_non_retryable_status_codes
+        self.host_limit = settings.router_webhook_host_concurrency
         self._client: HttpClient | None = None
 
     async def open(self) -> None:
-        # No pool-wide or per-host cap: each target's worker bounds its own connections
-        # (ROUTER_WEBHOOK_CONCURRENCY), so targets on one host never queue behind each other.
-        self._client = HttpClient()
+        # Each target's worker bounds its own attempts (ROUTER_WEBHOOK_CONCURRENCY); the targets
+        # on one host share ROUTER_WEBHOOK_HOST_CONCURRENCY places, in turn, slow ones excepted.
+        self._client = HttpClient(host_limit=self.host_limit)
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -121,7 +122,7 @@ class WebhookSink(BaseSink):
         try:
             # Redirects are not followed: a 301/302 would turn the POST into a GET without the
             # event, and that would count as delivered. The failure names where it points.
-            response = await self._client.post(url, body, headers, self.timeout_s)
+            response = await self._client.post(url, body, headers, self.timeout_s, target.key)
         except TimeoutError as exc:
             raise RetryableError(f"timed out after {self.timeout_s:g} s") from exc
         except InvalidURL as exc:

@@ -17,10 +17,12 @@ import base64
 import functools
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 import yarl
+
+from router.sinks.webhook.gate import HostGate
 
 KEEPALIVE_S = 15.0
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -247,20 +249,27 @@ class _Connection(asyncio.Protocol):
 
 
 class HttpClient:
-    """POST over pooled keep-alive connections. Not bounded here: callers bound their own
-    concurrency (each webhook target's worker does)."""
+    """POST over pooled keep-alive connections; up to ``host_limit`` requests to one host at
+    once, unless some are slow (``router.sinks.webhook.gate``)."""
 
-    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None, host_limit: int = 64) -> None:
         self._ssl = ssl_context
+        self._gate = HostGate(host_limit)
         self._idle: dict[Origin, list[_Connection]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def post(
-        self, url: str, body: bytes, headers: Headers | Mapping[str, str], timeout_s: float
+        self,
+        url: str,
+        body: bytes,
+        headers: Headers | Mapping[str, str],
+        timeout_s: float,
+        owner: Hashable = None,
     ) -> Response:
-        """Send ``body``; the answer's status and headers within ``timeout_s`` (connecting
-        included). Raises InvalidURL, ValueError (the request cannot be made), TimeoutError, OSError
-        or ProtocolError (connection problems)."""
+        """Send ``body``; the answer's status and headers within ``timeout_s`` (waiting for the
+        host's turn and connecting included). ``owner`` (a target) takes turns with the others
+        on the same host (``router.sinks.webhook.gate``). Raises InvalidURL, ValueError (the
+        request cannot be made), TimeoutError, OSError or ProtocolError (connection problems)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         request = _parse(url)
         if isinstance(headers, Mapping):
@@ -273,17 +282,23 @@ class HttpClient:
                 body,
             )
         )
-        connection = self._take(request.origin)
-        if connection is not None:
-            try:
-                return await self._exchange(request.origin, connection, payload, deadline)
-            except ProtocolError:
-                if connection.answered:
-                    raise
-                # the server closed an idle connection as the request left: once more, afresh
+        origin = request.origin
         async with asyncio.timeout_at(deadline):
-            connection = await self._connect(request.origin)
-        return await self._exchange(request.origin, connection, payload, deadline)
+            ticket = await self._gate.enter(origin, owner)
+        try:
+            connection = self._take(origin)
+            if connection is not None:
+                try:
+                    return await self._exchange(origin, connection, payload, deadline)
+                except ProtocolError:
+                    if connection.answered:
+                        raise
+                    # the server closed an idle connection as the request left: once more, afresh
+            async with asyncio.timeout_at(deadline):
+                connection = await self._connect(origin)
+            return await self._exchange(origin, connection, payload, deadline)
+        finally:
+            self._gate.leave(origin, ticket)
 
     async def _exchange(
         self, origin: Origin, connection: _Connection, payload: bytes, deadline: float
