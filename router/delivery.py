@@ -183,14 +183,22 @@ class Dispatcher:
         self._policies[kind.name] = found = kind.policy(self.settings), kind.concurrency(self.settings)
         return found
 
-    def spawn(self, work: Coroutine[Any, Any, None], name: str = "lane") -> asyncio.Task[None]:
-        """Run a worker's leaser or lane; at stop, they are given the grace period to end."""
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run a worker's leaser; at stop, it and the lanes are given the grace period to end."""
         task = asyncio.get_running_loop().create_task(self._guarded(work), name=name)
         self._tasks.add(task)
         return task
 
+    def spawn_lane(self, lane: Coroutine[Any, Any, None]) -> None:
+        """Run a worker's attempt lane, which calls ``lane_ended`` itself as it ends: at 10,000
+        targets a lane per event, so no wrapper and no done callback."""
+        self._tasks.add(asyncio.get_running_loop().create_task(lane, name="lane"))
+
+    def lane_ended(self) -> None:
+        self._tasks.discard(asyncio.current_task())
+
     async def _guarded(self, work: Coroutine[Any, Any, None]) -> None:
-        """``work``, its end noted without a done callback (a lane per event at 10,000 targets)."""
+        """``work``, its end noted without a done callback."""
         task = asyncio.current_task()
         assert task is not None
         try:

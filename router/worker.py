@@ -187,7 +187,8 @@ class TargetWorker:
     def _next_of(self, lease: Lease) -> None:
         if (key := self._queue.finished(lease)) is not None:
             self._unpark(key)
-        self._start_lanes()
+        if self._queue.ready:  # the next of its key, now ready
+            self._start_lanes()
 
     def _unpark(self, key: str) -> None:
         """Bring the next batch of ``key``'s parked deliveries back: pending, then leased."""
@@ -214,9 +215,11 @@ class TargetWorker:
         and one waiting on a slow attempt does not keep a ready delivery waiting."""
         if self._stopping:
             return
-        while self._lanes < min(self.concurrency, self.in_flight + len(self._queue.ready)):
+        wanted = self.in_flight + len(self._queue.ready)
+        wanted = self.concurrency if wanted > self.concurrency else wanted
+        while self._lanes < wanted:
             self._lanes += 1
-            self.dispatcher.spawn(self._lane())
+            self.dispatcher.spawn_lane(self._lane())
 
     def wake(self) -> None:
         """Deliveries of this target were stored pending: lease them before taking any more
@@ -305,9 +308,12 @@ class TargetWorker:
         """Attempt leased deliveries until there are none left (or the worker stops)."""
         try:
             await self._attempt_ready()
+        except Exception as exc:  # a bug: say so; the lane ends, the worker goes on
+            log.error("delivery.bug", target=self.key, exc_info=exc)
         finally:
             self._lanes -= 1
-        if self._lanes == 0 and not self.busy and self.dispatcher.is_retired(self.key):
+            self.dispatcher.lane_ended()
+        if self._lanes == 0 and self.dispatcher.is_retired(self.key) and not self.busy:
             self.wake()  # the leaser looks whether anything is left, and stops the worker if not
         if self._queue.ready and not self._stopping:  # handed over while this lane was finishing
             self._start_lanes()
