@@ -252,7 +252,7 @@ class HttpClient:
     """POST over pooled keep-alive connections; up to ``host_limit`` requests to one host at
     once, unless some are slow (``router.sinks.webhook.gate``)."""
 
-    def __init__(self, ssl_context: ssl.SSLContext | None = None, host_limit: int = 64) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None, host_limit: int = 256) -> None:
         self._ssl = ssl_context
         self._gate = HostGate(host_limit)
         self._idle: dict[Origin, list[_Connection]] = {}
