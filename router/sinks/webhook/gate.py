@@ -51,15 +51,23 @@ class HostGate:
         self.limit = limit
         self._hosts: dict[Hashable, _Host] = {}
 
-    async def enter(self, host_key: Hashable, owner: Hashable) -> Ticket:
-        """A place for one request of ``owner`` to ``host_key``: at once while the host has room,
-        else in ``owner``'s turn. Cancelling the wait gives the place back."""
+    def enter_now(self, host_key: Hashable) -> Ticket | None:
+        """A place for a request to ``host_key`` if it has room and nobody waits, else None."""
         host = self._hosts.get(host_key)
         if host is None:
             host = self._hosts[host_key] = _Host()
-        loop = asyncio.get_running_loop()
         if host.running < self.limit and not host.turns:
-            return self._admit(host, loop.time())
+            return self._admit(host, asyncio.get_running_loop().time())
+        return None
+
+    async def enter(self, host_key: Hashable, owner: Hashable) -> Ticket:
+        """A place for one request of ``owner`` to ``host_key``: at once while the host has room,
+        else in ``owner``'s turn. Cancelling the wait gives the place back."""
+        ticket = self.enter_now(host_key)
+        if ticket is not None:
+            return ticket
+        host = self._hosts[host_key]
+        loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Ticket] = loop.create_future()
         queue = host.waiting.get(owner)
         if queue is None:

@@ -283,8 +283,10 @@ class HttpClient:
             )
         )
         origin = request.origin
-        async with asyncio.timeout_at(deadline):
-            ticket = await self._gate.enter(origin, owner)
+        ticket = self._gate.enter_now(origin)
+        if ticket is None:  # the host's places are taken: wait for this target's turn
+            async with asyncio.timeout_at(deadline):
+                ticket = await self._gate.enter(origin, owner)
         try:
             connection = self._take(origin)
             if connection is not None:
