@@ -110,3 +110,18 @@ async def test_the_daemon_shares_one_host_among_its_instances_webhooks(receiver,
         await wait_idle(app, timeout=60)
     assert sorted(int(request.path[1:]) for request in got) == list(range(300))
     assert at_once["most"] < 100, at_once
+
+
+async def test_a_wait_cancelled_just_as_its_place_comes_free_is_passed_over():
+    """The place comes free after the wait was cancelled but before its task ran to leave the
+    line: the place goes to the next in line, and nothing fails."""
+    gate = HostGate(limit=1)
+    held = await gate.enter(HOST, "a")
+    cancelled = asyncio.create_task(gate.enter(HOST, "b"))
+    await asyncio.sleep(0)
+    cancelled.cancel()  # its wait is cancelled now; its task runs later
+    gate.leave(HOST, held)
+    await asyncio.gather(cancelled, return_exceptions=True)
+    assert cancelled.cancelled()
+    ticket = await asyncio.wait_for(gate.enter(HOST, "c"), 1)
+    gate.leave(HOST, ticket)

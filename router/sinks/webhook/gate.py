@@ -125,6 +125,8 @@ class HostGate:
                 host.turns.append(owner)
             else:
                 del host.waiting[owner]
+            if waiter.done():  # cancelled: its task has not yet run to take itself out of line
+                continue
             now = asyncio.get_running_loop().time() if now is None else now
             waiter.set_result(self._admit(host, now))
 
