@@ -8,9 +8,11 @@ others wait their turn, one target after another (round robin), so no target's b
 another's first request waiting behind it.
 
 A slow request must not hold the host's places for everyone: once a request has been under way
-for longer than ``stall_s`` (at least ``STALL_FLOOR_S``, or four times what requests to this host
-usually take), it stops counting and the next one goes. A host that answers slowly for some
-targets therefore delays the others by a few milliseconds at most, never by its slow answers.
+for longer than the host's stall time, it stops counting and the next one goes. The stall time
+is ``STALL_FLOOR_S``, or four times the host's usual answer time if that is longer; the usual
+time is learnt from the answers that came back before they stalled, so the slow answers never
+raise it. A host that answers slowly for some targets therefore delays the others by about the
+stall time, never by its slow answers.
 """
 
 from __future__ import annotations
