@@ -226,11 +226,7 @@ class SharedInstances:
             changes = {name: text for name, text in changes.items() if self._known.get(name) != text}
             if not changes:
                 return
-            for name, text in changes.items():
-                if text is None:
-                    self._known.pop(name, None)
-                else:
-                    self._known[name] = text
+            self._learn(changes)
             changed = await asyncio.to_thread(_mirror, self.directory, changes)
         if changed:
             await self._reload()
@@ -252,10 +248,16 @@ class SharedInstances:
                 self._pulls.set()
                 return
         self._unpushed = False
-        self._known.update(texts)
-        for name in deletes:
-            self._known.pop(name, None)
+        self._learn({**texts, **dict.fromkeys(deletes)})
         self._stamps = stamps
+
+    def _learn(self, changes: Mapping[str, str | None]) -> None:
+        """The table now holds these texts (None: no such row)."""
+        for name, text in changes.items():
+            if text is None:
+                self._known.pop(name, None)
+            else:
+                self._known[name] = text
 
     async def close(self) -> None:
         if self._conn is not None:

@@ -14,6 +14,7 @@ from pydantic_settings import NoDecode
 from router.events import by_events_suffix
 from router.sections import Subscription
 from router.signing import parse_secrets
+from router.sinks.webhook.gate import HOST_LIMIT
 from router.urls import check_http_url
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
@@ -28,7 +29,7 @@ class WebhookSettings(BaseModel):
     webhook_global_signing_secret: str | None = None  # Standard Webhooks, whsec_... (comma: rotation)
     webhook_request_timeout_ms: int = Field(30_000, gt=0)
     router_webhook_concurrency: int = Field(64, ge=1)  # ours: attempts at once per webhook target
-    router_webhook_host_concurrency: int = Field(256, ge=1)  # ours: requests at once per host, shared
+    router_webhook_host_concurrency: int = Field(HOST_LIMIT, ge=1)  # ours: requests at once per host, shared
     webhook_retry_max_attempts: int = Field(10, ge=1)
     webhook_retry_initial_delay_seconds: float = Field(5.0, ge=0)
     webhook_retry_use_exponential_backoff: bool = True

@@ -21,6 +21,7 @@ import asyncio
 import collections
 from collections.abc import Hashable
 
+HOST_LIMIT = 256  # requests at once to one host, by default (ROUTER_WEBHOOK_HOST_CONCURRENCY)
 STALL_FLOOR_S = 0.01  # a request under way this long no longer holds a place (at the least)
 STALL_TIMES = 4.0  # ... or this many times the host's usual time for an answer
 _EWMA = 0.05  # weight of each answer in that usual time
@@ -46,6 +47,11 @@ class _Host:
         self.turns: collections.deque[Hashable] = collections.deque()  # owners with waiters, in turn
         self.usual_s = 0.0
         self.timer: asyncio.TimerHandle | None = None
+
+    @property
+    def stall_s(self) -> float:
+        """How long a request is under way before it stops holding a place."""
+        return max(STALL_FLOOR_S, STALL_TIMES * self.usual_s)
 
 
 class HostGate:
@@ -136,14 +142,13 @@ class HostGate:
         """While some wait: when the oldest request under way will have stalled, look again."""
         if host.timer is not None or not host.under_way:
             return
-        stall_s = max(STALL_FLOOR_S, STALL_TIMES * host.usual_s)
-        host.timer = loop.call_at(host.under_way[0].started + stall_s, self._stalled, host, host_key)
+        host.timer = loop.call_at(host.under_way[0].started + host.stall_s, self._stalled, host, host_key)
 
     def _stalled(self, host: _Host, host_key: Hashable) -> None:
         """Requests under way for longer than the host's stall time stop holding places."""
         host.timer = None
         loop = asyncio.get_running_loop()
-        horizon = loop.time() - max(STALL_FLOOR_S, STALL_TIMES * host.usual_s)
+        horizon = loop.time() - host.stall_s
         under_way = host.under_way
         while under_way and (not under_way[0].counted or under_way[0].started <= horizon):
             ticket = under_way.popleft()

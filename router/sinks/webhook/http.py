@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import yarl
 
-from router.sinks.webhook.gate import HostGate
+from router.sinks.webhook.gate import HOST_LIMIT, HostGate
 
 KEEPALIVE_S = 15.0
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -252,7 +252,7 @@ class HttpClient:
     """POST over pooled keep-alive connections; up to ``host_limit`` requests to one host at
     once, unless some are slow (``router.sinks.webhook.gate``)."""
 
-    def __init__(self, ssl_context: ssl.SSLContext | None = None, host_limit: int = 256) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None, host_limit: int = HOST_LIMIT) -> None:
         self._ssl = ssl_context
         self._gate = HostGate(host_limit)
         self._idle: dict[Origin, list[_Connection]] = {}
