@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 from router import logs
 from router.current import Current
+from router.lanes import LanePool
 from router.metrics import Metrics
 from router.retry import RetryPolicy
 from router.routing import Routes, Target
@@ -50,6 +51,7 @@ class Dispatcher:
         self.retired: dict[str, Target] = {}
         self._group: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # the workers' leasers and lanes
+        self._pools: dict[Hashable, LanePool] = {}  # lanes, by the place their targets share
         self._stopped = asyncio.Event()
         # Leased but not yet attempted, across all targets: bounded, so memory is too.
         self.buffer_limit = settings.router_lease_buffer
@@ -189,13 +191,29 @@ class Dispatcher:
         self._tasks.add(task)
         return task
 
-    def spawn_lane(self, lane: Coroutine[Any, Any, None]) -> None:
-        """Run a worker's attempt lane, which calls ``lane_ended`` itself as it ends: at 10,000
-        targets a lane per event, so no wrapper and no done callback."""
+    def pool_of(self, worker: TargetWorker) -> LanePool:
+        """The lanes ``worker``'s target shares with the others that reach the same place (a
+        webhook host), or its own."""
+        target = self.target(worker.key)
+        shared = worker.sink.shares(target) if target is not None else None
+        key, limit = shared if shared is not None else (worker.key, worker.concurrency)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = LanePool(key, limit, self._spawn_lane, self._lane_ended, self._emptied)
+        return pool
+
+    def _spawn_lane(self, lane: Coroutine[Any, Any, None]) -> None:
+        """Run a lane, which calls ``_lane_ended`` itself as it ends (no wrapper, no callback)."""
         self._tasks.add(asyncio.get_running_loop().create_task(lane, name="lane"))
 
-    def lane_ended(self) -> None:
+    def _lane_ended(self) -> None:
         self._tasks.discard(asyncio.current_task())
+
+    def _emptied(self, pool: LanePool) -> None:
+        """``pool`` runs no lane and nobody waits: an idle place costs nothing."""
+        if self._pools.get(pool.key) is pool:
+            del self._pools[pool.key]
+        pool.close()
 
     async def _guarded(self, work: Coroutine[Any, Any, None]) -> None:
         """``work``, its end noted without a done callback."""

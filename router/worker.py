@@ -110,16 +110,16 @@ class TargetWorker:
         self.in_flight = 0
         self._queue = KeyQueue()  # leased, not in flight, in the order their keys require
         self._wake = Signal()  # new deliveries stored, or an attempt finished
-        self._lanes = 0  # lane tasks running: started when there is work, ended when there is none
+        self._lanes = 0  # lanes serving it, or its turns in line for one (``router.lanes``)
         self._need_more = Signal()  # leaser: fewer are ready or held than it keeps
         self._stopping = False
         # Nothing due is left in the store (the last lease came back short): new deliveries may
         # then come straight from intake without overtaking older ones.
         self.caught_up = nothing_stored
         # Its leaser task runs only while there is something in the store to lease: from a wake
-        # (deliveries stored pending) until the target is caught up with nothing due. Lanes run
-        # only while there are deliveries in hand. So an idle target costs no task, and one fed
-        # by intake alone costs a lane task per burst, no leaser.
+        # (deliveries stored pending) until the target is caught up with nothing due. Lanes
+        # (``router.lanes``) run only while a target of theirs has deliveries in hand. So an
+        # idle target costs no task, and one fed by intake alone needs no leaser.
         self._leaser: asyncio.Task[None] | None = None
         # When the next pending delivery falls due, as the store last said (None: none is;
         # 0: not known since). The leaser ends only when none is.
@@ -211,15 +211,18 @@ class TargetWorker:
         written.add_done_callback(done)
 
     def _start_lanes(self) -> None:
-        """A lane per delivery in flight or ready, up to ``concurrency``: an idle target runs none,
-        and one waiting on a slow attempt does not keep a ready delivery waiting."""
+        """A lane per delivery in flight or ready, up to ``concurrency``: an idle target has none,
+        and one waiting on a slow attempt does not keep a ready delivery waiting. Lanes come
+        from the pool of the place the target reaches (``router.lanes``)."""
         if self._stopping:
             return
         wanted = self.in_flight + len(self._queue.ready)
         wanted = self.concurrency if wanted > self.concurrency else wanted
-        while self._lanes < wanted:
-            self._lanes += 1
-            self.dispatcher.spawn_lane(self._lane())
+        if self._lanes < wanted:
+            pool = self.dispatcher.pool_of(self)
+            while self._lanes < wanted:
+                self._lanes += 1
+                pool.want(self)
 
     def wake(self) -> None:
         """Deliveries of this target were stored pending: lease them before taking any more
@@ -304,43 +307,40 @@ class TargetWorker:
     def busy(self) -> bool:
         return len(self._queue) > 0 or self.in_flight > 0 or self.reserved > 0 or self._queue.parking
 
-    async def _lane(self) -> None:
-        """Attempt leased deliveries until there are none left (or the worker stops)."""
-        try:
-            await self._attempt_ready()
-        except Exception as exc:  # a bug: say so; the lane ends, the worker goes on
-            log.error("delivery.bug", target=self.key, exc_info=exc)
-        finally:
-            self._lanes -= 1
-            self.dispatcher.lane_ended()
+    @property
+    def has_ready(self) -> bool:
+        return bool(self._queue.ready) and not self._stopping
+
+    def lane_left(self) -> None:
+        self._lanes -= 1
         if self._lanes == 0 and self.dispatcher.is_retired(self.key) and not self.busy:
             self.wake()  # the leaser looks whether anything is left, and stops the worker if not
-        if self._queue.ready and not self._stopping:  # handed over while this lane was finishing
+        if self._queue.ready and not self._stopping:  # handed over while the lane was finishing
             self._start_lanes()
 
-    async def _attempt_ready(self) -> None:
+    async def attempt_next(self) -> None:
+        """Attempt the next ready delivery, in a lane (``router.lanes``)."""
+        if not self.sink.ready:  # its connection is down: wait for it, not attempt by attempt
+            with contextlib.suppress(TimeoutError):  # and look at _stopping now and then
+                await asyncio.wait_for(self.sink.wait_ready(), SINK_WAIT_S)
+            return
         ready = self._queue.ready
-        while ready and not self._stopping:
-            if not self.sink.ready:  # its connection is down: wait for it, not attempt by attempt
-                with contextlib.suppress(TimeoutError):  # and look at _stopping now and then
-                    await asyncio.wait_for(self.sink.wait_ready(), SINK_WAIT_S)
-                continue
-            lease = ready.popleft()
-            self.dispatcher.release(1)
-            if len(ready) < self._low:
-                self._need_more.set()
-            self.in_flight += 1
-            try:
-                attempted = await self._attempt(lease)
-            finally:
-                self.in_flight -= 1
-            if attempted:
-                # A slot is free: a leaser waiting for room in the shared buffer may fill it.
-                self.dispatcher.stop_waiting(self)
-            else:
-                ready.appendleft(lease)  # not attempted after all: first again, uncounted
-                self.dispatcher.buffered += 1  # held in memory again
-                await asyncio.sleep(0)  # the sink's own tasks run before the lane looks again
+        lease = ready.popleft()
+        self.dispatcher.release(1)
+        if len(ready) < self._low:
+            self._need_more.set()
+        self.in_flight += 1
+        try:
+            attempted = await self._attempt(lease)
+        finally:
+            self.in_flight -= 1
+        if attempted:
+            # A slot is free: a leaser waiting for room in the shared buffer may fill it.
+            self.dispatcher.stop_waiting(self)
+        else:
+            ready.appendleft(lease)  # not attempted after all: first again, uncounted
+            self.dispatcher.buffered += 1  # held in memory again
+            await asyncio.sleep(0)  # the sink's own tasks run before the lane looks again
 
     async def _sleep_until(self, due_at: float | None) -> None:
         timeout = None if due_at is None else max(0.0, due_at - time.time())

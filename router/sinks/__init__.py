@@ -15,7 +15,7 @@ sink is one module here, one line there, an example, a test module and a README 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
@@ -105,6 +105,11 @@ class BaseSink:
     def where(self, target: Any, event: Event) -> dict[str, str]:
         """Where an attempt of ``event`` goes, as log fields (``url``, ``queue`` ...)."""
         return {}
+
+    def shares(self, target: Any) -> tuple[Hashable, int] | None:
+        """The place ``target``'s attempts share with other targets', and how many attempts it
+        takes at once (``router.lanes``); None: each target has its own."""
+        return None
 
     async def __aenter__(self) -> Self:
         await self.open()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
@@ -16,7 +16,7 @@ from router.redact import redact_url
 from router.signing import signature_headers
 from router.sinks import BaseSink, tcp_reachable
 from router.sinks.webhook.config import WebhookSettings, WebhookTarget
-from router.sinks.webhook.http import HttpClient, InvalidURL, ProtocolError
+from router.sinks.webhook.http import HttpClient, InvalidURL, ProtocolError, origin_of
 
 JWT_HEADER = "jwt_key"
 BASE_HEADERS = {"Content-Type": "application/json", "User-Agent": "evolution-router"}
@@ -86,9 +86,7 @@ class WebhookSink(BaseSink):
         self._client: HttpClient | None = None
 
     async def open(self) -> None:
-        # Each target's worker bounds its own attempts (ROUTER_WEBHOOK_CONCURRENCY); the targets
-        # on one host share ROUTER_WEBHOOK_HOST_CONCURRENCY places, in turn, slow ones excepted.
-        self._client = HttpClient(host_limit=self.host_limit)
+        self._client = HttpClient()
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -97,6 +95,14 @@ class WebhookSink(BaseSink):
 
     def where(self, target: WebhookTarget, event: Event) -> dict[str, str]:
         return {"url": _shown(target.url_for(event.event))}
+
+    def shares(self, target: WebhookTarget) -> tuple[Hashable, int] | None:
+        """Each target bounds its own attempts (ROUTER_WEBHOOK_CONCURRENCY); the targets on one
+        host share ROUTER_WEBHOOK_HOST_CONCURRENCY, in turn, slow ones excepted."""
+        try:
+            return origin_of(target.url), self.host_limit
+        except InvalidURL:
+            return None  # its attempts fail at once, each on its own
 
     async def check(self, targets: Sequence[WebhookTarget]) -> None:
         """The global webhook's host answers. Instance webhooks are their owners' servers: one
@@ -122,7 +128,7 @@ class WebhookSink(BaseSink):
         try:
             # Redirects are not followed: a 301/302 would turn the POST into a GET without the
             # event, and that would count as delivered. The failure names where it points.
-            response = await self._client.post(url, body, headers, self.timeout_s, target.key)
+            response = await self._client.post(url, body, headers, self.timeout_s)
         except TimeoutError as exc:
             raise RetryableError(f"timed out after {self.timeout_s:g} s") from exc
         except InvalidURL as exc:

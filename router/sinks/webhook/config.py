@@ -14,9 +14,9 @@ from pydantic_settings import NoDecode
 from router.events import by_events_suffix
 from router.sections import Subscription
 from router.signing import parse_secrets
-from router.sinks.webhook.gate import HOST_LIMIT
 from router.urls import check_http_url
 
+HOST_LIMIT = 64  # attempts at once to one host, shared by its targets (router.lanes), by default
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
 
 

@@ -17,12 +17,10 @@ import base64
 import functools
 import ssl
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import yarl
-
-from router.sinks.webhook.gate import HOST_LIMIT, HostGate
 
 KEEPALIVE_S = 15.0
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -248,13 +246,17 @@ class _Connection(asyncio.Protocol):
             del buffer[: line_end + 2 + size + 2]
 
 
-class HttpClient:
-    """POST over pooled keep-alive connections; up to ``host_limit`` requests to one host at
-    once, unless some are slow (``router.sinks.webhook.gate``)."""
+def origin_of(url: str) -> Origin:
+    """Where requests to ``url`` go (scheme, host, port); raises InvalidURL."""
+    return _parse(url).origin
 
-    def __init__(self, ssl_context: ssl.SSLContext | None = None, host_limit: int = HOST_LIMIT) -> None:
+
+class HttpClient:
+    """POST over pooled keep-alive connections: a connection per request under way to a host,
+    kept for the next (how many at once is the caller's to bound)."""
+
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self._ssl = ssl_context
-        self._gate = HostGate(host_limit)
         self._idle: dict[Origin, list[_Connection]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
 
@@ -264,12 +266,10 @@ class HttpClient:
         body: bytes,
         headers: Headers | Mapping[str, str],
         timeout_s: float,
-        owner: Hashable = None,
     ) -> Response:
-        """Send ``body``; the answer's status and headers within ``timeout_s`` (waiting for the
-        host's turn and connecting included). ``owner`` (a target) takes turns with the others
-        on the same host (``router.sinks.webhook.gate``). Raises InvalidURL, ValueError (the
-        request cannot be made), TimeoutError, OSError or ProtocolError (connection problems)."""
+        """Send ``body``; the answer's status and headers within ``timeout_s`` (connecting
+        included). Raises InvalidURL, ValueError (the request cannot be made), TimeoutError,
+        OSError or ProtocolError (connection problems)."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         request = _parse(url)
         if isinstance(headers, Mapping):
@@ -283,24 +283,17 @@ class HttpClient:
             )
         )
         origin = request.origin
-        ticket = self._gate.enter_now(origin)
-        if ticket is None:  # the host's places are taken: wait for this target's turn
-            async with asyncio.timeout_at(deadline):
-                ticket = await self._gate.enter(origin, owner)
-        try:
-            connection = self._take(origin)
-            if connection is not None:
-                try:
-                    return await self._exchange(origin, connection, payload, deadline)
-                except ProtocolError:
-                    if connection.answered:
-                        raise
-                    # the server closed an idle connection as the request left: once more, afresh
-            async with asyncio.timeout_at(deadline):
-                connection = await self._connect(origin)
-            return await self._exchange(origin, connection, payload, deadline)
-        finally:
-            self._gate.leave(origin, ticket)
+        connection = self._take(origin)
+        if connection is not None:
+            try:
+                return await self._exchange(origin, connection, payload, deadline)
+            except ProtocolError:
+                if connection.answered:
+                    raise
+                # the server closed an idle connection as the request left: once more, afresh
+        async with asyncio.timeout_at(deadline):
+            connection = await self._connect(origin)
+        return await self._exchange(origin, connection, payload, deadline)
 
     async def _exchange(
         self, origin: Origin, connection: _Connection, payload: bytes, deadline: float
