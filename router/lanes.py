@@ -139,34 +139,43 @@ class LanePool:
 
     async def _lane(self, worker: Served | None) -> None:
         holding = True  # this lane holds one of the pool's places
-        loop = asyncio.get_running_loop()
         try:
             while worker is not None:
-                while worker.has_ready:
-                    attempt = _Attempt(loop.time())
-                    self.under_way.append(attempt)
-                    if self.waiting and self._timer is None:  # (lanes started before this wait)
-                        self._watch()
-                    try:
-                        await worker.attempt_next()
-                    except Exception as exc:  # a bug: say so; the lane leaves this worker
-                        log.error("delivery.bug", target=worker.key, exc_info=exc)
-                        holding = self._ended_attempt(attempt, loop.time())
-                        break
-                    holding = self._ended_attempt(attempt, loop.time())
-                    if not holding or self.waiting:
-                        break  # stalled and the pool is full, or another target's turn
-                worker.lane_left()  # (which may put it in line again)
+                try:
+                    holding = await self._serve(worker)
+                finally:
+                    worker.lane_left()  # (which may put it in line again)
                 worker = self._next_in_line() if holding and self.waiting else None
         finally:
             self.lanes -= 1
             if holding:
                 self.counted -= 1
-            if self.waiting and self.counted < self.limit:  # (a lane that ended by a bug)
-                self._start(self._next_in_line())
+            task = asyncio.current_task()
+            if self.waiting and self.counted < self.limit and not (task and task.cancelling()):
+                self._start(self._next_in_line())  # (only if this lane ended by something unforeseen)
             elif self.idle:
                 self._emptied(self)
             self._lane_ended()
+
+    async def _serve(self, worker: Served) -> bool:
+        """Attempt ``worker``'s ready deliveries until another target's turn comes (or none is
+        left); whether the lane still holds a place."""
+        loop = asyncio.get_running_loop()
+        while worker.has_ready:
+            attempt = _Attempt(loop.time())
+            self.under_way.append(attempt)
+            if self.waiting and self._timer is None:  # (lanes started before this wait)
+                self._watch()
+            try:
+                await worker.attempt_next()
+            except Exception as exc:  # a bug: say so; the lane leaves this worker
+                log.error("delivery.bug", target=worker.key, exc_info=exc)
+                return self._ended_attempt(attempt, loop.time())
+            if not self._ended_attempt(attempt, loop.time()):
+                return False  # it stalled, and the pool is full now
+            if self.waiting:
+                return True  # another target's turn
+        return True
 
     def _ended_attempt(self, attempt: _Attempt, now: float) -> bool:
         """``attempt`` ended; whether its lane holds a place (it may go on)."""
