@@ -46,6 +46,8 @@ class AddressList:
             return False
         if remote in self.names:
             return True
+        if not self.networks:  # (no address to parse for: most deployments list none)
+            return False
         try:
             address = ipaddress.ip_address(remote.split("%", 1)[0])
         except ValueError:

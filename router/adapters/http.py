@@ -103,7 +103,8 @@ async def ingest(request: web.Request) -> web.Response:
         answer = _error(503, str(exc))
         answer.headers["Retry-After"] = str(FULL_RETRY_AFTER_S)
         return answer
-    return web.json_response({"status": 202, "accepted": len(ids), "ids": ids}, status=202)
+    accepted = orjson.dumps({"status": 202, "accepted": len(ids), "ids": ids})
+    return web.Response(body=accepted, status=202, content_type="application/json", charset="utf-8")
 
 
 def add_routes(app: web.Application, intake: Intake) -> None:
