@@ -246,7 +246,7 @@ async def test_application_startup_is_emitted_once_when_the_daemon_is_up(receive
 async def test_one_target_with_concurrency_1_receives_in_intake_order(receiver, make_settings):
     # Batches outrun the receiver, so some deliveries wait in the store while others are handed
     # to the worker directly: neither path may overtake the other.
-    receiver.script("/hook", [("sleep", 0.002)] * 1000)
+    receiver.script("/hook", [("sleep", 0.005)] * 1000)  # 50 ms a batch: posting is faster
     settings = make_settings(
         WEBHOOK_GLOBAL_ENABLED="true",
         WEBHOOK_GLOBAL_URL=f"{receiver.url}/hook",
