@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import time
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
@@ -83,6 +85,10 @@ def test_ids_are_unique_and_time_ordered():
         re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", i)
         for i in ids[:50]
     )
+    before_ms = time.time_ns() // 1_000_000
+    made = uuid.UUID(new_event_id())
+    assert made.version == 7 and made.variant == uuid.RFC_4122
+    assert before_ms <= made.int >> 80 <= time.time_ns() // 1_000_000 + 1  # its time is now, in ms
 
 
 def test_timestamps_are_true_utc_with_milliseconds():
