@@ -22,6 +22,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import orjson
@@ -50,9 +51,11 @@ from router.settings import Settings
 from router.shared_instances import SharedInstances
 from router.sinks import BaseSink
 from router.sinks.registry import build_sinks
-from router.sinks.websocket import WebSocketHub
 from router.store import STORE_ERRORS, QueueStore
 from router.systemd import Notifier
+
+if TYPE_CHECKING:
+    from router.sinks.websocket import WebSocketHub
 
 __all__ = ["App", "database_path"]  # database_path: where the queue is, for tools and tests
 
@@ -171,6 +174,9 @@ class App:
         live: Callable[[Sequence[Event]], None] | None = None
         relay: LiveRelay | None = None
         if settings.websocket_enabled:
+            # python-socketio is imported only when the WebSocket sink is on (a tenth of a start)
+            from router.sinks.websocket import WebSocketHub  # noqa: PLC0415
+
             self.websocket = WebSocketHub(settings, self.current)
             live = self.websocket.publish
             if settings.router_database_url:  # clients of every router see every router's events
