@@ -251,3 +251,20 @@ async def test_the_daemon_shares_one_host_among_its_instances_webhooks(receiver,
         await wait_idle(app, timeout=60)
     assert sorted(int(request.path[1:]) for request in got) == list(range(300))
     assert at_once["most"] < 100, at_once
+
+
+def test_the_stall_time_follows_the_usual_attempt_time_but_not_the_stalled_ones():
+    """10 ms at the least; four times the usual time of the attempts that ended before they
+    stalled; an attempt that stalled does not raise it."""
+    from router.lanes import STALL_FLOOR_S, _Attempt  # noqa: PLC0415
+
+    pool = Pools().pool(limit=4)
+    assert pool.stall_s == STALL_FLOOR_S
+    for _ in range(400):  # answers of 20 ms, each ended by a lane that holds its place
+        assert pool._ended_attempt(_Attempt(started=0.0), now=0.02)
+    assert 0.079 < pool.stall_s <= 0.08
+    before = pool.stall_s
+    stalled = _Attempt(started=0.0)
+    stalled.counted = False  # the stall watch took its place away
+    pool._ended_attempt(stalled, now=30.0)  # a 30 s answer
+    assert pool.stall_s == before
