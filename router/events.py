@@ -109,9 +109,7 @@ _id_lock = threading.Lock()
 _random = random.Random()  # seeded from os.urandom; ids need uniqueness, not secrecy
 _last_ms = 0
 _seq = 0
-
-
-_prefix_ms = -1
+_prefix_ms = -1  # the millisecond whose id text ``_prefix`` is
 _prefix = ""
 
 

@@ -29,7 +29,7 @@ class WebhookSettings(BaseModel):
     webhook_global_signing_secret: str | None = None  # Standard Webhooks, whsec_... (comma: rotation)
     webhook_request_timeout_ms: int = Field(30_000, gt=0)
     router_webhook_concurrency: int = Field(64, ge=1)  # ours: attempts at once per webhook target
-    router_webhook_host_concurrency: int = Field(HOST_LIMIT, ge=1)  # ours: requests at once per host, shared
+    router_webhook_host_concurrency: int = Field(HOST_LIMIT, ge=1)  # ours: attempts at once per host, shared
     webhook_retry_max_attempts: int = Field(10, ge=1)
     webhook_retry_initial_delay_seconds: float = Field(5.0, ge=0)
     webhook_retry_use_exponential_backoff: bool = True

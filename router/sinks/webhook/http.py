@@ -114,6 +114,11 @@ class _Deadlines:
     def discard(self, connection: _Connection) -> None:
         self._busy.pop(connection, None)
 
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._when = None, math.inf
+
     def _schedule(self, when: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -394,6 +399,7 @@ class HttpClient:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        self._deadlines.close()
         for idle in self._idle.values():
             for connection in idle:
                 connection.close()
