@@ -26,7 +26,11 @@ if TYPE_CHECKING:
     from router.delivery import Dispatcher
 
 log = logs.get_logger("router.delivery")
-LEASE_AHEAD = 32  # a worker keeps up to this many times its concurrency leased ahead
+# A worker holds up to this many times its concurrency in memory, leased or handed over by
+# intake (all workers together: ROUTER_LEASE_BUFFER). What it holds goes out without being read
+# back from the store, so a burst that fits is stored once and deleted once, nothing more.
+LEASE_AHEAD = 256
+LEASE_BATCH = 2048  # deliveries one lease reads at most (a longer read would hold up accepts)
 STORE_RETRY_S = 1.0  # a worker whose lease failed (disk full ...) leases again after this
 SINK_WAIT_S = 1.0  # lanes waiting for a sink that is down look at whether to stop this often
 
@@ -261,7 +265,7 @@ class TargetWorker:
                 self._need_more.clear()  # enough to do; lease again in batches, not one by one
                 await self._need_more.wait()
                 continue
-            want = self.dispatcher.reserve(room, floor=self.free_lanes)
+            want = self.dispatcher.reserve(min(room, LEASE_BATCH), floor=self.free_lanes)
             if want == 0:  # every target together holds ROUTER_LEASE_BUFFER leased events
                 await self.dispatcher.budget_freed(self)
                 continue

@@ -19,6 +19,7 @@ from router.settings import Settings
 from router.sinks import BaseSink
 from router.sinks.webhook import WebhookTarget
 from router.store import NewDelivery, Store
+from router.worker import LEASE_AHEAD, LEASE_BATCH
 
 
 @contextlib.asynccontextmanager
@@ -163,9 +164,11 @@ class CountingStore(Store):
     """The SQLite store, counting the reads a worker makes to find work."""
 
     reads = 0
+    limits: list[int]
 
     async def lease(self, target: str, limit: int, now: float | None = None, exclusive: bool = False):  # type: ignore[no-untyped-def]
         self.reads += 1
+        self.limits = [*getattr(self, "limits", []), limit]
         return await super().lease(target, limit, now, exclusive)
 
     async def next_due(self, target: str) -> float | None:
@@ -227,6 +230,61 @@ async def test_caught_up_targets_ask_the_store_nothing_for_what_intake_hands_the
     assert len(set(sink.delivered)) == 800
     assert reads >= 200, "the stored events were leased"
     assert store.reads == reads, f"{store.reads - reads} store reads for 600 deliveries handed over"
+
+
+class HeldSink(CountingSink):
+    """Attempts wait until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def send(self, target: object, event: Event) -> int | None:
+        await self.release.wait()
+        return await super().send(target, event)
+
+
+def call_events(count: int, instance: str = "bot") -> list[Event]:
+    return [Event(new_event_id(), instance, "call", b"{}", utc_timestamp()) for _ in range(count)]
+
+
+async def test_a_burst_that_fits_in_memory_is_handed_over_and_a_backlog_is_read_in_batches(
+    make_settings, tmp_path
+):
+    """Concurrency 16: a caught-up worker takes LEASE_AHEAD x 16 deliveries from intake while its
+    attempts hang, and refuses the next; what it refused is leased from the store, no more than
+    LEASE_BATCH per read, and everything is delivered, once."""
+    store = await CountingStore.open(tmp_path / "router.db")
+    target = WebhookTarget("webhook:global", None, "http://127.0.0.1:9/x", False, events=frozenset({"call"}))
+    sink = HeldSink()
+    settings = make_settings(ROUTER_WEBHOOK_CONCURRENCY="16")
+    held = 16 * LEASE_AHEAD
+    assert held > LEASE_BATCH, "a backlog it may hold takes more than one read"
+    async with delivery_core(store, sink, {target.key: target}, settings) as dispatcher:
+        async with asyncio.timeout(10):
+            while not dispatcher.started:
+                await asyncio.sleep(0.01)
+        sent: list[Event] = []
+        for size in (held // 2, held // 2, 17):  # (held, and 16 attempts under way at most)
+            events = call_events(size)
+            claimed = dispatcher.claim({target.key: size})
+            stored = await store.accept([NewDelivery(e, (target.key,)) for e in events], None, claimed)
+            dispatcher.hand_over(stored.leases, {target.key: size} if claimed else {})
+            if not claimed:
+                dispatcher.notify([target.key])
+            assert bool(claimed) == (size != 17), f"{len(sent)} held, {size} more"
+            sent += events
+        backlog = call_events(LEASE_BATCH + 500)  # stored pending, behind the one refused
+        await store.accept([NewDelivery(e, (target.key,)) for e in backlog])
+        dispatcher.notify([target.key])
+        sent += backlog
+        assert store.reads == 0, "nothing was read while the worker held the burst"
+        sink.release.set()
+        async with asyncio.timeout(30):
+            while len(sink.delivered) < len(sent) or not await dispatcher.idle():
+                await asyncio.sleep(0.02)
+    assert sorted(sink.delivered) == sorted(e.id for e in sent), "once each"
+    assert store.limits and max(store.limits) <= LEASE_BATCH, store.limits
 
 
 async def test_idle_targets_run_no_lanes_and_busy_ones_end_theirs(receiver, make_settings, tmp_path):

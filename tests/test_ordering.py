@@ -25,6 +25,7 @@ from router.routing import Routes
 from router.sinks.webhook import WebhookTarget
 from router.sinks.webhook.client import WebhookSink
 from router.store import Lease, NewDelivery, Store
+from router.worker import LEASE_AHEAD
 from tests.conftest import API_KEY, Receiver, hook_env, post_ingest, running, wait_idle
 
 pytestmark = pytest.mark.usefixtures("backend")  # each test runs on SQLite and on PostgreSQL
@@ -326,23 +327,26 @@ async def test_a_slow_conversation_with_a_backlog_does_not_hold_up_the_others(re
         return await original(request)
 
     receiver.handle = holding  # type: ignore[method-assign]
-    settings = make_settings(**hook_env(receiver, ROUTER_WEBHOOK_CONCURRENCY="4"))  # 64 leased ahead
+    settings = make_settings(**hook_env(receiver, ROUTER_WEBHOOK_CONCURRENCY="4"))
+    backlog = 4 * LEASE_AHEAD + 100  # more than the worker holds in memory
     async with running(settings) as app:
         try:
-            assert (await post_ingest(app, [message(n, "slow") for n in range(300)]))[0] == 202
+            slow_events = [message(n, "slow") for n in range(backlog)]
+            for start in range(0, backlog, 500):
+                assert (await post_ingest(app, slow_events[start : start + 500]))[0] == 202
             await asyncio.wait_for(hanging.wait(), 10)  # the slow chat's first request hangs
-            others = [message(n, f"c{n % 3}") for n in range(300, 330)]
+            others = [message(n, f"c{n % 3}") for n in range(backlog, backlog + 30)]
             assert (await post_ingest(app, others))[0] == 202
             got = await receiver.wait_for(30)
             assert {r.json()["data"]["key"]["remoteJid"] for r in got} == {"c0", "c1", "c2"}
         finally:
             release.set()
-        await receiver.wait_for(330, timeout=30)
+        await receiver.wait_for(backlog + 30, timeout=60)
         await wait_idle(app)
     slow = [
         r.json()["data"]["n"] for r in receiver.requests if r.json()["data"]["key"]["remoteJid"] == "slow"
     ]
-    assert slow == list(range(300)), "the slow chat in order, once each"
+    assert slow == list(range(backlog)), "the slow chat in order, once each"
 
 
 async def test_parked_deliveries_count_as_waiting_and_are_pending_after_a_restart(tmp_path):

@@ -83,6 +83,34 @@ async def test_accepted_leased_acked_and_gone(open_store):
     assert await store.due_or_leased() == 0
 
 
+async def test_a_large_batch_handed_over_is_stored_as_handed_over(open_store):
+    """250 events (more than one INSERT statement writes), handed over to one target and stored
+    pending for another: each handed-over lease names its own stored row, and the other target
+    reads them all back, in order, with their data. (PostgreSQL hands nothing over: with
+    several routers every delivery goes through the queue, so its leases are read back.)"""
+    store, other = await open_store(), "webhook:instance:bot"
+    events = [
+        Event(new_event_id(), "bot", "messages.upsert", b'{"n":%d}' % n, utc_timestamp(), chat=f"c{n}")
+        for n in range(250)
+    ]
+    accepted = await store.accept(
+        [NewDelivery(e, (TARGET, other), (f"bot\nc{n}", None)) for n, e in enumerate(events)],
+        leased_targets=frozenset({TARGET}),
+    )
+    handed = accepted.leases if isinstance(store, SqliteStore) else await store.lease(TARGET, 500)
+    assert [lease.event for lease in handed] == events
+    assert [lease.okey for lease in handed] == [f"bot\nc{n}" for n in range(250)]
+    assert await store.lease(TARGET, 500) == [], "handed over: leased already"
+    retried = handed[117]
+    await store.retry(retried, time.time() - 1, "HTTP 500")
+    await asyncio.gather(*(store.ack(lease) for lease in handed if lease is not retried))
+    [again] = await store.lease(TARGET, 500)
+    assert (again.delivery_id, again.event, again.attempts) == (retried.delivery_id, events[117], 1)
+    pending = await store.lease(other, 500)
+    assert [lease.event for lease in pending] == events
+    assert len({lease.delivery_id for lease in [*pending, *handed]}) == 500
+
+
 async def test_a_retry_keeps_its_due_time_and_its_error(open_store):
     store = await open_store()
     await store.accept([NewDelivery(event(), (TARGET,))])

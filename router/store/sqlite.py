@@ -61,6 +61,23 @@ def _by_ids(conn: sqlite3.Connection, sql: str, params: Sequence[Any], ids: Sequ
         conn.execute(sql.format(marks=",".join("?" * len(chunk))), [*params, *chunk])
 
 
+ROWS_PER_INSERT = 100  # rows one INSERT statement writes (insert_rows)
+
+
+def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any]]) -> None:
+    """``head`` (``INSERT ... (columns) VALUES``) for ``rows``, a hundred rows per statement.
+
+    Not ``executemany``: it gives the interpreter lock up and takes it back for every row, and
+    with the event loop busy each take waits for it; one statement per hundred rows does so once."""
+    if not rows:
+        return
+    width = len(rows[0])
+    one = "(" + ",".join("?" * width) + ")"
+    for start in range(0, len(rows), ROWS_PER_INSERT):
+        chunk = rows[start : start + ROWS_PER_INSERT]
+        conn.execute(f"{head} {','.join([one] * len(chunk))}", [value for row in chunk for value in row])
+
+
 _EVENT_COLUMNS_OF_E = ", ".join(f"e.{column}" for column in EVENT_COLUMNS.split(", "))
 MAX_VARIABLES = 10_000  # per statement; SQLite allows 32766
 
@@ -179,9 +196,9 @@ class SqliteStore:
             duplicates = self._seen_before(conn, [i.event.id for i in batch if i.event.id_from_source], now)
             fresh = [item for item in batch if item.event.id not in duplicates] if duplicates else batch
             before = conn.total_changes
-            conn.executemany(
-                f"INSERT OR IGNORE INTO events ({EVENT_COLUMNS}, accepted_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            insert_rows(
+                conn,
+                f"INSERT OR IGNORE INTO events ({EVENT_COLUMNS}, accepted_at) VALUES",
                 [event_row(item.event, now) for item in fresh],
             )
             if conn.total_changes - before != len(fresh):
@@ -203,15 +220,12 @@ class SqliteStore:
                         leased.append((item.event, target, key))
                     else:
                         pending.append((item.event.id, target, now, key))
-            insert = (
-                "INSERT INTO deliveries (event_id, target, state, due_at, updated_at, okey)"
-                " VALUES (?, ?, ?, ?, ?, ?)"
-            )
-            conn.executemany(insert, [(e, t, PENDING, due, now, k) for e, t, due, k in pending])
+            insert = "INSERT INTO deliveries (event_id, target, state, due_at, updated_at, okey) VALUES"
+            insert_rows(conn, insert, [(e, t, PENDING, due, now, k) for e, t, due, k in pending])
             leases: list[Lease] = []
             if leased:
-                conn.executemany(insert, [(e.id, t, LEASED, now, now, k) for e, t, k in leased])
-                # Rowids of one executemany on one connection in one transaction are consecutive.
+                insert_rows(conn, insert, [(e.id, t, LEASED, now, now, k) for e, t, k in leased])
+                # Rowids inserted by one connection in one transaction are consecutive.
                 last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
                 first = last - len(leased) + 1
                 leases = [Lease(first + n, t, 0, e, now, k) for n, (e, t, k) in enumerate(leased)]
@@ -232,7 +246,7 @@ class SqliteStore:
             conn.execute("DELETE FROM seen_ids WHERE at < ?", (now - self.dedup_window_s,))
             self._pruned_at = now
         before = conn.total_changes
-        conn.executemany("INSERT OR IGNORE INTO seen_ids (id, at) VALUES (?, ?)", [(i, now) for i in ids])
+        insert_rows(conn, "INSERT OR IGNORE INTO seen_ids (id, at) VALUES", [(i, now) for i in ids])
         if conn.total_changes - before == len(ids):
             return set()
         rows = conn.execute(
