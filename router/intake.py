@@ -122,11 +122,12 @@ class Intake:
             raise IntakeError("missing field 'instance'")
         if not isinstance(instance, str):
             raise IntakeError("field 'instance' must be a string")
-        try:
-            instance = check_instance_name(instance)  # NFC: "café" is one instance however typed
-        except ValueError as exc:
-            raise IntakeError(f"invalid instance name {instance!r}: {exc}") from None
         routes = self.current.routes
+        if instance not in routes.instances:  # (a configured name was checked as its file loaded)
+            try:
+                instance = check_instance_name(instance)  # NFC: "café" is one instance however typed
+            except ValueError as exc:
+                raise IntakeError(f"invalid instance name {instance!r}: {exc}") from None
         if (refusal := routes.refuses_instance(instance)) is not None:
             raise IntakeError(refusal)
 

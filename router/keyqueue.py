@@ -33,7 +33,8 @@ class KeyQueue:
         self.ready: collections.deque[Lease] = collections.deque()
         # Key -> the deliveries of that key waiting behind the one ready or in flight
         # (a key is here exactly while one of its deliveries is ready or in flight).
-        self._followers: dict[str, collections.deque[Lease]] = {}
+        # (Most keys have nobody behind theirs: an empty tuple until one follows, not a deque.)
+        self._followers: dict[str, collections.deque[Lease] | tuple[()]] = {}
         self.held = 0  # deliveries in ``_followers``
         # Key -> (the delivery waiting for its retry, when that is due): until that delivery is
         # leased again, later ones of its key go back (a lease may have been read before it).
@@ -80,9 +81,11 @@ class KeyQueue:
                 park.append(lease)
                 continue
             if followers is None:
-                self._followers[key] = collections.deque()
+                self._followers[key] = ()
                 ready.append(lease)
                 continue
+            if not isinstance(followers, collections.deque):
+                self._followers[key] = followers = collections.deque()
             self.held += 1
             if followers and followers[-1].delivery_id > lease.delivery_id:  # a replayed dead letter
                 bisect.insort(followers, lease, key=lambda waiting: waiting.delivery_id)
@@ -115,7 +118,7 @@ class KeyQueue:
         followers = self._followers.get(key) if key is not None else None
         if key is None or followers is None:  # keyless, or ended twice (after a bug)
             return None
-        if followers:
+        if isinstance(followers, collections.deque) and followers:
             self.held -= 1
             self.ready.append(followers.popleft())
             return None
