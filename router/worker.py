@@ -31,6 +31,9 @@ log = logs.get_logger("router.delivery")
 # back from the store, so a burst that fits is stored once and deleted once, nothing more.
 LEASE_AHEAD = 256
 LEASE_BATCH = 2048  # deliveries one lease reads at most (a longer read would hold up accepts)
+# ... and up to this much of their event data: events carrying media can be large. A worker
+# over it takes nothing more from intake and leases nothing more until attempts bring it under.
+HOLD_BYTES = 64 * 1024 * 1024
 STORE_RETRY_S = 1.0  # a worker whose lease failed (disk full ...) leases again after this
 SINK_WAIT_S = 1.0  # lanes waiting for a sink that is down look at whether to stop this often
 
@@ -85,8 +88,10 @@ class TargetWorker:
         "caught_up",
         "concurrency",
         "dispatcher",
+        "held_bytes",
         "in_flight",
         "key",
+        "mean_size",
         "policy",
         "reserved",
         "sink",
@@ -113,6 +118,8 @@ class TargetWorker:
         self._low = self.ahead // 2
         self.in_flight = 0
         self._queue = KeyQueue()  # leased, not in flight, in the order their keys require
+        self.held_bytes = 0  # event data of the deliveries in ``_queue``
+        self.mean_size = 0  # of an event's data, in the last batch it took (what a lease may read)
         self._wake = Signal()  # new deliveries stored, or an attempt finished
         self._lanes = 0  # lanes serving it, or its turns in line for one (``router.lanes``)
         self._need_more = Signal()  # leaser: fewer are ready or held than it keeps
@@ -143,7 +150,8 @@ class TargetWorker:
     def claim(self, count: int) -> bool:
         """Take ``count`` new deliveries straight from intake, if that keeps their order."""
         room = self.ahead - len(self._queue) - self.reserved
-        if self._stopping or not self.caught_up or count > room:
+        # (Under HOLD_BYTES before this batch: one batch may take it over by its own size.)
+        if self._stopping or not self.caught_up or count > room or self.held_bytes >= HOLD_BYTES:
             self.caught_up = False  # they go through the store, behind what is there
             self._refused += 1
             return False
@@ -160,10 +168,14 @@ class TargetWorker:
             self._leaser = self.dispatcher.spawn(self._lease_loop(), f"worker {self.key}")
 
     def _admit(self, leases: Sequence[Lease]) -> None:
+        size = _data_size(leases)
+        self.held_bytes += size
+        self.mean_size = size // len(leases) if leases else self.mean_size
         late, park = self._queue.admit(leases)
         for until, given_back in late.items():
             self._give_back(given_back, until)
         if park:
+            self.held_bytes -= _data_size(park)
             self._track(self.dispatcher.store.park(park))
             self.dispatcher.release(len(park))
             self._need_more.set()
@@ -171,6 +183,7 @@ class TargetWorker:
 
     def _give_back(self, leases: Sequence[Lease], until: float) -> None:
         """Leases not to attempt now: pending in the store again, due at ``until``."""
+        self.held_bytes -= _data_size(leases)
         self._track(self.dispatcher.store.hold(leases, until))
         self.dispatcher.release(len(leases))
         self._need_more.set()
@@ -261,10 +274,13 @@ class TargetWorker:
                 return  # nothing stored to lease: intake hands new deliveries over
             room = self.ahead - len(self._queue) - self.reserved
             ready = self._queue.ready
-            if len(ready) >= self._low or room <= 0 or (room < self.concurrency and ready):
+            full = room <= 0 or self.held_bytes >= HOLD_BYTES
+            if len(ready) >= self._low or full or (room < self.concurrency and ready):
                 self._need_more.clear()  # enough to do; lease again in batches, not one by one
                 await self._need_more.wait()
                 continue
+            if self.mean_size:  # read no more than the room left in HOLD_BYTES, as far as known
+                room = min(room, max(1, (HOLD_BYTES - self.held_bytes) // self.mean_size))
             want = self.dispatcher.reserve(min(room, LEASE_BATCH), floor=self.free_lanes)
             if want == 0:  # every target together holds ROUTER_LEASE_BUFFER leased events
                 await self.dispatcher.budget_freed(self)
@@ -331,7 +347,9 @@ class TargetWorker:
         ready = self._queue.ready
         lease = ready.popleft()
         self.dispatcher.release(1)
-        if len(ready) < self._low:
+        size = len(lease.event.data)
+        self.held_bytes -= size
+        if len(ready) < self._low or self.held_bytes < HOLD_BYTES <= self.held_bytes + size:
             self._need_more.set()
         self.in_flight += 1
         try:
@@ -344,6 +362,7 @@ class TargetWorker:
         else:
             ready.appendleft(lease)  # not attempted after all: first again, uncounted
             self.dispatcher.buffered += 1  # held in memory again
+            self.held_bytes += size
             await asyncio.sleep(0)  # the sink's own tasks run before the lane looks again
 
     async def _sleep_until(self, due_at: float | None) -> None:
@@ -450,3 +469,7 @@ class TargetWorker:
 
         future.add_done_callback(done)
         return future
+
+
+def _data_size(leases: Sequence[Lease]) -> int:
+    return sum(len(lease.event.data) for lease in leases)

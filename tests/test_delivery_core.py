@@ -9,6 +9,7 @@ from pathlib import Path
 
 import structlog.testing
 
+from router import worker as worker_module
 from router.current import Current
 from router.deadletters import dead_letters, show
 from router.delivery import Dispatcher
@@ -285,6 +286,45 @@ async def test_a_burst_that_fits_in_memory_is_handed_over_and_a_backlog_is_read_
                 await asyncio.sleep(0.02)
     assert sorted(sink.delivered) == sorted(e.id for e in sent), "once each"
     assert store.limits and max(store.limits) <= LEASE_BATCH, store.limits
+
+
+async def test_a_worker_holds_at_most_hold_bytes_of_event_data(make_settings, tmp_path, monkeypatch):
+    """Events that carry media are large: a worker takes them from intake only while what it
+    holds is under HOLD_BYTES (here 1 MiB; 32 KiB events, far fewer than its count allows),
+    and the rest waits in the store, leased back no more than fits. All are delivered once,
+    and its account ends at zero."""
+    monkeypatch.setattr(worker_module, "HOLD_BYTES", 1024 * 1024)
+    store = await CountingStore.open(tmp_path / "router.db")
+    target = WebhookTarget("webhook:global", None, "http://127.0.0.1:9/x", False, events=frozenset({"call"}))
+    sink = HeldSink()
+    data = b'"' + b"x" * (32 * 1024 - 2) + b'"'
+    sent: list[Event] = []
+    refused_at = None
+    async with delivery_core(store, sink, {target.key: target}, make_settings()) as dispatcher:
+        async with asyncio.timeout(10):
+            while not dispatcher.started:
+                await asyncio.sleep(0.01)
+        for _ in range(20):  # 20 batches of 8: 5 MiB in all
+            events = [Event(new_event_id(), "bot", "call", data, utc_timestamp()) for _ in range(8)]
+            claimed = dispatcher.claim({target.key: 8})
+            worker = dispatcher.workers[target.key]
+            if not claimed and refused_at is None:
+                refused_at = worker.held_bytes
+            stored = await store.accept([NewDelivery(e, (target.key,)) for e in events], None, claimed)
+            dispatcher.hand_over(stored.leases, {target.key: 8} if claimed else {})
+            if not claimed:
+                dispatcher.notify([target.key])
+            sent += events
+        assert refused_at is not None, "every batch was taken into memory"
+        assert 1024 * 1024 <= refused_at <= 1024 * 1024 + 8 * len(data)
+        sink.release.set()
+        async with asyncio.timeout(30):
+            while len(sink.delivered) < len(sent) or not await dispatcher.idle():
+                await asyncio.sleep(0.02)
+        assert worker.held_bytes == 0
+    assert sorted(sink.delivered) == sorted(e.id for e in sent), "once each"
+    assert store.limits, "what intake did not hand over was leased"
+    assert max(store.limits) <= 1024 * 1024 // len(data), f"a lease read more than fits: {store.limits}"
 
 
 async def test_idle_targets_run_no_lanes_and_busy_ones_end_theirs(receiver, make_settings, tmp_path):
