@@ -51,6 +51,23 @@ async def test_an_attempts_errors_go_with_its_delivery_and_ids_never_repeat(stor
     assert again.delivery_id > lease.delivery_id
 
 
+async def test_an_event_goes_with_its_last_delivery_whether_handed_over_or_leased(store, tmp_path):
+    """Handed over by intake: an event with one target goes with that delivery's ack; one with
+    two stays until the other is acked too, handed over or read back from the store."""
+    path, hook, queue = tmp_path / "router.db", "webhook:global", "rabbitmq:global"
+    alone, shared = event(), event()
+    accepted = await store.accept(
+        [NewDelivery(alone, (hook,)), NewDelivery(shared, (hook, queue))], None, frozenset({hook})
+    )
+    assert [lease.event for lease in accepted.leases] == [alone, shared]
+    await asyncio.gather(*(store.ack(lease) for lease in accepted.leases))
+    assert rows(path, "SELECT id FROM events") == [(shared.id,)], "the shared one waits for its queue"
+    [lease] = await store.lease(queue, 10)
+    await store.ack(lease)
+    assert rows(path, "SELECT COUNT(*) FROM events") == [(0,)]
+    assert (await store.counts())["pending"] == 0
+
+
 async def test_a_drained_backlog_gives_its_space_back(store, tmp_path):
     path = tmp_path / "router.db"
     batch = [NewDelivery(event(b'"' + b"x" * 4000 + b'"'), ("webhook:global",)) for _ in range(3000)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from router.events import Event
@@ -31,6 +31,9 @@ class Lease:
     event: Event
     accepted_at: float  # when intake stored the event (unix seconds)
     okey: str | None = None  # its ordering key (router.ordering): None, no order to keep
+    # Handed over by intake, never attempted, and its event's only delivery: acked, it takes its
+    # event with it without looking for other deliveries or for attempt errors (SQLite).
+    sole: bool = field(default=False, compare=False)
 
 
 @dataclass(slots=True, unsafe_hash=True)  # not frozen: made per event (see router.events.Event)

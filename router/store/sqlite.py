@@ -206,7 +206,7 @@ class SqliteStore:
                 duplicates |= self._stored_before(conn, fresh, now)
             blocked = self._blocked
             pending: list[tuple[str, str, float, str | None]] = []  # event id, target, due, key
-            leased: list[tuple[Event, str, str | None]] = []
+            leased: list[tuple[Event, str, str | None, bool]] = []  # ... and whether it is sole
             for item in fresh:
                 if item.event.id in duplicates:
                     continue
@@ -217,18 +217,18 @@ class SqliteStore:
                     if until is not None and until > now:
                         pending.append((item.event.id, target, until, key))
                     elif target in leased_targets:
-                        leased.append((item.event, target, key))
+                        leased.append((item.event, target, key, len(item.targets) == 1))
                     else:
                         pending.append((item.event.id, target, now, key))
             insert = "INSERT INTO deliveries (event_id, target, state, due_at, updated_at, okey) VALUES"
             insert_rows(conn, insert, [(e, t, PENDING, due, now, k) for e, t, due, k in pending])
             leases: list[Lease] = []
             if leased:
-                insert_rows(conn, insert, [(e.id, t, LEASED, now, now, k) for e, t, k in leased])
+                insert_rows(conn, insert, [(e.id, t, LEASED, now, now, k) for e, t, k, _ in leased])
                 # Rowids inserted by one connection in one transaction are consecutive.
                 last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
                 first = last - len(leased) + 1
-                leases = [Lease(first + n, t, 0, e, now, k) for n, (e, t, k) in enumerate(leased)]
+                leases = [Lease(first + n, t, 0, e, now, k, sole) for n, (e, t, k, sole) in enumerate(leased)]
             if checkpoint is not None:
                 conn.execute(
                     "INSERT OR REPLACE INTO checkpoints (source, position) VALUES (?, ?)",
@@ -328,11 +328,19 @@ class SqliteStore:
             for start in range(0, len(acks), MAX_VARIABLES):
                 chunk = acks[start : start + MAX_VARIABLES]
                 marks = ",".join("?" * len(chunk))
-                ids = [a.delivery_id for a in chunk]
-                conn.execute(f"DELETE FROM deliveries WHERE id IN ({marks})", ids)
+                conn.execute(f"DELETE FROM deliveries WHERE id IN ({marks})", [a.delivery_id for a in chunk])
+                sole = [a.event.id for a in chunk if a.sole]  # (most, under a burst)
+                if sole:
+                    conn.execute(f"DELETE FROM events WHERE id IN ({','.join('?' * len(sole))})", sole)
+                others = [a for a in chunk if not a.sole] if sole else chunk
+                if not others:
+                    continue
                 # A replayed delivery starts its count again but keeps its errors: delete by id.
-                conn.execute(f"DELETE FROM attempt_errors WHERE delivery_id IN ({marks})", ids)
-                event_ids = list({a.event.id for a in chunk})
+                ids = [a.delivery_id for a in others]
+                conn.execute(
+                    f"DELETE FROM attempt_errors WHERE delivery_id IN ({','.join('?' * len(ids))})", ids
+                )
+                event_ids = list({a.event.id for a in others})
                 conn.execute(
                     f"DELETE FROM events WHERE id IN ({','.join('?' * len(event_ids))})"
                     " AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_id = events.id)",
