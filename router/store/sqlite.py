@@ -54,7 +54,7 @@ T = TypeVar("T")
 log = logs.get_logger("router.store")
 
 
-def _by_ids(conn: sqlite3.Connection, sql: str, params: Sequence[Any], ids: Sequence[int]) -> None:
+def _by_ids(conn: sqlite3.Connection, sql: str, params: Sequence[Any], ids: Sequence[int | str]) -> None:
     """``sql`` (with ``{marks}`` for the ids) for ``ids``, as many statements as variables allow."""
     for start in range(0, len(ids), MAX_VARIABLES):
         chunk = ids[start : start + MAX_VARIABLES]
@@ -325,27 +325,23 @@ class SqliteStore:
     @staticmethod
     def _ack_op(acks: list[Lease]) -> Op:
         def op(conn: sqlite3.Connection) -> None:
-            for start in range(0, len(acks), MAX_VARIABLES):
-                chunk = acks[start : start + MAX_VARIABLES]
-                marks = ",".join("?" * len(chunk))
-                conn.execute(f"DELETE FROM deliveries WHERE id IN ({marks})", [a.delivery_id for a in chunk])
-                sole = [a.event.id for a in chunk if a.sole]  # (most, under a burst)
-                if sole:
-                    conn.execute(f"DELETE FROM events WHERE id IN ({','.join('?' * len(sole))})", sole)
-                others = [a for a in chunk if not a.sole] if sole else chunk
-                if not others:
-                    continue
-                # A replayed delivery starts its count again but keeps its errors: delete by id.
-                ids = [a.delivery_id for a in others]
-                conn.execute(
-                    f"DELETE FROM attempt_errors WHERE delivery_id IN ({','.join('?' * len(ids))})", ids
-                )
-                event_ids = list({a.event.id for a in others})
-                conn.execute(
-                    f"DELETE FROM events WHERE id IN ({','.join('?' * len(event_ids))})"
-                    " AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_id = events.id)",
-                    event_ids,
-                )
+            _by_ids(conn, "DELETE FROM deliveries WHERE id IN ({marks})", (), [a.delivery_id for a in acks])
+            # Handed over, never attempted, their event's only delivery (most, under a burst):
+            # the event goes with it, with nothing else to look for.
+            _by_ids(
+                conn, "DELETE FROM events WHERE id IN ({marks})", (), [a.event.id for a in acks if a.sole]
+            )
+            others = [a for a in acks if not a.sole]
+            # A replayed delivery starts its count again but keeps its errors: delete by id.
+            ids = [a.delivery_id for a in others]
+            _by_ids(conn, "DELETE FROM attempt_errors WHERE delivery_id IN ({marks})", (), ids)
+            _by_ids(
+                conn,
+                "DELETE FROM events WHERE id IN ({marks})"
+                " AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_id = events.id)",
+                (),
+                list({a.event.id for a in others}),
+            )
 
         return op
 
