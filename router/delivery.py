@@ -245,6 +245,8 @@ class Dispatcher:
         """
         previous, routes = self._applied, self.current.routes
         self._applied = routes
+        for worker in self.workers.values():
+            worker.pool = None  # a target's URL may have moved it to another host's lanes
         for key, target in previous.targets.items():
             if key not in routes.targets:
                 self.retired[key] = target

@@ -8,7 +8,6 @@ stores events and deliveries durably, and only then returns their ids.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -207,29 +206,30 @@ class Intake:
     ) -> list[str]:
         """Store ``events`` with their deliveries; return their ids once they are durable."""
         batch = []
-        by_targets: Counter[tuple[str, ...]] = Counter()  # most events of a batch share theirs
+        # Most events of a batch share their targets; with 10,000 instances, few do. (Plain
+        # dictionaries: a Counter's missing keys cost a method call each.)
+        by_targets: dict[tuple[str, ...], int] = {}
         duplicates: set[str] = set()
         routes, ordering = self.routes, self.ordering
         for event in events:
             targets = routes.targets_for(event.instance, event.event)
             if targets:
                 batch.append(NewDelivery(event, targets, ordering.keys(targets, event.instance, event.chat)))
-                by_targets[targets] += 1
-        counts: Counter[str] = Counter()
+                by_targets[targets] = by_targets.get(targets, 0) + 1
+        counts: dict[str, int] = {}
         for targets, count in by_targets.items():
             for key in targets:
-                counts[key] += count
+                counts[key] = counts.get(key, 0) + count
         if batch or checkpoint is not None:
             claimed = self.handoff.claim(counts)
+            reserved = {key: counts[key] for key in claimed}
             try:
                 stored = await self.store.accept(batch, checkpoint, claimed)
             except BaseException:
-                self.handoff.hand_over([], {key: counts[key] for key in claimed})
+                self.handoff.hand_over([], reserved)
                 raise
             # After the answer: the request's 202 goes out first, the deliveries in the next turn.
-            asyncio.get_running_loop().call_soon(
-                self._hand_over, stored.leases, {key: counts[key] for key in claimed}, counts
-            )
+            asyncio.get_running_loop().call_soon(self._hand_over, stored.leases, reserved, counts)
             if stored.duplicates:
                 log.info("intake.duplicates", count=len(stored.duplicates))
             duplicates = stored.duplicates

@@ -69,6 +69,7 @@ class LanePool:
         "_spawn",
         "_timer",
         "_turns",
+        "closed",
         "counted",
         "key",
         "lanes",
@@ -100,6 +101,7 @@ class LanePool:
         self.under_way: collections.deque[_Attempt] = collections.deque()  # by start; counted first
         self.usual_s = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self.closed = False  # idle, and out of the dispatcher's hands: whoever kept it asks again
 
     @property
     def stall_s(self) -> float:
@@ -138,11 +140,28 @@ class LanePool:
         self._spawn(self._lane(worker))
 
     async def _lane(self, worker: Served | None) -> None:
+        """Attempt ``worker``'s ready deliveries until another target's turn comes (or none is
+        left), then serve the next in line; end when nobody is. (One coroutine for the lane's
+        life: with 10,000 targets it moves to another after every attempt.)"""
         holding = True  # this lane holds one of the pool's places
+        loop = asyncio.get_running_loop()
         try:
             while worker is not None:
                 try:
-                    holding = await self._serve(worker)
+                    while worker.has_ready:
+                        attempt = _Attempt(loop.time())
+                        self.under_way.append(attempt)
+                        if self.waiting and self._timer is None:  # (lanes started before this wait)
+                            self._watch()
+                        try:
+                            await worker.attempt_next()
+                        except Exception as exc:  # a bug: say so; the lane leaves this worker
+                            log.error("delivery.bug", target=worker.key, exc_info=exc)
+                            holding = self._ended_attempt(attempt, loop.time())
+                            break
+                        # Not holding: it stalled, and the pool is full now. Waiting: another's turn.
+                        if not (holding := self._ended_attempt(attempt, loop.time())) or self.waiting:
+                            break
                 finally:
                     worker.lane_left()  # (which may put it in line again)
                 worker = self._next_in_line() if holding and self.waiting else None
@@ -156,26 +175,6 @@ class LanePool:
             elif self.idle:
                 self._emptied(self)
             self._lane_ended()
-
-    async def _serve(self, worker: Served) -> bool:
-        """Attempt ``worker``'s ready deliveries until another target's turn comes (or none is
-        left); whether the lane still holds a place."""
-        loop = asyncio.get_running_loop()
-        while worker.has_ready:
-            attempt = _Attempt(loop.time())
-            self.under_way.append(attempt)
-            if self.waiting and self._timer is None:  # (lanes started before this wait)
-                self._watch()
-            try:
-                await worker.attempt_next()
-            except Exception as exc:  # a bug: say so; the lane leaves this worker
-                log.error("delivery.bug", target=worker.key, exc_info=exc)
-                return self._ended_attempt(attempt, loop.time())
-            if not self._ended_attempt(attempt, loop.time()):
-                return False  # it stalled, and the pool is full now
-            if self.waiting:
-                return True  # another target's turn
-        return True
 
     def _ended_attempt(self, attempt: _Attempt, now: float) -> bool:
         """``attempt`` ended; whether its lane holds a place (it may go on)."""
@@ -221,6 +220,7 @@ class LanePool:
             self._watch()
 
     def close(self) -> None:
+        self.closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -24,6 +24,7 @@ from router.store import Lease
 
 if TYPE_CHECKING:
     from router.delivery import Dispatcher
+    from router.lanes import LanePool
 
 log = logs.get_logger("router.delivery")
 # A worker holds up to this many times its concurrency in memory, leased or handed over by
@@ -38,38 +39,6 @@ STORE_RETRY_S = 1.0  # a worker whose lease failed (disk full ...) leases again 
 SINK_WAIT_S = 1.0  # lanes waiting for a sink that is down look at whether to stop this often
 
 
-class Signal:
-    """A flag a task can wait for: ``asyncio.Event`` for one waiter, without its deque (10,000
-    targets have two each)."""
-
-    __slots__ = ("_set", "_waiter")
-
-    def __init__(self) -> None:
-        self._set = False
-        self._waiter: asyncio.Future[None] | None = None
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def set(self) -> None:
-        self._set = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def clear(self) -> None:
-        self._set = False
-
-    async def wait(self) -> None:
-        if self._set:
-            return
-        self._waiter = waiter = asyncio.get_running_loop().create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-
-
 class TargetWorker:
     """Delivers one target's stored deliveries; see the module docstring."""
 
@@ -78,12 +47,13 @@ class TargetWorker:
         "_lanes",
         "_leaser",
         "_low",
-        "_need_more",
+        "_more_waiter",
         "_queue",
         "_refused",
         "_stopping",
         "_troubled",
-        "_wake",
+        "_wake_waiter",
+        "_woken",
         "ahead",
         "caught_up",
         "concurrency",
@@ -93,6 +63,7 @@ class TargetWorker:
         "key",
         "mean_size",
         "policy",
+        "pool",
         "reserved",
         "sink",
     )
@@ -120,9 +91,16 @@ class TargetWorker:
         self._queue = KeyQueue()  # leased, not in flight, in the order their keys require
         self.held_bytes = 0  # event data of the deliveries in ``_queue``
         self.mean_size = 0  # of an event's data, in the last batch it took (what a lease may read)
-        self._wake = Signal()  # new deliveries stored, or an attempt finished
+        # Set when deliveries were stored pending (or a retry is due, or a stop): the leaser
+        # looks again. The leaser waits for it, or for fewer to be held than it keeps; each
+        # wait is a future made while the leaser waits (no object per idle target).
+        self._woken = False
+        self._wake_waiter: asyncio.Future[None] | None = None
+        self._more_waiter: asyncio.Future[None] | None = None
         self._lanes = 0  # lanes serving it, or its turns in line for one (``router.lanes``)
-        self._need_more = Signal()  # leaser: fewer are ready or held than it keeps
+        # The pool of those lanes, as the dispatcher last said (None: ask again; a reload may
+        # have moved the target elsewhere).
+        self.pool: LanePool | None = None
         self._stopping = False
         # Nothing due is left in the store (the last lease came back short): new deliveries may
         # then come straight from intake without overtaking older ones.
@@ -178,7 +156,7 @@ class TargetWorker:
             self.held_bytes -= _data_size(park)
             self._track(self.dispatcher.store.park(park))
             self.dispatcher.release(len(park))
-            self._need_more.set()
+            self._more_wanted()
         self._start_lanes()
 
     def _give_back(self, leases: Sequence[Lease], until: float) -> None:
@@ -186,7 +164,7 @@ class TargetWorker:
         self.held_bytes -= _data_size(leases)
         self._track(self.dispatcher.store.hold(leases, until))
         self.dispatcher.release(len(leases))
-        self._need_more.set()
+        self._more_wanted()
         self.wake()  # the leaser leases them when they fall due
 
     def _done(self, lease: Lease, retry_at: float | None, written: asyncio.Future[Any] | None) -> None:
@@ -236,7 +214,9 @@ class TargetWorker:
         wanted = self.in_flight + len(self._queue.ready)
         wanted = self.concurrency if wanted > self.concurrency else wanted
         if self._lanes < wanted:
-            pool = self.dispatcher.pool_of(self)
+            pool = self.pool
+            if pool is None or pool.closed:
+                pool = self.pool = self.dispatcher.pool_of(self)
             while self._lanes < wanted:
                 self._lanes += 1
                 pool.want(self)
@@ -246,14 +226,14 @@ class TargetWorker:
         from intake (a handover now would overtake them)."""
         self.caught_up = False
         self._refused += 1
-        self._wake.set()
+        self._rouse()
         self._run_leaser()
 
     def stop(self) -> None:
         """Stop leasing and starting attempts; attempts under way finish (bounded by the dispatcher)."""
         self._stopping = True
-        self._wake.set()
-        self._need_more.set()
+        self._rouse()
+        self._more_wanted()
         self.dispatcher.stop_waiting(self)
 
     async def _lease_loop(self) -> None:
@@ -270,14 +250,18 @@ class TargetWorker:
     async def _lease_while_stored(self) -> None:
         store = self.dispatcher.store
         while not self._stopping:
-            if self.caught_up and self._due_at is None and not self._wake.is_set():
+            if self.caught_up and self._due_at is None and not self._woken:
                 return  # nothing stored to lease: intake hands new deliveries over
             room = self.ahead - len(self._queue) - self.reserved
             ready = self._queue.ready
             full = room <= 0 or self.held_bytes >= HOLD_BYTES
             if len(ready) >= self._low or full or (room < self.concurrency and ready):
-                self._need_more.clear()  # enough to do; lease again in batches, not one by one
-                await self._need_more.wait()
+                # Enough to do: lease again in batches, not one by one.
+                self._more_waiter = waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await waiter
+                finally:
+                    self._more_waiter = None
                 continue
             if self.mean_size:  # read no more than the room left in HOLD_BYTES, as far as known
                 room = min(room, max(1, (HOLD_BYTES - self.held_bytes) // self.mean_size))
@@ -285,7 +269,7 @@ class TargetWorker:
             if want == 0:  # every target together holds ROUTER_LEASE_BUFFER leased events
                 await self.dispatcher.budget_freed(self)
                 continue
-            self._wake.clear()  # before leasing: a notify during the lease is not lost
+            self._woken = False  # before leasing: a notify during the lease is not lost
             refused = self._refused
             try:
                 leases = await store.lease(self.key, want, exclusive=self.concurrency == 1)
@@ -350,7 +334,7 @@ class TargetWorker:
         size = len(lease.event.data)
         self.held_bytes -= size
         if len(ready) < self._low or self.held_bytes < HOLD_BYTES <= self.held_bytes + size:
-            self._need_more.set()
+            self._more_wanted()
         self.in_flight += 1
         try:
             attempted = await self._attempt(lease)
@@ -365,10 +349,25 @@ class TargetWorker:
             self.held_bytes += size
             await asyncio.sleep(0)  # the sink's own tasks run before the lane looks again
 
+    def _rouse(self) -> None:
+        self._woken = True
+        _resolve(self._wake_waiter)
+
+    def _more_wanted(self) -> None:
+        """Fewer are ready or held than the leaser keeps: it leases again, if it waits for that."""
+        _resolve(self._more_waiter)
+
     async def _sleep_until(self, due_at: float | None) -> None:
+        """Until ``due_at`` (None: for ever), or until roused."""
+        if self._woken:
+            return
         timeout = None if due_at is None else max(0.0, due_at - time.time())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake_waiter = waiter = asyncio.get_running_loop().create_future()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter, timeout)
+        finally:
+            self._wake_waiter = None
 
     async def _attempt(self, lease: Lease) -> bool:
         """Attempt ``lease``; False when the sink turned out to be unavailable (not an attempt)."""
@@ -455,7 +454,7 @@ class TargetWorker:
         retry_at = time.time() + delay
         self._track(store.retry(lease, retry_at, error))
         self._due_at = 0.0
-        self._wake.set()  # the leaser recomputes when the next delivery is due
+        self._rouse()  # the leaser recomputes when the next delivery is due
         self._run_leaser()
         return f"retry in {delay:.2f}s", error, retry_at, None
 
@@ -471,5 +470,13 @@ class TargetWorker:
         return future
 
 
+def _resolve(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
 def _data_size(leases: Sequence[Lease]) -> int:
-    return sum(len(lease.event.data) for lease in leases)
+    size = 0
+    for lease in leases:  # (not sum() of a generator: most batches handed over hold one lease)
+        size += len(lease.event.data)
+    return size

@@ -20,6 +20,7 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import yarl
 
@@ -36,8 +37,7 @@ class ProtocolError(ConnectionError):
     """The server's answer is not HTTP/1.x, or the connection ended inside it."""
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
+class Origin(NamedTuple):  # a dictionary key for every request: a tuple's hash, not a dataclass's
     scheme: str
     host: str
     port: int
