@@ -255,8 +255,14 @@ class Dispatcher:
             # Another router sharing the database may have stored some already: look once.
             self._start(key)
         for key in self.retired:
-            if key in self.workers:
-                self.workers[key].wake()
+            leaving = self.workers.get(key)
+            if leaving is None:
+                continue
+            if leaving.idle:  # nothing stored for it, nothing in hand: nothing to finish
+                leaving.stop()
+                del self.workers[key]
+            else:
+                leaving.wake()  # it delivers what is stored, then stops
 
     def _sink_missing(self, key: str) -> str | None:
         """Why stored deliveries of ``key`` have no sink to go to, or None when they have one."""
@@ -303,13 +309,18 @@ class Dispatcher:
             self._group = group
             await self.store.changed_elsewhere()  # from here on, another process's writes wake us
             self.store.subscribe(self._due_elsewhere)  # and so do other routers' (PostgreSQL)
-            # Only targets with something stored get a worker now; the others get one with
-            # their first deliveries (so 10,000 idle targets cost no worker and no query).
+            # Targets with something stored get a worker that leases it now.
             for key in await self.store.pending_targets():
                 if key not in self.routes.targets and self._sink_missing(key) is not None:
                     await self._bury(key)
                 else:
                     self._start(key)
+            # The others get an idle one (no task, no query, about a kilobyte): made during the
+            # start, it is out of the collector's way once the daemon runs (``router.cli``), and
+            # the first events of 10,000 instances do not each make one.
+            for key in self.routes.targets:
+                if key not in self.workers and key not in self._stored_early:
+                    self._start(key, nothing_stored=True)
             self._started = True
             for key in self._stored_early:
                 self._start(key)

@@ -312,6 +312,11 @@ class TargetWorker:
         return len(self._queue) > 0 or self.in_flight > 0 or self.reserved > 0 or self._queue.parking
 
     @property
+    def idle(self) -> bool:
+        """Nothing in hand, no leaser running and, as far as it knows, nothing stored for it."""
+        return self.caught_up and self._due_at is None and self._leaser is None and not self.busy
+
+    @property
     def has_ready(self) -> bool:
         return bool(self._queue.ready) and not self._stopping
 

@@ -233,6 +233,41 @@ async def test_caught_up_targets_ask_the_store_nothing_for_what_intake_hands_the
     assert store.reads == reads, f"{store.reads - reads} store reads for 600 deliveries handed over"
 
 
+async def test_every_target_has_an_idle_worker_and_a_reload_drops_idle_ones(make_settings, tmp_path):
+    """200 configured targets: a worker each once started, with no task and no store query; an
+    event handed over to one is delivered by it; a reload that removes half of them drops their
+    idle workers at once, again without a query."""
+    store = await CountingStore.open(tmp_path / "router.db")
+    targets = {
+        f"webhook:instance:i{n}": WebhookTarget(
+            f"webhook:instance:i{n}", f"i{n}", "http://127.0.0.1:9/x", False, events=frozenset({"call"})
+        )
+        for n in range(200)
+    }
+    sink = CountingSink()
+    async with delivery_core(store, sink, targets, make_settings()) as dispatcher:
+        async with asyncio.timeout(10):
+            while not dispatcher.started:
+                await asyncio.sleep(0.01)
+        assert set(dispatcher.workers) == set(targets)
+        assert not [task for task in asyncio.all_tasks() if task.get_name().startswith("worker ")]
+        first = dispatcher.workers["webhook:instance:i0"]
+        event = Event(new_event_id(), "i0", "call", b"{}", utc_timestamp())
+        counts = {"webhook:instance:i0": 1}
+        assert dispatcher.claim(counts) == set(counts)
+        stored = await store.accept([NewDelivery(event, tuple(counts))], None, frozenset(counts))
+        dispatcher.hand_over(stored.leases, counts)
+        async with asyncio.timeout(10):
+            while sink.delivered != [event.id] or not await dispatcher.idle():
+                await asyncio.sleep(0.01)
+        kept = dict(list(targets.items())[:100])
+        dispatcher.current.routes = Routes(targets=kept)
+        await dispatcher.apply()
+        assert set(dispatcher.workers) == set(kept), "the removed idle targets' workers are gone"
+        assert dispatcher.workers["webhook:instance:i0"] is first
+    assert store.reads == 0, f"{store.reads} store reads for targets with nothing stored"
+
+
 class HeldSink(CountingSink):
     """Attempts wait until ``release`` is set."""
 
@@ -329,8 +364,7 @@ async def test_a_worker_holds_at_most_hold_bytes_of_event_data(make_settings, tm
 
 async def test_idle_targets_run_no_lanes_and_busy_ones_end_theirs(receiver, make_settings, tmp_path):
     """An attempt lane exists only while its target has deliveries in hand: 300 idle webhooks
-    cost no task and not even a worker (one is made with their first deliveries), not a task
-    per unit of concurrency."""
+    cost an idle worker each (made at start, with no task), not a task per unit of concurrency."""
     from tests.conftest import post_ingest, running, wait_idle, write_instance  # noqa: PLC0415
 
     for n in range(300):
@@ -342,14 +376,16 @@ async def test_idle_targets_run_no_lanes_and_busy_ones_end_theirs(receiver, make
             while not app.dispatcher.started:  # type: ignore[union-attr]
                 await asyncio.sleep(0.01)
         await wait_idle(app)
-        assert app.dispatcher.workers == {}  # type: ignore[union-attr]
+        workers = dict(app.dispatcher.workers)  # type: ignore[union-attr]
+        assert sorted(workers) == sorted(f"webhook:instance:i{n}" for n in range(300))
+        assert not any(worker.busy for worker in workers.values())
         idle_tasks = len(asyncio.all_tasks())
         assert idle_tasks < 100, idle_tasks  # a task a target would be 300, 64 lanes each 19,200
         events = [{"event": "call", "instance": f"i{n % 3}", "data": {"n": n}} for n in range(90)]
         assert (await post_ingest(app, events))[0] == 202
         await receiver.wait_for(90)
         await wait_idle(app)
-        assert sorted(app.dispatcher.workers) == [f"webhook:instance:i{n}" for n in range(3)]  # type: ignore[union-attr]
+        assert app.dispatcher.workers == workers, "the workers made at start delivered them"  # type: ignore[union-attr]
         lanes = [t for t in asyncio.all_tasks() if t.get_name() == "lane"]
         assert lanes == [], "lanes end when their work is done"
         async with asyncio.timeout(10):  # and so do the workers' own tasks, once their lanes have

@@ -95,6 +95,34 @@ async def test_a_removed_instance_still_receives_what_was_stored_for_it(receiver
     assert len(receiver.on("/gone")) == 2
 
 
+async def test_a_removed_instance_with_a_retry_keeps_its_worker_until_done(receiver, make_settings, tmp_path):
+    """Every configured target has a worker from the start. Removing an instance that never had
+    an event drops its worker with the reload (no leaser task is left for it); one with a retry
+    stored keeps its worker until that retry is delivered."""
+    instances = tmp_path / "instances"
+    idle = write_instance(instances, "idle", shop(receiver.url, "/idle"))
+    busy = write_instance(instances, "busy", shop(receiver.url, "/busy"))
+    receiver.script("/busy", [503])
+    settings = make_settings(WEBHOOK_RETRY_INITIAL_DELAY_SECONDS="1", WEBHOOK_RETRY_JITTER_FACTOR="0")
+    async with running(settings) as app:
+        assert app.dispatcher is not None
+        dispatcher = app.dispatcher
+        await wait_until(lambda: dispatcher.started)
+        assert {"webhook:instance:idle", "webhook:instance:busy"} <= set(dispatcher.workers)
+        assert (await post_ingest(app, {"event": "call", "instance": "busy", "data": {}}))[0] == 202
+        await receiver.wait_for(1, "/busy")  # failed: its retry is stored, due in a second
+        before = app.reloads
+        idle.unlink()
+        busy.unlink()
+        await wait_until(lambda: app.reloads > before)
+        assert "webhook:instance:idle" not in dispatcher.workers
+        assert not [t for t in asyncio.all_tasks() if t.get_name() == "worker webhook:instance:idle"]
+        assert "webhook:instance:busy" in dispatcher.workers, "its retry is still to be delivered"
+        await receiver.wait_for(2, "/busy")
+        await wait_until(lambda: "webhook:instance:busy" not in dispatcher.workers)
+    assert receiver.on("/idle") == []
+
+
 def test_app_creates_a_missing_instances_directory(make_settings, tmp_path: Path):
     settings = make_settings(ROUTER_INSTANCES_DIR=str(tmp_path / "new" / "instances"))
     App(settings)
