@@ -175,6 +175,7 @@ class Dispatcher:
             return self.workers.get(key)
         policy, concurrency = self._policies.get(kind.name) or self._policy_of(kind)
         worker = TargetWorker(key, self, sink, policy, concurrency, nothing_stored=nothing_stored)
+        self._place_of(worker)
         self.workers[key] = worker
         if not nothing_stored:  # one with nothing stored has no task until it has work
             worker.wake()
@@ -194,13 +195,19 @@ class Dispatcher:
     def pool_of(self, worker: TargetWorker) -> LanePool:
         """The lanes ``worker``'s target shares with the others that reach the same place (a
         webhook host), or its own."""
-        target = self.target(worker.key)
-        shared = worker.sink.shares(target) if target is not None else None
-        key, limit = shared if shared is not None else (worker.key, worker.concurrency)
+        key, limit = worker.place or self._place_of(worker)
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = LanePool(key, limit, self._spawn_lane, self._lane_ended, self._emptied)
         return pool
+
+    def _place_of(self, worker: TargetWorker) -> tuple[Hashable, int]:
+        """Where ``worker``'s lanes come from, and how many that place runs: worked out when the
+        worker is made (during the start, for every configured target) and after a reload."""
+        target = self.target(worker.key)
+        shared = worker.sink.shares(target) if target is not None else None
+        worker.place = shared if shared is not None else (worker.key, worker.concurrency)
+        return worker.place
 
     def _spawn_lane(self, lane: Coroutine[Any, Any, None]) -> None:
         """Run a lane, which calls ``_lane_ended`` itself as it ends (no wrapper, no callback)."""
@@ -246,7 +253,7 @@ class Dispatcher:
         previous, routes = self._applied, self.current.routes
         self._applied = routes
         for worker in self.workers.values():
-            worker.pool = None  # a target's URL may have moved it to another host's lanes
+            worker.place = None  # a target's URL may have moved it to another host's lanes
         for key, target in previous.targets.items():
             if key not in routes.targets:
                 self.retired[key] = target

@@ -69,7 +69,6 @@ class LanePool:
         "_spawn",
         "_timer",
         "_turns",
-        "closed",
         "counted",
         "key",
         "lanes",
@@ -101,7 +100,6 @@ class LanePool:
         self.under_way: collections.deque[_Attempt] = collections.deque()  # by start; counted first
         self.usual_s = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        self.closed = False  # idle, and out of the dispatcher's hands: whoever kept it asks again
 
     @property
     def stall_s(self) -> float:
@@ -220,7 +218,6 @@ class LanePool:
             self._watch()
 
     def close(self) -> None:
-        self.closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

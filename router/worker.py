@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from router import logs
@@ -24,7 +24,6 @@ from router.store import Lease
 
 if TYPE_CHECKING:
     from router.delivery import Dispatcher
-    from router.lanes import LanePool
 
 log = logs.get_logger("router.delivery")
 # A worker holds up to this many times its concurrency in memory, leased or handed over by
@@ -62,8 +61,8 @@ class TargetWorker:
         "in_flight",
         "key",
         "mean_size",
+        "place",
         "policy",
-        "pool",
         "reserved",
         "sink",
     )
@@ -98,9 +97,9 @@ class TargetWorker:
         self._wake_waiter: asyncio.Future[None] | None = None
         self._more_waiter: asyncio.Future[None] | None = None
         self._lanes = 0  # lanes serving it, or its turns in line for one (``router.lanes``)
-        # The pool of those lanes, as the dispatcher last said (None: ask again; a reload may
-        # have moved the target elsewhere).
-        self.pool: LanePool | None = None
+        # Where its lanes come from: the place its target reaches and that place's limit, as
+        # the dispatcher worked it out (None: not yet, or a reload may have moved the target).
+        self.place: tuple[Hashable, int] | None = None
         self._stopping = False
         # Nothing due is left in the store (the last lease came back short): new deliveries may
         # then come straight from intake without overtaking older ones.
@@ -214,9 +213,7 @@ class TargetWorker:
         wanted = self.in_flight + len(self._queue.ready)
         wanted = self.concurrency if wanted > self.concurrency else wanted
         if self._lanes < wanted:
-            pool = self.pool
-            if pool is None or pool.closed:
-                pool = self.pool = self.dispatcher.pool_of(self)
+            pool = self.dispatcher.pool_of(self)
             while self._lanes < wanted:
                 self._lanes += 1
                 pool.want(self)
