@@ -161,6 +161,16 @@ async def test_a_bug_outside_an_attempt_is_logged_and_delivery_goes_on(make_sett
     assert isinstance(bug["exc_info"], RuntimeError) and "ready" in str(bug["exc_info"])
 
 
+def instance_webhooks(count: int) -> dict[str, WebhookTarget]:
+    """``count`` instance webhooks (``i0``, ``i1`` ...) subscribed to ``call``, by key."""
+    return {
+        f"webhook:instance:i{n}": WebhookTarget(
+            f"webhook:instance:i{n}", f"i{n}", "http://127.0.0.1:9/x", False, events=frozenset({"call"})
+        )
+        for n in range(count)
+    }
+
+
 class CountingStore(Store):
     """The SQLite store, counting the reads a worker makes to find work."""
 
@@ -193,12 +203,7 @@ async def test_caught_up_targets_ask_the_store_nothing_for_what_intake_hands_the
     events, one each, handed over by intake, are delivered without a single lease or due-time
     query (10,000 such targets would be 20,000 queries per event each)."""
     store = await CountingStore.open(tmp_path / "router.db")
-    targets = {
-        f"webhook:instance:i{n}": WebhookTarget(
-            f"webhook:instance:i{n}", f"i{n}", "http://127.0.0.1:9/x", False, events=frozenset({"call"})
-        )
-        for n in range(200)
-    }
+    targets = instance_webhooks(200)
     sink = CountingSink()
 
     def batch() -> list[NewDelivery]:
@@ -238,12 +243,7 @@ async def test_every_target_has_an_idle_worker_and_a_reload_drops_idle_ones(make
     event handed over to one is delivered by it; a reload that removes half of them drops their
     idle workers at once, again without a query."""
     store = await CountingStore.open(tmp_path / "router.db")
-    targets = {
-        f"webhook:instance:i{n}": WebhookTarget(
-            f"webhook:instance:i{n}", f"i{n}", "http://127.0.0.1:9/x", False, events=frozenset({"call"})
-        )
-        for n in range(200)
-    }
+    targets = instance_webhooks(200)
     sink = CountingSink()
     async with delivery_core(store, sink, targets, make_settings()) as dispatcher:
         async with asyncio.timeout(10):
