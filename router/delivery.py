@@ -119,7 +119,7 @@ class Dispatcher:
         """Targets whose worker takes these new deliveries from intake directly (Handoff)."""
         claimed = set()
         for key, count in counts.items():
-            worker = self.workers.get(key) or self._first_work(key)
+            worker = self.workers.get(key)  # every configured target has one once started
             if worker is None or (self.buffered + count > self.buffer_limit and count > worker.free_lanes):
                 continue
             if worker.claim(count):
@@ -140,13 +140,6 @@ class Dispatcher:
     @property
     def started(self) -> bool:
         return self._started
-
-    def _first_work(self, key: str) -> TargetWorker | None:
-        """A worker for a configured target that has none: an idle target has no worker (it
-        costs its configuration only), and one without a worker has nothing stored."""
-        if not self._started or key not in self.routes.targets:
-            return None
-        return self._start(key, nothing_stored=True)
 
     def notify(self, keys: Iterable[str]) -> None:
         for key in keys:
