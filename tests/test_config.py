@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from router.errors import ConfigError
 from router.instances import load_instances
 from router.settings import load_settings
+from router.yamlfile import load_yaml
 from tests.conftest import ROOT, write_instance
 
 
@@ -135,6 +137,36 @@ def test_instance_file_errors_name_file_line_and_field(tmp_path: Path):
     assert f"{broken}:2: invalid YAML" in text
     assert f"{wrong}:1: instanceName: is 'other' but the file is named 'wrong.yaml'" in text
     assert str(good) not in text
+
+
+YAML_DOCUMENTS = [
+    "webhook:\n  enabled: true\n  url: https://hooks.example.com/wa?x=1\n"
+    "  events: [MESSAGES_UPSERT, QRCODE_UPDATED]\n",
+    "webhook: {enabled: yes, url: 'http://a/b', byEvents: off, headers: {X-Id: 42, X-N: 0x1f}}\n",
+    "token: null\ninstanceId: ~\nn: 1_000\nf: 1.5e3\ninf: .inf\nwhen: 2024-01-02\ntext: !!str 12\n",
+    "events:\n  - MESSAGES_UPSERT\n  -\n  - [1, [2, {a: b}]]\n1: one\ntrue: yes\nnull: empty\n",
+    'long: |\n  two\n  lines\nfolded: >\n  one\n  line\nq: "tab\\tand é"\nk: v\nk: later\n',
+    "base: &b {enabled: true}\nwebhook:\n  <<: *b\n  url: http://x/y\n",
+    "? [a, b]\n: complex key\n",
+]
+
+
+@pytest.mark.parametrize("text", YAML_DOCUMENTS)
+def test_instance_files_are_read_as_pyyaml_reads_them(tmp_path: Path, text: str):
+    """What a file holds, built directly for plain files, is what PyYAML's safe loader builds
+    (same values, same types); a file PyYAML refuses is refused with its problem."""
+    path = tmp_path / "bot.yaml"
+    path.write_text(text)
+    try:
+        expected = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        with pytest.raises(ConfigError, match="invalid YAML"):
+            load_yaml(path)
+        assert "unhashable" in str(exc)
+        return
+    data = load_yaml(path).data
+    assert data == expected
+    assert repr(data) == repr(expected)  # True is not 1, "12" is not 12
 
 
 def test_upstream_instance_body_is_accepted(tmp_path: Path):
