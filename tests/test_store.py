@@ -112,6 +112,20 @@ async def test_a_burst_is_written_once_and_deleted_without_being_read_back(store
     assert (await store.counts())["pending"] == 0
 
 
+async def test_acks_go_with_the_accept_queued_beside_them(store, tmp_path):
+    """Acks gathered while an accept waits are written in the accept's transaction, not in one
+    of their own ahead of it: one commit, and the accept's 202 waits for nothing else."""
+    accepted = await store.accept(
+        [NewDelivery(event(), ("webhook:global",))], None, frozenset({"webhook:global"})
+    )
+    before = store.transactions
+    acked = store.ack(accepted.leases[0])
+    await store.accept([NewDelivery(event(), ("webhook:global",))])
+    await acked
+    assert store.transactions == before + 1
+    assert rows(tmp_path / "router.db", "SELECT COUNT(*) FROM deliveries") == [(1,)]
+
+
 async def test_remembered_ids_are_pruned_after_the_window(store, tmp_path):
     await store.accept([NewDelivery(event(event_id="adapter-1"), ("webhook:global",))])
     await asyncio.sleep(1.1)  # the window is 1 s here: past it, the id is forgotten

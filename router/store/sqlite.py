@@ -172,7 +172,7 @@ class SqliteStore:
         acks, self._acks = self._acks, []
         written, self._acks_written = self._acks_written, None
         assert written is not None
-        return Queued(self._ack_op(acks), written, kept=True)
+        return Queued(self._ack_op(acks), written, kept=True, rides=True)
 
     def _unblock_due(self) -> None:
         """(On the writer's thread.) Keys whose retry is due by now hold nothing back any more."""

@@ -1,10 +1,12 @@
 """The SQLite queue's writer: one connection on one thread, written to in batches.
 
 Operations queue up while a transaction is being written and are then applied together, one
-transaction for the lot (group commit), so the store keeps up with intake. Leases, acks and
-retries (not durable) go ahead of queued accepts, in a transaction of their own, so a worker's
-next lease never waits for accepted events to be synced; not twice running, so a steady stream
-of acks never keeps accepts waiting. An accepting transaction holds at most
+transaction for the lot (group commit), so the store keeps up with intake. Leases and retries
+(not durable) go ahead of queued accepts, in a transaction of their own, so a worker's next
+lease never waits for accepted events to be synced; not twice running, so a steady stream of
+them never keeps accepts waiting. Acks ride with the next transaction, whatever it holds: only
+the next delivery of their key waits for them, and an accept need not wait for a commit of
+theirs before its own. An accepting transaction holds at most
 ``MAX_ROWS_PER_TRANSACTION`` deliveries, so the wait for it stays short. Each operation runs in its
 own savepoint: one failing operation fails only its own caller.
 
@@ -58,6 +60,7 @@ class Queued:
     durable: bool = False  # accepted events: synced before the future resolves
     kept: bool = False  # tried again when the disk is full, instead of failing
     rows: int = 1  # deliveries it writes, for the size of a transaction
+    rides: bool = False  # goes with the next transaction, whatever it holds (never alone ahead of accepts)
 
 
 class Writer:
@@ -127,11 +130,13 @@ class Writer:
         self.executor.shutdown(wait=True)
 
     def _next_batch(self) -> list[Queued]:
-        """The next transaction's operations: the light ones first when accepts are queued too,
-        but not twice running, so a steady stream of acks never keeps accepts waiting."""
+        """The next transaction's operations: the light ones (leases, retries, reads, and the
+        acks with them) first when accepts are queued too, but not twice running, so a steady
+        stream of them never keeps accepts waiting. Acks alone go with the accepts."""
         queued = self._ops
         light = [item for item in queued if not item.durable]
-        self._jumped = not self._jumped and bool(light) and len(light) < len(queued)
+        urgent = any(not item.rides for item in light)  # acks alone do not go ahead
+        self._jumped = not self._jumped and urgent and len(light) < len(queued)
         if self._jumped:
             batch = light[:MAX_OPS_PER_TRANSACTION]
             taken = set(map(id, batch))
