@@ -244,22 +244,28 @@ async def test_application_startup_is_emitted_once_when_the_daemon_is_up(receive
 
 
 async def test_one_target_with_concurrency_1_receives_in_intake_order(receiver, make_settings):
-    # Batches outrun the receiver, so some deliveries wait in the store while others are handed
-    # to the worker directly: neither path may overtake the other.
-    receiver.script("/hook", [("sleep", 0.005)] * 1000)  # 50 ms a batch: posting is faster
+    # Deliveries that wait in the store and deliveries handed to the worker directly: neither
+    # path may overtake the other. The first batch is more than the worker holds (256 x its
+    # concurrency), so it is stored; the batches right after it race the worker reading it
+    # back; those after the receiver has caught up are handed over.
+    receiver.script("/hook", [("sleep", 0.001)] * 2000)  # 1 ms an event: posting is faster
     settings = make_settings(
         WEBHOOK_GLOBAL_ENABLED="true",
         WEBHOOK_GLOBAL_URL=f"{receiver.url}/hook",
         WEBHOOK_EVENTS_CALL="true",
         ROUTER_WEBHOOK_CONCURRENCY="1",
     )
+
+    def events(first: int, last: int) -> list[dict[str, object]]:
+        return [{"event": "call", "instance": "bot", "data": {"n": n}} for n in range(first, last)]
+
     async with running(settings) as app:
-        for start in range(0, 400, 10):  # batches that fit the worker's buffer (32 x concurrency)
-            batch = [{"event": "call", "instance": "bot", "data": {"n": n}} for n in range(start, start + 10)]
-            assert (await post_ingest(app, batch))[0] == 202
-            if start == 200:
-                await receiver.wait_for(210, timeout=20)  # drained: the worker is caught up again
-        got = await receiver.wait_for(400, timeout=20)
+        assert (await post_ingest(app, events(0, 1000)))[0] == 202
+        for start in range(1000, 1200, 10):
+            assert (await post_ingest(app, events(start, start + 10)))[0] == 202
+            if start == 1100:
+                await receiver.wait_for(1110, timeout=30)  # drained: the worker is caught up again
+        got = await receiver.wait_for(1200, timeout=30)
         assert app.dispatcher is not None
-        assert 0 < app.dispatcher.handed_over < 400, "both paths were used"
-    assert [r.json()["data"]["n"] for r in got] == list(range(400))
+        assert 0 < app.dispatcher.handed_over <= 200, "both paths were used"
+    assert [r.json()["data"]["n"] for r in got] == list(range(1200))
