@@ -24,6 +24,7 @@ _LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_DEPTH = 50
 MAX_NODES = 100_000
 _STR, _MAP, _SEQ = "tag:yaml.org,2002:str", "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
+_VALUE = "tag:yaml.org,2002:value"  # a plain ``=``: as a key, PyYAML makes it the string "="
 _OPEN = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
 _CLOSE = (yaml.MappingEndEvent, yaml.SequenceEndEvent)
 
@@ -112,6 +113,11 @@ def _check_bounds(text: str, path: Path) -> None:
             )
 
 
+def _may_alias(text: str) -> bool:
+    """Whether ``text`` may hold anchors and aliases (values that stand for others)."""
+    return "&" in text or "*" in text
+
+
 def _within_bounds_anyway(text: str) -> bool:
     """Whether ``text`` cannot break the bounds, seen from its characters alone (most instance
     files, which are then parsed once, not twice): without anchors and aliases no value stands
@@ -119,8 +125,7 @@ def _within_bounds_anyway(text: str) -> bool:
     empty value with its key or dash); each level of nesting takes a line break, a bracket, or a
     ``-``, ``?`` or ``:`` indicator."""
     return (
-        "&" not in text
-        and "*" not in text
+        not _may_alias(text)
         and 2 * len(text) + 1 < MAX_NODES
         and sum(text.count(mark) for mark in "\n[{-?:") < MAX_DEPTH
     )
@@ -143,7 +148,7 @@ def _build(node: yaml.Node, text: str, loader: yaml.SafeLoader) -> Any:
     """The data of ``node``, as PyYAML's safe constructor builds it. Without anchors, aliases or
     merge keys (most instance files), mappings, lists and strings are built here directly, a
     third of what PyYAML's constructor costs per value; other values are PyYAML's."""
-    if "&" in text or "*" in text or "<<" in text:
+    if _may_alias(text) or "<<" in text:
         return loader.construct_document(node)
     try:
         return _plain(node, loader)
@@ -156,7 +161,10 @@ def _plain(node: yaml.Node, loader: yaml.SafeLoader) -> Any:
     if tag == _STR:
         return node.value
     if tag == _MAP:
-        return {_plain(key, loader): _plain(value, loader) for key, value in node.value}
+        return {
+            key.value if key.tag == _VALUE else _plain(key, loader): _plain(value, loader)
+            for key, value in node.value
+        }
     if tag == _SEQ:
         return [_plain(item, loader) for item in node.value]
     return loader.construct_object(node, deep=True)  # true, 3, 1.5, null, a date ...

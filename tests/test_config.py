@@ -148,6 +148,7 @@ YAML_DOCUMENTS = [
     'long: |\n  two\n  lines\nfolded: >\n  one\n  line\nq: "tab\\tand é"\nk: v\nk: later\n',
     "base: &b {enabled: true}\nwebhook:\n  <<: *b\n  url: http://x/y\n",
     "? [a, b]\n: complex key\n",
+    "=: equals\nb: {=: 1}\n",
 ]
 
 
