@@ -111,6 +111,14 @@ async def test_a_burst_is_written_once_and_deleted_without_being_read_back(store
     assert acked["wchar"] - stored["wchar"] < 2.5 * size
     assert (await store.counts())["pending"] == 0
 
+    def settings(conn: sqlite3.Connection) -> list[int]:
+        names = ("wal_autocheckpoint", "cache_size", "secure_delete", "temp_store")
+        return [conn.execute(f"PRAGMA {name}").fetchone()[0] for name in names]
+
+    # What the README promises: a log of about 16 MiB (4,000 pages of 4 KiB) between checkpoints,
+    # 16 MiB of cache, freed pages not written (FAST is 2), journals in memory (2).
+    assert await store._submit(settings) == [4000, -16000, 2, 2]
+
 
 async def test_acks_go_with_the_accept_queued_beside_them(store, tmp_path):
     """Acks gathered while an accept waits are written in the accept's transaction, not in one
