@@ -97,7 +97,7 @@ async def test_a_burst_is_written_once_and_deleted_without_being_read_back(store
     """3,000 events of 1 KB handed over, then acked 60 at a time as a sink confirms them: the
     store's thread writes them into the log about once, and their acks read nothing back and
     write little more than the changed pages (no journal file, no freed page written)."""
-    tid = await asyncio.get_running_loop().run_in_executor(store._writer.executor, threading.get_native_id)
+    tid = await store._writer.call(threading.get_native_id)
     batch = [NewDelivery(event(b'"' + b"x" * 1000 + b'"'), ("webhook:global",)) for _ in range(3000)]
     size = sum(len(item.event.data) for item in batch)
     before = thread_io(tid)

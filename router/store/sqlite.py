@@ -128,7 +128,7 @@ class SqliteStore:
     @classmethod
     async def open(cls, path: Path, dedup_window_s: float = 600.0) -> SqliteStore:
         store = cls(path, dedup_window_s)
-        await asyncio.get_running_loop().run_in_executor(store._writer.executor, store._connect)
+        await store._writer.call(store._connect)
         return store
 
     def _connect(self) -> None:

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +44,9 @@ VACUUM_MIN_FREE_PAGES = 256  # fewer free pages than this are kept for reuse
 VACUUM_STEP_PAGES = 2048  # pages given back per step (8 MiB of 4 KiB pages)
 
 Op = Callable[[sqlite3.Connection], Any]
+# A job for the writer's thread: a function, its arguments, and what gets (ok, result or
+# exception) back on the loop.
+Job = tuple[Callable[..., Any], tuple[Any, ...], Callable[[bool, Any], None] | None]
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -66,68 +71,140 @@ class Queued:
 class Writer:
     """Applies queued operations to ``conn`` on its own thread until ``close``.
 
-    ``gather`` is asked before each transaction for an operation to write first (the store's
-    gathered acks); ``between`` runs on the writer's thread every ``VACUUM_EVERY_S``, between
-    transactions."""
+    The thread takes one job at a time from a queue; what it did comes back to the event loop as
+    one callback, which resolves the operations' futures and hands the thread the next batch,
+    with no task woken in between. ``gather`` is asked before each transaction for an operation
+    to write first (the store's gathered acks); ``between`` runs on the writer's thread every
+    ``VACUUM_EVERY_S``, between transactions."""
 
     def __init__(self, path: Path, gather: Callable[[], Queued | None], between: Callable[[], None]) -> None:
         self.path = path
         self._gather = gather
         self._between = between
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="store", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.conn: sqlite3.Connection | None = None
         self._ops: list[Queued] = []
         self.full = False  # the last write failed for lack of disk space
         self.transactions = 0  # written so far, for tests and metrics
         self._synchronous = ""
         self._vacuumed_at = 0.0
-        self._wake = asyncio.Event()
+        self._busy = False  # the thread has a job, or kept writes wait for room
+        self._kicked = False  # a look at the queue is scheduled on the loop
+        self._ticker: asyncio.TimerHandle | None = None
         self._closing = False
+        self._drained: asyncio.Future[None] | None = None  # ``run`` waits for it
         self._jumped = False  # the last transaction's light operations went ahead of accepts
+
+    def call(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``fn`` on the writer's thread, after the job under way (opening, closing, tests)."""
+        future: asyncio.Future[T] = self._running_loop().create_future()
+
+        def done(ok: bool, value: Any) -> None:
+            if not future.done():
+                future.set_result(value) if ok else future.set_exception(value)
+
+        self._jobs.put((fn, (), done))
+        return future
 
     def submit(
         self, op: Callable[[sqlite3.Connection], T], durable: bool = False, kept: bool = False, rows: int = 1
     ) -> asyncio.Future[T]:
         if self._closing and self.conn is None:
             raise RuntimeError("store is closed")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[T] = self._running_loop().create_future()
         self._ops.append(Queued(op, future, durable, kept, rows))
-        self._wake.set()
+        self.wake()
         return future
 
     def wake(self) -> None:
-        """Something was gathered for the next transaction."""
-        self._wake.set()
+        """Something was queued or gathered: the next transaction takes it, once the thread is
+        free (what is queued within one turn of the loop goes together)."""
+        if not self._busy and not self._kicked:
+            self._kicked = True
+            self._running_loop().call_soon(self._next)
 
     async def run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), VACUUM_EVERY_S)
-            except TimeoutError:  # idle: a good moment to give pages back
-                await self._vacuum_if_due()
-                continue
-            self._wake.clear()
-            await self._vacuum_if_due()
-            while True:
-                if (first := self._gather()) is not None:
-                    self._ops.insert(0, first)
-                if not self._ops:
-                    break
-                await self._write(self._next_batch())
-            if self._closing:
-                return
+        """Write what is queued until ``close``; every ``VACUUM_EVERY_S``, give free pages back."""
+        loop = self._running_loop()
+        self._drained = loop.create_future()
+        self._tick()
+        try:
+            await self._drained
+        finally:
+            if self._ticker is not None:
+                self._ticker.cancel()
 
     async def close(self) -> None:
         """Stop ``run`` once everything queued is written."""
         self._closing = True
-        self._wake.set()
+        self.wake()
 
     def shutdown(self) -> None:
-        """Close the connection (after ``run`` has returned)."""
-        if self.conn is not None:
-            conn, self.conn = self.conn, None
-            self.executor.submit(conn.close).result()
-        self.executor.shutdown(wait=True)
+        """Close the connection and stop the thread (after ``run`` has returned)."""
+
+        def close() -> None:
+            if self.conn is not None:
+                conn, self.conn = self.conn, None
+                conn.close()
+
+        if not self._thread.is_alive():
+            close()
+            return
+        self._jobs.put((close, (), None))
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread.start()
+        return self._loop
+
+    def _serve(self) -> None:
+        """The writer's thread: each job's outcome goes back to the loop as one callback."""
+        loop = self._loop
+        assert loop is not None
+        while (job := self._jobs.get()) is not None:
+            fn, args, done = job
+            try:
+                ok, value = True, fn(*args)
+            except BaseException as exc:  # handed to the caller's future
+                ok, value = False, exc
+            if done is not None:
+                try:
+                    loop.call_soon_threadsafe(done, ok, value)
+                except RuntimeError:  # the loop is closed: nobody waits any more
+                    return
+
+    def _tick(self) -> None:
+        """Every ``VACUUM_EVERY_S``: a look at the queue, so an idle store gives pages back too."""
+        assert self._loop is not None
+        self._ticker = self._loop.call_later(VACUUM_EVERY_S, self._tick)
+        self.wake()
+
+    def _next(self) -> None:
+        """Hand the thread its next job: a vacuum step when one is due, else the next batch."""
+        self._kicked = False
+        if self._busy:
+            return
+        now = time.monotonic()
+        if now - self._vacuumed_at >= VACUUM_EVERY_S:
+            self._vacuumed_at = now
+            self._busy = True
+            self._jobs.put((self._vacuum_step, (), self._vacuumed))
+            return
+        if (first := self._gather()) is not None:
+            self._ops.insert(0, first)
+        if self._ops:
+            batch = self._next_batch()
+            durable = any(item.durable for item in batch)
+            self._busy = True
+            done = functools.partial(self._written, batch)
+            self._jobs.put((self._apply, ([item.op for item in batch], durable), done))
+        elif self._closing and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
 
     def _next_batch(self) -> list[Queued]:
         """The next transaction's operations: the light ones (leases, retries, reads, and the
@@ -152,26 +229,33 @@ class Writer:
         del queued[: len(batch)]
         return batch
 
-    async def _write(self, batch: list[Queued]) -> None:
-        """One transaction for ``batch``; each operation's future gets its own outcome."""
-        durable = any(item.durable for item in batch)
-        outcomes = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self._apply, [item.op for item in batch], durable
-        )
+    def _written(self, batch: list[Queued], ok: bool, outcomes: Any) -> None:
+        """(On the loop.) Each operation's future gets its own outcome; then the next job."""
+        self._busy = False
+        if not ok:  # the job itself failed (not one operation): all of the batch with it
+            outcomes = [(False, outcomes)] * len(batch)
         kept = []
-        for item, (ok, value) in zip(batch, outcomes, strict=True):
+        for item, (done, value) in zip(batch, outcomes, strict=True):
             if item.future.done():
                 continue
-            if ok:
+            if done:
                 item.future.set_result(value)
             elif is_disk_full(value) and item.kept and not self._closing:
                 kept.append(item)  # written once there is room again
             else:
                 item.future.set_exception(StorageFull(self.path) if is_disk_full(value) else value)
-        self._note_space(full=any(not ok and is_disk_full(v) for ok, v in outcomes))
+        self._note_space(full=any(not done and is_disk_full(v) for done, v in outcomes))
         if kept:
             self._ops[:0] = kept
-            await asyncio.sleep(FULL_RETRY_S)
+            self._busy = True  # nothing is written until the kept ones are tried again
+            assert self._loop is not None
+            self._loop.call_later(FULL_RETRY_S, self._retry)
+            return
+        self.wake()  # after the callbacks just made run: what they queue goes in this batch
+
+    def _retry(self) -> None:
+        self._busy = False
+        self.wake()
 
     def _apply(self, ops: list[Op], durable: bool) -> list[tuple[bool, Any]]:
         conn = self.conn
@@ -200,16 +284,12 @@ class Writer:
         self.transactions += 1
         return outcomes
 
-    async def _vacuum_if_due(self) -> None:
-        """Every ``VACUUM_EVERY_S``: one bounded step of giving free pages back, between transactions."""
-        now = time.monotonic()
-        if now - self._vacuumed_at < VACUUM_EVERY_S:
-            return
-        self._vacuumed_at = now
-        try:
-            await asyncio.get_running_loop().run_in_executor(self.executor, self._vacuum_step)
-        except sqlite3.Error as exc:  # the disk may be full (said once, by the writer): later
-            log.debug("store.vacuum_failed", error=str(exc))
+    def _vacuumed(self, ok: bool, error: Any) -> None:
+        """(On the loop.) A vacuum step is done; the next job."""
+        if not ok:  # the disk may be full (said once, by the writer): later
+            log.debug("store.vacuum_failed", error=str(error))
+        self._busy = False
+        self.wake()
 
     def _vacuum_step(self) -> None:
         conn = self.conn
