@@ -880,14 +880,23 @@ LATENCY_SECONDS = float(os.environ.get("BENCH_LATENCY_SECONDS", "5"))
 LATENCY_GENERATOR = os.environ.get("BENCH_LATENCY_GENERATOR", "lean")  # or "aiohttp"
 
 
-async def latency_run(base: str, port: int, rate: int) -> dict[str, float]:
+def machine_ticks() -> tuple[int, int]:
+    """(all CPU ticks, ticks stolen by the hypervisor) of this machine so far, from /proc/stat."""
+    fields = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields[:8]), fields[7]
+
+
+async def latency_run(base: str, port: int, rate: int, pid: int) -> dict[str, float]:
     """Single-event requests at ``rate`` per second (open loop) for LATENCY_SECONDS: the time
     from each 202 to the event's arrival at the receiver.
 
     The generator shares the machine's two cores with the daemon and the receiver, so it should
     cost little: by default it posts with the router's own lean HTTP/1.1 client (one kept-alive
     connection per request under way); ``BENCH_LATENCY_GENERATOR=aiohttp`` posts with aiohttp's
-    client, which costs several times its CPU per request."""
+    client, which costs several times its CPU per request.
+
+    With the latencies: the daemon's CPU per request (all its threads), and the share of the
+    machine's CPU time the hypervisor took (steal): a slow phase of the machine shows in both."""
     total = int(rate * LATENCY_SECONDS)
     answered: dict[str, float] = {}
     url, headers = f"http://127.0.0.1:{port}/ingest", {"apikey": API_KEY, "Content-Type": "application/json"}
@@ -907,6 +916,7 @@ async def latency_run(base: str, port: int, rate: int) -> dict[str, float]:
             answered[f"BENCH{n:012d}"] = time.time()
 
         tasks, late = [], 0
+        cpu0, ticks0 = cpu_s(pid), machine_ticks()
         started = time.perf_counter()
         try:
             for n in range(total):
@@ -920,6 +930,7 @@ async def latency_run(base: str, port: int, rate: int) -> dict[str, float]:
         finally:
             await lean.close()
         await wait_count(session, base, total)
+        cpu, ticks = cpu_s(pid) - cpu0, machine_ticks()
         arrivals: dict[str, float] = (await stats(session, base))["arrivals"]  # type: ignore[assignment]
     waits = [(arrivals[key] - at) * 1000 for key, at in answered.items()]
     return {
@@ -927,6 +938,8 @@ async def latency_run(base: str, port: int, rate: int) -> dict[str, float]:
         "p50_ms": percentile(waits, 0.5),
         "p99_ms": percentile(waits, 0.99),
         "late_sends": late,
+        "router_cpu_us_per_request": cpu / total * 1e6,
+        "steal_pct": 100 * (ticks[1] - ticks0[1]) / max(1, ticks[0] - ticks0[0]),
     }
 
 
@@ -941,8 +954,8 @@ async def latency_section() -> dict[str, object]:
         await wait_http(f"{base}/count")
         for _ in range(ROUNDS):
             for rate in LATENCY_RATES:
-                async with daemon(**hook) as (router_port, _):
-                    runs[rate].append(await latency_run(base, router_port, rate))
+                async with daemon(**hook) as (router_port, pid):
+                    runs[rate].append(await latency_run(base, router_port, rate, pid))
     finally:
         receiver.terminate()
         receiver.wait(10)
@@ -951,10 +964,17 @@ async def latency_section() -> dict[str, object]:
         f"\nlatency, single-event requests at fixed rates for {LATENCY_SECONDS:g} s, from the 202 to"
         f" arrival, median p99 of {ROUNDS}, generator: {LATENCY_GENERATOR}"
     )
-    print(f"{'requests/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'late sends':>11}")
+    print(
+        f"{'requests/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'late sends':>11}"
+        f" {'router µs/req':>14} {'steal %':>8}"
+    )
     for row in rows:
-        print(f"{row['rate']:>10.0f} {row['p50_ms']:>9.1f} {row['p99_ms']:>9.1f} {row['late_sends']:>11.0f}")
-    return {"runs": rows, "generator": LATENCY_GENERATOR}
+        print(
+            f"{row['rate']:>10.0f} {row['p50_ms']:>9.1f} {row['p99_ms']:>9.1f} {row['late_sends']:>11.0f}"
+            f" {row['router_cpu_us_per_request']:>14.0f} {row['steal_pct']:>8.1f}"
+        )
+    rounds = {str(rate): found for rate, found in runs.items()}
+    return {"runs": rows, "rounds": rounds, "generator": LATENCY_GENERATOR}
 
 
 ISOLATION_SLOW = int(os.environ.get("BENCH_ISOLATION_SLOW", "40"))

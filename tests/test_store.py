@@ -87,6 +87,22 @@ async def test_a_drained_backlog_gives_its_space_back(store, tmp_path):
     assert path.stat().st_size < full * 4096 // 4
 
 
+async def test_an_idle_store_gives_its_space_back_with_nothing_more_to_write(store, tmp_path):
+    """Once a backlog is drained and nothing else comes, the store still gives pages back, a
+    step every few seconds, on its own."""
+    path = tmp_path / "router.db"
+    batch = [NewDelivery(event(b'"' + b"x" * 4000 + b'"'), ("webhook:global",)) for _ in range(2000)]
+    await store.accept(batch)
+    full = int(rows(path, "PRAGMA page_count")[0][0])
+    leases = await store.lease("webhook:global", 2000)
+    await asyncio.gather(*(store.ack(lease) for lease in leases))
+    written = store.transactions
+    async with asyncio.timeout(30):  # a step every 2 s, 2,048 pages each
+        while int(rows(path, "PRAGMA page_count")[0][0]) > full // 4:
+            await asyncio.sleep(0.2)
+    assert store.transactions == written  # given back between transactions, with none written
+
+
 def thread_io(tid: int) -> dict[str, int]:
     """What one thread of this process read and wrote (rchar, wchar: bytes; syscr, syscw)."""
     text = Path(f"/proc/self/task/{tid}/io").read_text()

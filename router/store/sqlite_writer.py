@@ -230,28 +230,33 @@ class Writer:
         return batch
 
     def _written(self, batch: list[Queued], ok: bool, outcomes: Any) -> None:
-        """(On the loop.) Each operation's future gets its own outcome; then the next job."""
+        """(On the loop.) The next batch is picked in the loop's next turn, ahead of what waits
+        for this one (the thread starts on it while their callbacks run); then each operation's
+        future gets its own outcome."""
         self._busy = False
         if not ok:  # the job itself failed (not one operation): all of the batch with it
             outcomes = [(False, outcomes)] * len(batch)
-        kept = []
+        full = any(not done and is_disk_full(value) for done, value in outcomes)
+        kept = [
+            item
+            for item, (done, value) in zip(batch, outcomes, strict=True)
+            if not done and item.kept and is_disk_full(value) and not self._closing and not item.future.done()
+        ]
+        if kept:  # written once there is room again; nothing else is written before them
+            self._ops[:0] = kept
+            self._busy = True
+            assert self._loop is not None
+            self._loop.call_later(FULL_RETRY_S, self._retry)
+        else:
+            self.wake()
         for item, (done, value) in zip(batch, outcomes, strict=True):
-            if item.future.done():
+            if item.future.done() or (kept and any(item is other for other in kept)):
                 continue
             if done:
                 item.future.set_result(value)
-            elif is_disk_full(value) and item.kept and not self._closing:
-                kept.append(item)  # written once there is room again
             else:
                 item.future.set_exception(StorageFull(self.path) if is_disk_full(value) else value)
-        self._note_space(full=any(not done and is_disk_full(v) for done, v in outcomes))
-        if kept:
-            self._ops[:0] = kept
-            self._busy = True  # nothing is written until the kept ones are tried again
-            assert self._loop is not None
-            self._loop.call_later(FULL_RETRY_S, self._retry)
-            return
-        self.wake()  # after the callbacks just made run: what they queue goes in this batch
+        self._note_space(full)
 
     def _retry(self) -> None:
         self._busy = False
