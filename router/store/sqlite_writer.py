@@ -236,27 +236,28 @@ class Writer:
         self._busy = False
         if not ok:  # the job itself failed (not one operation): all of the batch with it
             outcomes = [(False, outcomes)] * len(batch)
-        full = any(not done and is_disk_full(value) for done, value in outcomes)
-        kept = [
-            item
-            for item, (done, value) in zip(batch, outcomes, strict=True)
-            if not done and item.kept and is_disk_full(value) and not self._closing and not item.future.done()
-        ]
-        if kept:  # written once there is room again; nothing else is written before them
+        kept: list[Queued] = []  # written once there is room again; nothing else before them
+        settled: list[tuple[Queued, bool, Any]] = []
+        for item, (done, value) in zip(batch, outcomes, strict=True):
+            if item.future.done():
+                continue
+            if not done and item.kept and is_disk_full(value) and not self._closing:
+                kept.append(item)
+            else:
+                settled.append((item, done, value))
+        if kept:
             self._ops[:0] = kept
             self._busy = True
             assert self._loop is not None
             self._loop.call_later(FULL_RETRY_S, self._retry)
         else:
             self.wake()
-        for item, (done, value) in zip(batch, outcomes, strict=True):
-            if item.future.done() or (kept and any(item is other for other in kept)):
-                continue
+        for item, done, value in settled:
             if done:
                 item.future.set_result(value)
             else:
                 item.future.set_exception(StorageFull(self.path) if is_disk_full(value) else value)
-        self._note_space(full)
+        self._note_space(full=any(not done and is_disk_full(value) for done, value in outcomes))
 
     def _retry(self) -> None:
         self._busy = False
