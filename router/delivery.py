@@ -120,7 +120,11 @@ class Dispatcher:
         claimed = set()
         for key, count in counts.items():
             worker = self.workers.get(key)  # every configured target has one once started
-            if worker is None or (self.buffered + count > self.buffer_limit and count > worker.free_lanes):
+            if worker is None:
+                if not self._started:  # stored pending before the workers start: its worker reads
+                    self._stored_early.add(key)  # first (intake's notice may come after its start)
+                continue
+            if self.buffered + count > self.buffer_limit and count > worker.free_lanes:
                 continue
             if worker.claim(count):
                 self.buffered += count

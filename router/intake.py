@@ -30,7 +30,7 @@ from router.metrics import Metrics
 from router.ordering import Ordering, chat_of
 from router.routing import Routes
 from router.settings import Settings
-from router.store import Lease, NewDelivery, QueueStore
+from router.store import Accepted, Lease, NewDelivery, QueueStore
 
 log = logs.get_logger("router.intake")
 MAX_ID_LENGTH = 128
@@ -221,15 +221,7 @@ class Intake:
             for key in targets:
                 counts[key] = counts.get(key, 0) + count
         if batch or checkpoint is not None:
-            claimed = self.handoff.claim(counts)
-            reserved = {key: counts[key] for key in claimed}
-            try:
-                stored = await self.store.accept(batch, checkpoint, claimed)
-            except BaseException:
-                self.handoff.hand_over([], reserved)
-                raise
-            # After the answer: the request's 202 goes out first, the deliveries in the next turn.
-            asyncio.get_running_loop().call_soon(self._hand_over, stored.leases, reserved, counts)
+            stored = await self._store(batch, checkpoint, counts)
             if stored.duplicates:
                 log.info("intake.duplicates", count=len(stored.duplicates))
             duplicates = stored.duplicates
@@ -242,6 +234,23 @@ class Intake:
             self.metrics.accepted.labels(adapter).inc(len(events))
         return [event.id for event in events]
 
+    async def _store(
+        self, batch: Sequence[NewDelivery], checkpoint: tuple[str, str] | None, counts: dict[str, int]
+    ) -> Accepted:
+        """Store ``batch``: the targets' workers that can take their deliveries at once (caught
+        up) are handed them, the others are told they have some stored (in that order, so none
+        overtakes what its target has stored)."""
+        claimed = self.handoff.claim(counts)
+        reserved = {key: counts[key] for key in claimed}
+        try:
+            stored = await self.store.accept(batch, checkpoint, claimed)
+        except BaseException:
+            self.handoff.hand_over([], reserved)
+            raise
+        # After the answer: the request's 202 goes out first, the deliveries in the next turn.
+        asyncio.get_running_loop().call_soon(self._hand_over, stored.leases, reserved, counts)
+        return stored
+
     def _hand_over(
         self, leases: Sequence[Lease], claimed: Mapping[str, int], counts: Mapping[str, int]
     ) -> None:
@@ -252,7 +261,6 @@ class Intake:
         """Store an event the router makes itself (``application.startup``) for ``targets``."""
         if targets:
             keys = self.ordering.keys(tuple(targets), event.instance, event.chat)
-            await self.store.accept([NewDelivery(event, tuple(targets), keys)])
-            self.handoff.notify(targets)
+            await self._store([NewDelivery(event, tuple(targets), keys)], None, dict.fromkeys(targets, 1))
         if self.live is not None:
             self.live([event])

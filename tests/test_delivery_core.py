@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import structlog.testing
@@ -25,11 +25,17 @@ from router.worker import LEASE_AHEAD, LEASE_BATCH
 
 @contextlib.asynccontextmanager
 async def delivery_core(
-    store: Store, sink: BaseSink, targets: dict[str, WebhookTarget], settings: Settings
+    store: Store,
+    sink: BaseSink,
+    targets: dict[str, WebhookTarget],
+    settings: Settings,
+    dispatcher: Dispatcher | None = None,
 ) -> AsyncIterator[Dispatcher]:
-    """``store`` and a dispatcher for ``targets`` running, stopped and closed afterwards."""
+    """``store`` and a dispatcher for ``targets`` (made here, or ``dispatcher``) running,
+    stopped and closed afterwards."""
     store_task = asyncio.create_task(store.run())
-    dispatcher = Dispatcher(store, {sink.name: sink}, Current(Routes(targets=targets)), settings)
+    if dispatcher is None:
+        dispatcher = Dispatcher(store, {sink.name: sink}, Current(Routes(targets=targets)), settings)
     running = asyncio.create_task(dispatcher.run(grace_s=1))
     try:
         yield dispatcher
@@ -236,6 +242,45 @@ async def test_caught_up_targets_ask_the_store_nothing_for_what_intake_hands_the
     assert len(set(sink.delivered)) == 800
     assert reads >= 200, "the stored events were leased"
     assert store.reads == reads, f"{store.reads - reads} store reads for 600 deliveries handed over"
+
+
+class StoreAcceptingDuringStart(Store):
+    """Commits ``late`` right after the dispatcher's start has read which targets have something
+    stored: accepted while the daemon starts, its intake's notice still to come."""
+
+    late: Sequence[NewDelivery] = ()
+
+    async def pending_targets(self) -> set[str]:
+        found = await super().pending_targets()
+        await self.accept(self.late)
+        return found
+
+
+async def test_an_event_stored_while_the_workers_start_is_not_overtaken(make_settings, tmp_path):
+    """An event accepted while the daemon starts, before its target has a worker, is stored
+    pending. The worker made during the start reads it before it takes a newer one of the same
+    key from intake, even when intake's notice of the first comes after the second's claim (a
+    session's connection.update, then its QR codes)."""
+    targets = instance_webhooks(1)
+    [key] = targets
+    sink = CountingSink()
+    first, second = (Event(new_event_id(), "i0", "call", b"{}", utc_timestamp()) for _ in range(2))
+    store = await StoreAcceptingDuringStart.open(tmp_path / "router.db")
+    dispatcher = Dispatcher(store, {sink.name: sink}, Current(Routes(targets=targets)), make_settings())
+    assert dispatcher.claim({key: 1}) == set(), "no worker yet: it goes through the store"
+    store.late = [NewDelivery(first, (key,), ("i0",))]
+    async with delivery_core(store, sink, targets, make_settings(), dispatcher) as dispatcher:
+        async with asyncio.timeout(10):
+            while not dispatcher.started:
+                await asyncio.sleep(0.01)
+        claimed = dispatcher.claim({key: 1})
+        stored = await store.accept([NewDelivery(second, (key,), ("i0",))], None, claimed)
+        dispatcher.hand_over(stored.leases, {key: 1} if claimed else {})
+        dispatcher.notify([key] if claimed else [key, key])  # the first's notice, late; the second's
+        async with asyncio.timeout(10):
+            while len(sink.delivered) < 2 or not await dispatcher.idle():
+                await asyncio.sleep(0.01)
+    assert sink.delivered == [first.id, second.id]
 
 
 async def test_every_target_has_an_idle_worker_and_a_reload_drops_idle_ones(make_settings, tmp_path):
