@@ -1,16 +1,18 @@
-"""A RabbitMQ outage seen through a TCP proxy the test controls: one connection is re-opened
-with backoff, deliveries wait for it without attempts, errors or log lines of their own."""
+"""The RabbitMQ sink seen through a TCP proxy the test controls: in an outage one connection is
+re-opened with backoff, deliveries wait for it without attempts, errors or log lines of their
+own; on each connection a queue is declared once."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 import time
+from typing import Any
 
 import orjson
 
 from router.app import database_path
-from tests.conftest import free_port, post_ingest, running
+from tests.conftest import free_port, post_ingest, running, wait_idle
 from tests.test_amqp_client import Proxy
 from tests.test_rabbitmq import broker, rabbitmqctl  # noqa: F401 - the fixture
 
@@ -149,3 +151,56 @@ async def test_a_broker_in_a_resource_alarm_is_waited_for_not_given_up(
         await broker.consume(queue, 1)
         assert sink._connection is connection, "the same connection, never given up"
     assert "rabbitmq.disconnected" not in capsys.readouterr().out
+
+
+def methods_sent(sent: bytes) -> list[tuple[int, int]]:
+    """The (class, method) of each method frame in the bytes a client sent over its connections
+    one after another (each opens with the protocol header): Queue.Declare is (50, 10),
+    Queue.Bind (50, 20)."""
+    found, at = [], 0
+    while at + 7 <= len(sent):
+        if sent[at : at + 4] == b"AMQP":
+            at += 8
+            continue
+        kind, size = sent[at], int.from_bytes(sent[at + 3 : at + 7], "big")
+        if kind == 1:
+            found.append(
+                (int.from_bytes(sent[at + 7 : at + 9], "big"), int.from_bytes(sent[at + 9 : at + 11], "big"))
+            )
+        at += 8 + size
+    return found
+
+
+async def test_a_queue_is_declared_once_however_many_attempts_want_it_first(
+    broker,  # noqa: F811
+    make_settings,
+    tmp_path,
+):
+    """64 deliveries of as many conversations start together on a fresh connection (at start, and
+    after the connection was lost): one of them declares and binds the queue, the others wait for
+    it rather than each asking the broker."""
+    queue = broker.subscribe(tmp_path / "instances")
+    proxy = Proxy()
+    env = broker.env(RABBITMQ_URI=f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+    got: list[Any] = []
+    async with proxy, running(make_settings(**env)) as app:
+        for start in (0, 200):
+            numbers = range(start, start + 200)
+            events = [
+                {
+                    "event": "messages.upsert",
+                    "instance": broker.instance,
+                    "data": {"n": n, "key": {"remoteJid": f"c{n}"}},
+                }
+                for n in numbers
+            ]
+            assert (await post_ingest(app, events))[0] == 202
+            got += await broker.consume(queue, 200)
+            await wait_idle(app)
+            for writer in proxy.writers:  # the connection is lost; the next one declares again
+                writer.transport.abort()
+    assert sorted(orjson.loads(m.body)["data"]["n"] for m in got) == list(range(400))
+    sent = methods_sent(bytes(proxy.sent))
+    assert (sent.count((50, 10)), sent.count((50, 20))) == (2, 2), (
+        "a Queue.Declare and a Queue.Bind per connection"
+    )

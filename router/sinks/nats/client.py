@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -21,9 +21,7 @@ from router.errors import PermanentError, RetryableError, Unavailable
 from router.events import Event, envelope
 from router.sinks.keeper import KeptConnectionSink
 from router.sinks.nats.config import NatsTarget, subject
-
-if TYPE_CHECKING:
-    pass
+from router.sinks.singleflight import SingleFlight
 
 log = logs.get_logger("router.sinks.nats")
 CONNECT_TIMEOUT_S = 5.0
@@ -43,6 +41,7 @@ class NatsSink(KeptConnectionSink):
         self.prefix = settings.nats_prefix_key
         self._client: Client | None = None
         self._streams: dict[str, tuple[bool, float]] = {}  # subject -> (captured, until)
+        self._lookups: SingleFlight[bool] = SingleFlight()  # subjects being looked up
         # The next flush, shared by every publish made before it is sent (``_flushed``).
         self._flush: asyncio.Future[None] | None = None
         self._flushing: set[asyncio.Task[None]] = set()
@@ -52,6 +51,7 @@ class NatsSink(KeptConnectionSink):
 
     async def aclose(self) -> None:
         await self._stop_keeper()
+        self._lookups.cancel()
         client, self._client = self._client, None
         if client is not None and not client.is_closed:
             with contextlib.suppress(Exception):
@@ -116,11 +116,14 @@ class NatsSink(KeptConnectionSink):
             await closed.wait()
 
     async def _captured(self, client: Client, name: str) -> bool:
-        """Whether a JetStream stream captures subject ``name`` (remembered a while)."""
-        now = time.monotonic()
+        """Whether a JetStream stream captures subject ``name`` (remembered a while; the
+        publishes that want it while it is being looked up wait for that one answer)."""
         known = self._streams.get(name)
-        if known is not None and known[1] > now:
+        if known is not None and known[1] > time.monotonic():
             return known[0]
+        return await self._lookups.ask(name, lambda: self._look_up(client, name))
+
+    async def _look_up(self, client: Client, name: str) -> bool:
         try:
             await client.jsm().find_stream_name_by_subject(name)
             captured = True
@@ -128,7 +131,7 @@ class NatsSink(KeptConnectionSink):
             captured = False  # no stream for it, or no JetStream on this server
         if len(self._streams) >= STREAM_CACHE_SIZE:
             self._streams.clear()
-        self._streams[name] = (captured, now + STREAM_CACHE_S)
+        self._streams[name] = (captured, time.monotonic() + STREAM_CACHE_S)
         return captured
 
     def _flushed(self, client: Client) -> asyncio.Future[None]:

@@ -169,22 +169,26 @@ class RabbitmqSink(KeptConnectionSink):
             return self._channel
 
     async def _declare(self, channel: Channel, publish: Publish) -> None:
-        exchange = publish.exchange
-        if exchange not in self._declared:  # the instance's own exchange (upstream topology)
-            await channel.exchange_declare(exchange)
-            self._declared.add(exchange)
-        for queue, key in publish.queues:
-            if (exchange, queue, key) in self._declared:
-                continue
-            try:
-                await channel.queue_declare(queue, arguments=QUORUM)
-                await channel.queue_bind(queue, exchange, routing_key=key)
-            except ChannelClosed as exc:
-                if exc.code not in _REFUSED:
-                    raise
-                log.error("rabbitmq.queue_refused", queue=queue, reason=str(exc))
-                raise PermanentError(f"queue {queue!r} refused by the broker: {exc}") from exc
-            self._declared.add((exchange, queue, key))
+        """Declare what ``publish`` needs and this channel has not declared yet. Under the lock:
+        the attempts that find the same queue undeclared wait for the first one's declaration
+        instead of each declaring it again (64 lanes at a start: 128 round trips, not 2)."""
+        async with self._lock:
+            exchange = publish.exchange
+            if exchange not in self._declared:  # the instance's own exchange (upstream topology)
+                await channel.exchange_declare(exchange)
+                self._declared.add(exchange)
+            for queue, key in publish.queues:
+                if (exchange, queue, key) in self._declared:
+                    continue
+                try:
+                    await channel.queue_declare(queue, arguments=QUORUM)
+                    await channel.queue_bind(queue, exchange, routing_key=key)
+                except ChannelClosed as exc:
+                    if exc.code not in _REFUSED:
+                        raise
+                    log.error("rabbitmq.queue_refused", queue=queue, reason=str(exc))
+                    raise PermanentError(f"queue {queue!r} refused by the broker: {exc}") from exc
+                self._declared.add((exchange, queue, key))
 
     async def send(self, target: RabbitmqTarget, event: Event) -> int | None:
         body = envelope(event, server_url=event.server_url, apikey=event.apikey)
