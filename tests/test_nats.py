@@ -255,9 +255,15 @@ async def counting_relay(upstream_port: int = 4222) -> AsyncIterator[tuple[int, 
         yield server.sockets[0].getsockname()[1], pings
 
 
-async def test_publishes_made_together_share_one_acknowledging_ping(listener, make_settings):
+async def test_publishes_made_together_share_one_acknowledging_ping_and_one_stream_lookup(
+    listener, make_settings
+):
+    """64 publishes to a subject not seen before start together: one of them asks JetStream
+    whether a stream captures it, the others wait for that answer instead of each asking; and
+    the publishes of one turn of the event loop wait for one ping."""
     tag = uuid.uuid4().hex[:8]
     got = await collect(listener, f"p{tag}.messages.upsert")
+    asked = await collect(listener, "$JS.API.STREAM.NAMES")  # the lookups, as the server gets them
     async with counting_relay() as (port, pings):
         env = nats_env(
             f"nats://127.0.0.1:{port}",
@@ -278,26 +284,5 @@ async def test_publishes_made_together_share_one_acknowledging_ping(listener, ma
     # Each publish counted only after the server answered a ping sent after it; one ping per
     # publish would be 300.
     assert 0 < sent < 100, sent
-
-
-async def test_a_subject_is_looked_up_once_however_many_publishes_want_it_first(listener, make_settings):
-    """64 publishes to a subject not seen before start together: one of them asks JetStream
-    whether a stream captures it, the others wait for that answer instead of each asking."""
-    tag = uuid.uuid4().hex[:8]
-    got = await collect(listener, f"p{tag}.messages.upsert")
-    asked = await collect(listener, "$JS.API.STREAM.NAMES")  # the lookups, as the server gets them
-    env = nats_env(
-        NATS_GLOBAL_ENABLED="true",
-        NATS_PREFIX_KEY=f"p{tag}",
-        NATS_EVENTS_MESSAGES_UPSERT="true",
-        ROUTER_QUEUE_CONCURRENCY="64",
-        ROUTER_NATS_ORDERING="none",
-    )
-    async with running(make_settings(**env)) as app:
-        events = [{"event": "messages.upsert", "instance": "bot", "data": {"n": n}} for n in range(300)]
-        assert (await post_ingest(app, events))[0] == 202
-        await wait_idle(app)
-    await listener.flush()
-    assert sorted(orjson.loads(m.data)["data"]["n"] for m in got) == list(range(300))
     lookups = [m for m in asked if f"p{tag}.messages.upsert".encode() in m.data]
     assert len(lookups) == 1, f"{len(lookups)} lookups of one subject"
