@@ -61,6 +61,11 @@ __all__ = ["App", "database_path"]  # database_path: where the queue is, for too
 
 log = logs.get_logger("router.app")
 DEFAULT_API_KEYS = frozenset({"change-me", "429683C4C977415CAAFCCE10F7D57E11"})
+# Connections the kernel holds for the daemon until it accepts them (capped by the kernel's
+# net.core.somaxconn). Upstream posts each event as it happens, a connection per request under
+# way: a burst of them while the event loop is busy waits here, where the usual 128 would have
+# the rest dropped and retried a second later.
+LISTEN_BACKLOG = 4096
 
 
 class App:
@@ -272,7 +277,9 @@ class App:
             self.websocket.add_routes(app)  # last: /{instance} must not shadow the paths above
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.router_shutdown_grace_s)
         await runner.setup()
-        site = web.TCPSite(runner, settings.server_host, settings.server_port, reuse_address=True)
+        site = web.TCPSite(
+            runner, settings.server_host, settings.server_port, reuse_address=True, backlog=LISTEN_BACKLOG
+        )
         await site.start()
         server = site._server
         sockets = getattr(server, "sockets", None) or []

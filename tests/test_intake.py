@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import select
+import socket
 import subprocess
+import time
 
 import orjson
 import pytest
@@ -198,3 +202,59 @@ async def test_jsonl_from_stdin(receiver, daemon, tmp_path, kind):
     got = await receiver.wait_for(20, timeout=20)
     assert await proc.terminate() == 0
     assert sorted(r.json()["data"]["n"] for r in got) == list(range(20))
+
+
+def connect_all(port: int, count: int, timeout_s: float) -> tuple[list[socket.socket], int]:
+    """Open ``count`` connections to ``port`` at once, without blocking (the caller's event loop
+    stays busy, as a daemon's is in a burst): the sockets, and how many the kernel completed
+    within ``timeout_s``. A server's listen queue holds the connections it has not accepted yet;
+    once it is full, the kernel drops the clients' handshakes (they try again a second later)."""
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        sockets.append(sock)
+    deadline = time.monotonic() + timeout_s
+    waiting = set(sockets)
+    while waiting and time.monotonic() < deadline:
+        _, writable, _ = select.select([], list(waiting), [], max(0.0, deadline - time.monotonic()))
+        waiting.difference_update(
+            s for s in writable if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        )
+    return sockets, count - len(waiting)
+
+
+async def test_a_burst_of_new_connections_waits_for_a_busy_daemon_instead_of_being_dropped(
+    receiver, make_settings
+):
+    """Upstream posts each event as it happens, a connection per request under way. 500 arrive
+    while the daemon's event loop is busy (here: held by this test, in the same loop): all are
+    queued for it, none has to try again, and each gets its 202 once the daemon is back."""
+    async with running(make_settings(**hook_env(receiver, "MESSAGES_UPSERT"))) as app:
+        sockets, connected = connect_all(app.port, 500, timeout_s=0.5)  # the loop is held meanwhile
+        try:
+            assert connected == 500, f"{500 - connected} of 500 connections dropped by a full listen queue"
+
+            async def post(n: int, sock: socket.socket) -> bytes:
+                reader, writer = await asyncio.open_connection(sock=sock)
+                body = orjson.dumps(event(n))
+                writer.write(
+                    b"POST /ingest HTTP/1.1\r\nHost: x\r\nConnection: close\r\napikey: "
+                    + API_KEY.encode()
+                    + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\n\r\n"
+                    + body
+                )
+                answer = await reader.read()
+                writer.close()
+                return answer.split(b"\r\n", 1)[0]
+
+            statuses = await asyncio.gather(*(post(n, sock) for n, sock in enumerate(sockets)))
+        finally:
+            for sock in sockets:
+                sock.close()
+        assert statuses == [b"HTTP/1.1 202 Accepted"] * 500
+        got = await receiver.wait_for(500)
+    assert sorted(r.json()["data"]["n"] for r in got) == list(range(500))
