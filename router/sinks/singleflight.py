@@ -1,11 +1,12 @@
 """One question under way per key: callers asking the same thing at the same time share one
 answer.
 
-A sink's lanes start together: 64 attempts for a queue or subject the sink has not seen yet
-would each ask the broker about it (declare it, find its stream, find its URL) before their
-first publish. ``SingleFlight.ask`` lets the first caller ask and the others wait for its answer
-or its error. The question runs as a task of its own: a caller that is cancelled stops waiting,
-and the others still get the answer.
+A sink's lanes start together: 64 attempts for a subject the NATS sink has not seen yet would
+each ask the server which stream captures it before their first publish. ``SingleFlight.ask``
+lets the first caller ask and the others wait for its answer or its error. (The RabbitMQ sink's
+declarations run one at a time on its channel anyway; it declares under its lock instead.)
+The question runs as a task of its own: a caller that is cancelled stops waiting, and the
+others still get the answer.
 """
 
 from __future__ import annotations
