@@ -239,7 +239,22 @@ async def running(settings: Settings, start_timeout: float = 10) -> AsyncIterato
         yield app
     finally:
         app.stop()
-        await asyncio.wait_for(task, 15)
+        stopped, _ = await asyncio.wait({task}, timeout=15)
+        if not stopped:
+            waiting = "\n".join(where_tasks_wait())
+            task.cancel()
+            raise AssertionError(f"the daemon did not stop within 15 s; its tasks wait at:\n{waiting}")
+        task.result()
+
+
+def where_tasks_wait() -> list[str]:
+    """Each task of this event loop and the line it waits at (for a daemon that does not stop)."""
+    lines = []
+    for task in asyncio.all_tasks():
+        frames = task.get_stack()
+        place = f"{frames[-1].f_code.co_filename}:{frames[-1].f_lineno}" if frames else "-"
+        lines.append(f"{task.get_name()}: {place}")
+    return sorted(lines)
 
 
 async def wait_idle(app: App, timeout: float = 10.0) -> None:

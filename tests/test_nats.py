@@ -194,6 +194,25 @@ async def test_admin_api_sets_and_finds_nats_and_ready_names_an_unreachable_serv
         assert r.status == 503 and body["checks"]["nats"]["error"].startswith("NATS unreachable")
 
 
+async def test_closing_the_sink_while_it_connects_to_an_unreachable_server_ends_its_connection_task(
+    make_settings,
+):
+    """nats-py's connect retries by itself; a cancellation that comes as one attempt fails is lost
+    in it (Python 3.11's ``wait_for``). Closing is tried at each turn of the first attempt."""
+    from router.sinks.nats.client import NatsSink  # noqa: PLC0415
+
+    settings = make_settings(**nats_env(f"nats://127.0.0.1:{free_port()}"))
+    for turns in range(16):
+        sink = NatsSink(settings)
+        await sink.open()
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        closing = asyncio.create_task(sink.aclose())
+        done, _ = await asyncio.wait({closing}, timeout=10)
+        assert done == {closing}, f"closed after {turns} turns, the sink is still connecting"
+        assert sink._keeper is not None and sink._keeper.done()
+
+
 def test_nats_settings_are_checked(make_settings):
     with pytest.raises(ConfigError, match="NATS_ENABLED is true but NATS_URI is not set"):
         make_settings(NATS_ENABLED="true")

@@ -4,17 +4,19 @@ The keeper connects with backoff on the queue retry schedule for as long as it t
 wait for the connection (``wait_ready``) instead of each trying to connect. ``aclose`` ends the
 keeper whatever it is doing: ``_closing`` is set before the cancellation, because a client
 library's connect can turn a cancellation into its own failure (Python 3.11's ``wait_for``), and
-the keeper's loop must then end on its own.
+the keeper's loop must then end on its own; a connect that retries inside itself is cancelled
+again until it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 from router.retry import RetryPolicy
 from router.sinks import BaseSink
+
+CANCEL_AGAIN_S = 0.1  # how long a keeper has to end before it is cancelled again
 
 
 class KeptConnectionSink(BaseSink):
@@ -46,9 +48,16 @@ class KeptConnectionSink(BaseSink):
         raise NotImplementedError
 
     async def _stop_keeper(self) -> None:
-        """The first step of ``aclose``: the keeper has ended when this returns."""
+        """The first step of ``aclose``: the keeper has ended when this returns.
+
+        A cancellation can be lost inside a client library's connect, which then goes on
+        retrying (nats-py's does, with reconnects unlimited): it is repeated until it lands."""
         self._closing = True
-        if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
+        keeper = self._keeper
+        if keeper is None:
+            return
+        while not keeper.done():
+            keeper.cancel()
+            await asyncio.wait({keeper}, timeout=CANCEL_AGAIN_S)
+        if not keeper.cancelled() and (error := keeper.exception()) is not None:
+            raise error
