@@ -198,7 +198,9 @@ class Proxy:
                     if count:
                         self.heartbeats += data.count(b"\x08\x00\x00\x00\x00\x00\x00\xce")
                         self.sent += data
-                    sink.write(data)
+                        self.forward(data, sink)
+                    else:
+                        sink.write(data)
                     await sink.drain()
             sink.close()
 
@@ -206,6 +208,10 @@ class Proxy:
             asyncio.create_task(pipe(reader, up_writer, True)),
             asyncio.create_task(pipe(up_reader, writer, False)),
         ]
+
+    def forward(self, data: bytes, upstream: asyncio.StreamWriter) -> None:
+        """Pass bytes the client sent on to the broker."""
+        upstream.write(data)
 
     def freeze(self) -> None:
         self.frozen.set()

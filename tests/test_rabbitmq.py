@@ -183,7 +183,7 @@ async def test_events_published_before_any_consumer_are_kept(broker, make_settin
 
 
 async def test_a_queue_declared_with_other_arguments_is_a_dead_letter_naming_it(
-    broker, make_settings, tmp_path
+    broker, make_settings, tmp_path, capsys
 ):
     queue = f"{broker.instance}.call"
     await broker.channel.queue_declare(queue, durable=True)  # classic, not quorum
@@ -204,6 +204,8 @@ async def test_a_queue_declared_with_other_arguments_is_a_dead_letter_naming_it(
     [dead] = dead_letters(database_path(settings))
     assert queue in dead["last_error"] and "PRECONDITION_FAILED" in dead["last_error"]
     assert orjson.loads(ok.body)["data"] == {"n": 7}
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "rabbitmq.queue_refused" in line]
+    assert f"queue={queue}" in line and "PRECONDITION_FAILED" in line
 
 
 async def test_connections_closed_by_the_broker_mid_stream_lose_nothing(broker, make_settings, tmp_path):

@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from router.app import database_path
-from tests.conftest import free_port, post_ingest, running, wait_idle
+from tests.conftest import free_port, post_ingest, running, wait_idle, write_instance
 from tests.test_amqp_client import Proxy
 from tests.test_rabbitmq import broker, rabbitmqctl  # noqa: F401 - the fixture
 
@@ -204,3 +205,83 @@ async def test_a_queue_is_declared_once_however_many_attempts_want_it_first(
     assert (sent.count((50, 10)), sent.count((50, 20))) == (2, 2), (
         "a Queue.Declare and a Queue.Bind per connection"
     )
+
+
+@dataclass
+class HoldingProxy(Proxy):
+    """Holds the client's ``Queue.Declare`` of queue ``queue`` on its way to the broker, and every
+    frame after it on that channel (the broker works through a channel's frames in order), until
+    ``release``: a broker slow to create that queue."""
+
+    queue: str = ""
+    holding: set[int] = field(default_factory=set)  # channels whose frames are held
+    held: list[tuple[asyncio.StreamWriter, bytes]] = field(default_factory=list)
+    rest: bytes = b""  # the start of a frame not all received yet
+
+    def forward(self, data: bytes, upstream: asyncio.StreamWriter) -> None:
+        data, self.rest, at, passing = self.rest + data, b"", 0, []
+        while at < len(data):
+            if data[at : at + 4] == b"AMQP":  # the protocol header opening the connection
+                passing.append(data[at : at + 8])
+                at += 8
+                continue
+            end = at + 8 + int.from_bytes(data[at + 3 : at + 7], "big")
+            if len(data) - at < 7 or end > len(data):
+                self.rest = data[at:]
+                break
+            frame, channel = data[at:end], int.from_bytes(data[at + 1 : at + 3], "big")
+            declares = frame[0] == 1 and frame[7:11] == b"\x00\x32\x00\x0a"  # Queue.Declare
+            if declares and frame[14 : 14 + frame[13]] == self.queue.encode():
+                self.holding.add(channel)
+            if channel in self.holding:
+                self.held.append((upstream, frame))
+            else:
+                passing.append(frame)
+            at = end
+        upstream.write(b"".join(passing))
+
+    def release(self) -> None:
+        self.queue = ""
+        self.holding.clear()
+        for upstream, frame in self.held:
+            upstream.write(frame)
+        self.held.clear()
+
+
+async def test_a_queue_the_broker_is_slow_to_create_holds_up_no_other_queue(
+    broker,  # noqa: F811
+    make_settings,
+    tmp_path,
+):
+    """One instance's new queue is being created (the broker holds its declaration); meanwhile an
+    instance whose queue exists, and another whose queue is new too, get their events."""
+    instances = tmp_path / "instances"
+    ready = broker.subscribe(instances)
+    slow, new = f"{broker.instance}-slow", f"{broker.instance}-new"
+    for name in (slow, new):
+        write_instance(instances, name, "rabbitmq: {enabled: true, events: [MESSAGES_UPSERT]}\n")
+    proxy = HoldingProxy(queue=f"{slow}.messages.upsert")
+    env = broker.env(RABBITMQ_URI=f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+
+    def upserts(instance: str, numbers: range) -> list[dict[str, Any]]:
+        return [{"event": "messages.upsert", "instance": instance, "data": {"n": n}} for n in numbers]
+
+    async with proxy, running(make_settings(**env)) as app:
+        assert (await post_ingest(app, upserts(broker.instance, range(1))))[0] == 202
+        await broker.consume(ready, 1)
+        assert (await post_ingest(app, upserts(slow, range(1))))[0] == 202
+        async with asyncio.timeout(10):
+            while not proxy.held:
+                await asyncio.sleep(0.01)
+        assert (await post_ingest(app, upserts(broker.instance, range(1, 6)) + upserts(new, range(3))))[
+            0
+        ] == 202
+        got_ready = await broker.consume(ready, 5, timeout=10)
+        got_new = await broker.consume(f"{new}.messages.upsert", 3, timeout=10)
+        assert proxy.held, "the slow queue's declaration is still held"
+        proxy.release()
+        got_slow = await broker.consume(f"{slow}.messages.upsert", 1)
+    assert [orjson.loads(m.body)["data"]["n"] for m in got_ready] == [1, 2, 3, 4, 5]
+    assert [orjson.loads(m.body)["data"]["n"] for m in got_new] == [0, 1, 2]
+    assert orjson.loads(got_slow[0].body)["instance"] == slow
+    assert methods_sent(bytes(proxy.sent)).count((50, 10)) == 3, "each queue declared once"

@@ -63,6 +63,30 @@ async def test_rabbitmq_upstream_topology_reaches_consumers_bound_the_upstream_w
     assert (in_instance_queue.exchange, in_global_queue.exchange) == (instance, broker.exchange)
 
 
+async def test_an_instance_exchange_of_another_type_is_a_dead_letter_naming_it(
+    broker,  # noqa: F811
+    make_settings,
+    tmp_path,
+    capsys,
+):
+    """Upstream's topology publishes to an exchange named after the instance; one that exists as
+    another type is refused by the broker: the delivery ends as a dead letter naming it, once."""
+    from router.deadletters import dead_letters  # noqa: PLC0415
+
+    instance = broker.instance
+    write_instance(tmp_path / "instances", instance, "rabbitmq: {enabled: true, events: [CALL]}\n")
+    await broker.channel.exchange_declare(exchange=instance, exchange_type="fanout", durable=True)
+    settings = make_settings(**broker.env(RABBITMQ_TOPOLOGY="upstream"))
+    async with running(settings) as app:
+        assert (await post_ingest(app, {"event": "call", "instance": instance, "data": {}}))[0] == 202
+        await wait_idle(app)
+    [dead] = dead_letters(settings.database_path)
+    assert f"exchange '{instance}' refused by the broker" in dead["last_error"]
+    assert "PRECONDITION_FAILED" in dead["last_error"]
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "rabbitmq.exchange_refused" in line]
+    assert f"exchange={instance}" in line
+
+
 async def test_router_topology_routes_dotted_instances_to_the_global_queue(broker, make_settings):  # noqa: F811
     env = broker.env(RABBITMQ_GLOBAL_ENABLED="true", RABBITMQ_EVENTS_CALL="true")
     async with running(make_settings(**env)) as app:

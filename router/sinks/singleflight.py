@@ -2,9 +2,9 @@
 answer.
 
 A sink's lanes start together: 64 attempts for a subject the NATS sink has not seen yet would
-each ask the server which stream captures it before their first publish. ``SingleFlight.ask``
-lets the first caller ask and the others wait for its answer or its error. (The RabbitMQ sink's
-declarations run one at a time on its channel anyway; it declares under its lock instead.)
+each ask the server which stream captures it before their first publish, and as many for a new
+RabbitMQ queue would each declare it. ``SingleFlight.ask`` lets the first caller ask and the
+others wait for its answer or its error.
 The question runs as a task of its own: a caller that is cancelled stops waiting, and the
 others still get the answer.
 """

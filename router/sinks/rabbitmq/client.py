@@ -9,8 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pamqp.common import FieldTable
-
 from router import logs
 from router.errors import PermanentError, RetryableError, Unavailable
 from router.events import Event, envelope
@@ -18,18 +16,13 @@ from router.sinks.keeper import KeptConnectionSink
 from router.sinks.rabbitmq import amqp
 from router.sinks.rabbitmq.channel import AmqpError, Channel, ChannelClosed, Nacked, Unroutable
 from router.sinks.rabbitmq.config import RabbitmqTarget
+from router.sinks.rabbitmq.declarations import REFUSED, Declarations
 
 log = logs.get_logger("router.sinks.rabbitmq")
 CONNECT_TIMEOUT_S = 10.0
 CHECK_WAIT_S = 2.0  # /ready and start-up give the connection this long (within READY_TIMEOUT_S)
 ANSWER_TIMEOUT_S = 30.0  # a confirm or answer later than this: the connection is taken for dead
 WATCH_S = 1.0  # how often the keeper looks for confirms and answers that are that late
-QUORUM: FieldTable = {"x-queue-type": "quorum"}
-
-# The broker closes the channel with these when a declaration or publish cannot work as asked
-# (403 access refused, 404 not found, 406 precondition failed: a queue that exists with other
-# arguments): retrying will not help.
-_REFUSED = frozenset({403, 404, 406})
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +46,9 @@ class RabbitmqSink(KeptConnectionSink):
         self.prefix = settings.rabbitmq_prefix_key
         self.upstream = settings.rabbitmq_topology == "upstream"
         self._connection: amqp.Connection | None = None
-        self._channel: Channel | None = None
-        # Exchanges, and (exchange, queue, binding key), declared on this channel.
-        self._declared: set[str | tuple[str, str, str]] = set()
-        self._lock = asyncio.Lock()
+        self._channel: Channel | None = None  # the publishing channel
+        self._declarations: Declarations | None = None  # the connection's
+        self._lock = asyncio.Lock()  # opening the publishing channel
         self._closed_because: str | None = None
 
     def where(self, target: RabbitmqTarget, event: Event) -> dict[str, str]:
@@ -111,6 +103,7 @@ class RabbitmqSink(KeptConnectionSink):
                 continue
             failures = 0
             self._connection, self._channel = connection, None
+            self._declarations = Declarations(connection.channel)
             self.connected = True
             self._up.set()
             log.info("rabbitmq.connected", exchange=self.exchange)
@@ -145,7 +138,7 @@ class RabbitmqSink(KeptConnectionSink):
 
     async def _close_connection(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
-        self._declared.clear()
+        self._declarations = None
         if connection is not None and not connection.is_closed:
             try:
                 await asyncio.wait_for(connection.close(), CONNECT_TIMEOUT_S)
@@ -154,7 +147,7 @@ class RabbitmqSink(KeptConnectionSink):
                 connection.abort()
 
     async def _channel_ready(self) -> Channel:
-        """The publishing channel; opened again if the broker closed it (a refused declaration)."""
+        """The publishing channel; opened again if the broker closed it (a refused publish)."""
         channel = self._channel
         if channel is not None and not channel.is_closed:
             return channel
@@ -165,30 +158,10 @@ class RabbitmqSink(KeptConnectionSink):
             if self._channel is None or self._channel.is_closed:
                 channel = await connection.channel()
                 await channel.exchange_declare(self.exchange)
-                self._channel, self._declared = channel, {self.exchange}
+                self._channel = channel
+                if self._declarations is not None:
+                    self._declarations.add(self.exchange)
             return self._channel
-
-    async def _declare(self, channel: Channel, publish: Publish) -> None:
-        """Declare what ``publish`` needs and this channel has not declared yet. Under the lock:
-        the attempts that find the same queue undeclared wait for the first one's declaration
-        instead of each declaring it again (64 lanes at a start: 128 round trips, not 2)."""
-        async with self._lock:
-            exchange = publish.exchange
-            if exchange not in self._declared:  # the instance's own exchange (upstream topology)
-                await channel.exchange_declare(exchange)
-                self._declared.add(exchange)
-            for queue, key in publish.queues:
-                if (exchange, queue, key) in self._declared:
-                    continue
-                try:
-                    await channel.queue_declare(queue, arguments=QUORUM)
-                    await channel.queue_bind(queue, exchange, routing_key=key)
-                except ChannelClosed as exc:
-                    if exc.code not in _REFUSED:
-                        raise
-                    log.error("rabbitmq.queue_refused", queue=queue, reason=str(exc))
-                    raise PermanentError(f"queue {queue!r} refused by the broker: {exc}") from exc
-                self._declared.add((exchange, queue, key))
 
     async def send(self, target: RabbitmqTarget, event: Event) -> int | None:
         body = envelope(event, server_url=event.server_url, apikey=event.apikey)
@@ -197,22 +170,24 @@ class RabbitmqSink(KeptConnectionSink):
             raise Unavailable(f"broker unavailable: {self._last_error}")
         try:
             channel = self._channel
-            if channel is None or channel.is_closed or not self._all_declared(publish):
+            if channel is None or channel.is_closed:
                 channel = await self._channel_ready()
-                await self._declare(channel, publish)
+            declarations = self._declarations
+            if declarations is None:
+                raise Unavailable(f"broker unavailable: {self._last_error}")
+            if not declarations.has(publish.exchange, publish.queues):
+                await declarations.declare(publish.exchange, publish.queues)
             await channel.publish(body, publish.exchange, publish.routing_key, event.id)
-        except PermanentError:
-            self._channel = None  # the broker closed it: a new one next time
-            raise
         except ValueError as exc:  # a name or id AMQP cannot carry
             raise PermanentError(f"cannot publish: {exc}") from exc
         except ChannelClosed as exc:
             self._channel = None
-            if exc.code in _REFUSED:
+            if exc.code in REFUSED:
                 raise PermanentError(f"publish refused by the broker: {exc}") from exc
             raise RetryableError(f"the broker closed the channel: {exc}") from exc
         except Unroutable as exc:
-            self._declared.clear()  # a queue was deleted under us: declare again next time
+            if self._declarations is not None:
+                self._declarations.forget()  # a queue was deleted under us: declare again
             raise RetryableError(f"unroutable: no queue bound for {publish.routing_key!r}") from exc
         except Nacked as exc:
             raise RetryableError("the broker did not confirm the message (nack)") from exc
@@ -220,9 +195,3 @@ class RabbitmqSink(KeptConnectionSink):
             self._lost(f"{type(exc).__name__}: {exc}")
             raise Unavailable(f"broker unavailable: {type(exc).__name__}: {exc}") from exc
         return None
-
-    def _all_declared(self, publish: Publish) -> bool:
-        declared = self._declared
-        return publish.exchange in declared and all(
-            (publish.exchange, queue, key) in declared for queue, key in publish.queues
-        )
