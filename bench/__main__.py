@@ -8,10 +8,11 @@
 Both use the same receiver process, in the same run, on this machine.
 
 rabbitmq: the same pairing, a bare aiormq publisher with confirms against the daemon, both
-    publishing to a quorum queue on the local broker.
-sqs: the local SQS server (moto) answers only a few dozen requests/s, so the rate says little;
-    what the daemon controls is how many requests a burst costs. A counting proxy in front of
-    the server counts every request the daemon makes, by API action.
+    publishing to a quorum queue on the local broker (``bench/rabbitmq.py``).
+rabbitmq_instances: the same events spread over a quorum queue per instance
+    (BENCH_RABBITMQ_INSTANCES, 200), the queues existing or new, against one queue.
+sqs: requests per message of a burst, to one queue and over a queue per instance
+    (``bench/sqs.py``).
 """
 
 from __future__ import annotations
@@ -19,119 +20,48 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import logging
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
-import aiormq
 import nats
 import orjson
 import uvloop
-from aiobotocore.session import get_session
-from aiohttp import web
-from moto.moto_server.threaded_moto_server import ThreadedMotoServer
-from pamqp.commands import Basic
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.common import (
+    API_KEY,
+    BATCH,
+    CHATS,
+    CONCURRENCY,
+    N_EVENTS,
+    RESULTS,
+    ROUNDS,
+    Paired,
+    broker_section,
+    cpu_s,
+    daemon,
+    ingest_all,
+    make_event,
+    median_run,
+    percentile,
+    rate_and_latency,
+    stats,
+    timed_burst,
+    wait_count,
+    wait_http,
+)
+from bench.rabbitmq import rabbitmq_instances_section, rabbitmq_section
+from bench.sqs import sqs_section
 from router.sinks.webhook.http import HttpClient
 from tests.conftest import free_port
 from tests.pusher_server import PusherServer
-
-N_EVENTS = int(os.environ.get("BENCH_EVENTS", "20000"))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))  # bare and router alternate; medians reported
-CONCURRENCY = 64
-BATCH = 500
-API_KEY = "bench-key"
-RESULTS = Path(__file__).parent / "results"
-# The daemon on its embedded defaults plus the environment each section gives it.
-SETTING_PREFIXES = ("WEBHOOK_", "ROUTER_", "RABBITMQ_", "SQS_", "PUSHER_", "WEBSOCKET_", "NATS_")
-DAEMON = [sys.executable, "-m", "router", "--config", "/nonexistent", "--env-file", "/nonexistent", "run"]
-
-
-CHATS = int(os.environ.get("BENCH_CHATS", "1000"))  # conversations the events are spread over
-
-
-def make_event(n: int, sent_at: float, chats: int = CHATS) -> dict[str, object]:
-    """An event whose envelope is about 1 KB, of chat ``n % chats``."""
-    return {
-        "event": "messages.upsert",
-        "instance": "bench",
-        "data": {
-            "key": {
-                "remoteJid": f"5511{n % chats:09d}@s.whatsapp.net",
-                "fromMe": False,
-                "id": f"BENCH{n:012d}",
-            },
-            "pushName": "Bench",
-            "message": {"conversation": "x" * 700},
-            "messageTimestamp": 1700000000 + n,
-            "sent_at": sent_at,
-        },
-    }
-
-
-async def wait_http(url: str, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while True:
-            try:
-                async with session.get(url) as response:
-                    if response.status < 500:
-                        return
-            except aiohttp.ClientError:
-                if time.monotonic() > deadline:
-                    raise
-            await asyncio.sleep(0.05)
-
-
-async def stats(session: aiohttp.ClientSession, base: str) -> dict[str, object]:
-    async with session.get(f"{base}/stats") as response:
-        return dict(await response.json())
-
-
-async def wait_count(session: aiohttp.ClientSession, base: str, count: int, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        async with session.get(f"{base}/count") as response:
-            if (await response.json())["count"] >= count:
-                return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"receiver did not get {count} events")
-        await asyncio.sleep(0.02)
-
-
-def cpu_s(pid: int | None = None) -> float:
-    """CPU seconds (user + system) used so far by ``pid``, or by this process."""
-    if pid is None:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
-    """The run with the median events/s (its latencies belong to it)."""
-    return sorted(runs, key=lambda run: run["events_per_s"])[len(runs) // 2]
-
-
-def rate_and_latency(count: int, elapsed: float, received: dict[str, object]) -> dict[str, float]:
-    """events/s over ``elapsed``, and p50/p99 of the latencies the receiver recorded."""
-    lat: list[float] = received["latencies_ms"]  # type: ignore[assignment]
-    return {"events_per_s": count / elapsed, "p50_ms": percentile(lat, 0.5), "p99_ms": percentile(lat, 0.99)}
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * p))] if ordered else float("nan")
 
 
 async def bench_bare(base: str, receiver_pid: int) -> dict[str, float]:
@@ -165,68 +95,6 @@ async def bench_bare(base: str, receiver_pid: int) -> dict[str, float]:
     }
 
 
-@contextlib.asynccontextmanager
-async def daemon(**sink_env: str) -> AsyncIterator[tuple[int, int]]:
-    """The daemon as its own process, with a fresh state directory: yields (port, pid)."""
-    port = free_port()
-    with tempfile.TemporaryDirectory() as state_dir:
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(SETTING_PREFIXES)},
-            "AUTHENTICATION_API_KEY": API_KEY,
-            "SERVER_HOST": "127.0.0.1",
-            "SERVER_PORT": str(port),
-            "ROUTER_STATE_DIR": state_dir,
-            # Apart, as deployed: the database's writes are no changes to watch for.
-            "ROUTER_INSTANCES_DIR": str(Path(state_dir, "instances")),
-            "LOG_LEVEL": "ERROR,WARN",
-            **sink_env,
-        }
-        process = subprocess.Popen(DAEMON, env=env)
-        try:
-            await wait_http(f"http://127.0.0.1:{port}/health", timeout_s=300)  # 100,000 instances: long
-            yield port, process.pid
-        finally:
-            process.terminate()
-            process.wait(30)
-
-
-async def ingest_all(
-    session: aiohttp.ClientSession,
-    port: int | list[int],
-    count: int,
-    posters: int = 4,
-    chats: int = CHATS,
-) -> None:
-    """POST events 0..count-1 to the daemon in batches of BATCH, ``posters`` requests at a time
-    (to several daemons: batches round-robin over ``port``)."""
-    batches = list(range(0, count, BATCH))
-    ports = port if isinstance(port, list) else [port]
-
-    async def post_batches(mine: list[int]) -> None:
-        for start in mine:
-            now = time.time()
-            batch = [make_event(n, now, chats) for n in range(start, min(start + BATCH, count))]
-            async with session.post(
-                f"http://127.0.0.1:{ports[start // BATCH % len(ports)]}/ingest",
-                data=orjson.dumps(batch),
-                headers={"apikey": API_KEY, "Content-Type": "application/json"},
-            ) as response:
-                assert response.status == 202, await response.text()
-
-    await asyncio.gather(*(post_batches(batches[i::posters]) for i in range(posters)))
-
-
-async def timed_burst(
-    session: aiohttp.ClientSession, port: int, pid: int, count: int, arrived: Awaitable[object]
-) -> tuple[float, float]:
-    """Post ``count`` events and wait for ``arrived``: (seconds, daemon CPU seconds)."""
-    cpu0 = cpu_s(pid)
-    started = time.perf_counter()
-    await ingest_all(session, port, count)
-    await arrived
-    return time.perf_counter() - started, cpu_s(pid) - cpu0
-
-
 def hook_env(base: str, **extra: str) -> dict[str, str]:
     """The daemon's settings for a global webhook at the benchmark receiver."""
     return {
@@ -256,84 +124,6 @@ async def bench_router(base: str, receiver_pid: int) -> dict[str, float]:
         "cpu_us_per_event": cpu / N_EVENTS * 1e6,
         "receiver_cpu_us_per_event": rcpu / N_EVENTS * 1e6,
     }
-
-
-RABBIT_URI = os.environ.get("BENCH_RABBITMQ_URI", "amqp://guest:guest@127.0.0.1:5672/")
-
-
-async def rabbit_queue(tag: str) -> tuple[aiormq.abc.AbstractChannel, str, str]:
-    """A fresh exchange and quorum queue bound as the router binds its global queues."""
-    connection = await aiormq.connect(RABBIT_URI)
-    channel = await connection.channel(publisher_confirms=True)
-    exchange, queue = f"bench-{tag}", f"bench{tag}.messages.upsert"
-    await channel.exchange_declare(exchange=exchange, exchange_type="topic", durable=True)
-    await channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
-    await channel.queue_bind(queue, exchange, routing_key="*.messages.upsert")
-    return channel, exchange, queue
-
-
-async def rabbit_cleanup(channel: aiormq.abc.AbstractChannel, exchange: str, queue: str) -> None:
-    await channel.queue_delete(queue)
-    await channel.exchange_delete(exchange)
-    await channel.connection.close()
-
-
-async def wait_depth(channel: aiormq.abc.AbstractChannel, queue: str, count: int) -> None:
-    deadline = time.monotonic() + 300
-    while (await channel.queue_declare(queue, passive=True)).message_count < count:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{queue} did not reach {count} messages")
-        await asyncio.sleep(0.02)
-
-
-async def bench_rabbit_bare(tag: str) -> dict[str, float]:
-    """aiormq with publisher confirms, CONCURRENCY publishes in flight, same 1 KB envelopes."""
-    channel, exchange, queue = await rabbit_queue(tag)
-    try:
-        next_n = iter(range(N_EVENTS))
-
-        async def worker() -> None:
-            for n in next_n:
-                body = orjson.dumps({**make_event(n, time.time()), "id": str(n)})
-                await channel.basic_publish(
-                    body,
-                    exchange=exchange,
-                    routing_key="bench.messages.upsert",
-                    properties=Basic.Properties(
-                        delivery_mode=2, content_type="application/json", message_id=str(n)
-                    ),
-                )
-
-        cpu0 = cpu_s()
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        elapsed = time.perf_counter() - started
-        cpu = cpu_s() - cpu0
-        await wait_depth(channel, queue, N_EVENTS)
-    finally:
-        await rabbit_cleanup(channel, exchange, queue)
-    return {"events_per_s": N_EVENTS / elapsed, "cpu_us_per_event": cpu / N_EVENTS * 1e6}
-
-
-async def bench_rabbit_router(tag: str) -> dict[str, float]:
-    channel, exchange, queue = await rabbit_queue(tag)
-    rabbit = {
-        "RABBITMQ_ENABLED": "true",
-        "RABBITMQ_URI": RABBIT_URI,
-        "RABBITMQ_EXCHANGE_NAME": exchange,
-        "RABBITMQ_GLOBAL_ENABLED": "true",
-        "RABBITMQ_PREFIX_KEY": f"bench{tag}",
-        "RABBITMQ_EVENTS_MESSAGES_UPSERT": "true",
-        "ROUTER_QUEUE_CONCURRENCY": str(CONCURRENCY),
-    }
-    try:
-        async with daemon(**rabbit) as (port, pid), aiohttp.ClientSession() as session:
-            elapsed, cpu = await timed_burst(
-                session, port, pid, N_EVENTS, wait_depth(channel, queue, N_EVENTS)
-            )
-    finally:
-        await rabbit_cleanup(channel, exchange, queue)
-    return {"events_per_s": N_EVENTS / elapsed, "cpu_us_per_event": cpu / N_EVENTS * 1e6}
 
 
 NATS_URI = os.environ.get("BENCH_NATS_URI", "nats://127.0.0.1:4222")
@@ -408,63 +198,6 @@ async def nats_section() -> dict[str, object]:
     )
 
 
-class Paired:
-    """Bare and router runs of one section, alternated round by round.
-
-    Each round runs bare then router back to back: their ratio is paired, so a machine that
-    speeds up or slows down during the run does not skew it. The median of those is reported,
-    and the median run of each side is shown (its latencies belong to it).
-    """
-
-    def __init__(self, bare_runs: list[dict[str, float]], router_runs: list[dict[str, float]]) -> None:
-        self.bare_runs, self.router_runs = bare_runs, router_runs
-        self.ratios = [
-            r["events_per_s"] / b["events_per_s"] for b, r in zip(bare_runs, router_runs, strict=True)
-        ]
-        self.bare, self.router = median_run(bare_runs), median_run(router_runs)
-
-    def report(self, target: float) -> dict[str, object]:
-        ratio = statistics.median(self.ratios)
-        print(f"{'router / bare (median of rounds)':<40} {ratio:>10.2f}   (target >= {target:.2f})")
-        print(f"{'ratio in each round':<40} {', '.join(f'{r:.2f}' for r in self.ratios)}")
-        return {
-            "bare": self.bare,
-            "router": self.router,
-            "ratio": ratio,
-            "target": target,
-            "rounds": {"bare": self.bare_runs, "router": self.router_runs, "ratios": self.ratios},
-        }
-
-
-async def rabbitmq_section() -> dict[str, object]:
-    return await broker_section(
-        f"rabbitmq, {N_EVENTS} events of ~1 KB, quorum queue, confirms, concurrency {CONCURRENCY}",
-        ("bare aiormq publisher (confirms)", bench_rabbit_bare),
-        ("router: /ingest -> SQLite -> RabbitMQ", bench_rabbit_router),
-        target=0.8,
-    )
-
-
-Run = Callable[[str], Awaitable[dict[str, float]]]
-
-
-async def broker_section(
-    title: str, bare: tuple[str, Run], router: tuple[str, Run], target: float
-) -> dict[str, object]:
-    """Bare client and router alternating ROUNDS times, each run with names of its own."""
-    bare_runs, router_runs = [], []
-    for round_no in range(ROUNDS):
-        tag = f"{os.getpid()}r{round_no}"
-        bare_runs.append(await bare[1](tag + "b"))
-        router_runs.append(await router[1](tag + "d"))
-    paired = Paired(bare_runs, router_runs)
-    print(f"\n{title}")
-    print(f"{'path':<40} {'events/s':>10} {'CPU us/event':>13}")
-    for (name, _), row in ((bare, paired.bare), (router, paired.router)):
-        print(f"{name:<40} {row['events_per_s']:>10.0f} {row['cpu_us_per_event']:>13.0f}")
-    return paired.report(target=target)
-
-
 async def webhook_section() -> dict[str, object]:
     port = free_port()
     receiver = subprocess.Popen([sys.executable, "-m", "bench.receiver", "--port", str(port)])
@@ -494,126 +227,6 @@ async def webhook_section() -> dict[str, object]:
         )
     print(f"{'router intake alone (events/s)':<40} {paired.router['ingest_events_per_s']:>10.0f}")
     return paired.report(target=0.8)
-
-
-SQS_EVENTS = int(os.environ.get("BENCH_SQS_EVENTS", "600"))
-
-
-class CountingProxy:
-    """Forwards every request to the SQS server and counts them by API action.
-
-    The daemon is its own process, so the requests it makes are counted here, on the wire.
-    """
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = upstream
-        self.actions: dict[str, int] = {}
-        self.entries = 0
-        self._session: aiohttp.ClientSession | None = None
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> str:
-        self._session = aiohttp.ClientSession(auto_decompress=False)
-        app = web.Application(client_max_size=4 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self.forward)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        port = free_port()
-        await web.TCPSite(self._runner, "127.0.0.1", port).start()
-        return f"http://127.0.0.1:{port}"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
-
-    async def forward(self, request: web.Request) -> web.Response:
-        assert self._session is not None
-        body = await request.read()
-        action = request.headers.get("X-Amz-Target", "").rpartition(".")[2] or "other"
-        self.actions[action] = self.actions.get(action, 0) + 1
-        async with self._session.request(
-            request.method, self.upstream + request.path_qs, data=body, headers=request.headers
-        ) as answer:
-            payload = await answer.read()
-            if answer.status == 200 and action in ("SendMessageBatch", "SendMessage"):
-                self.entries += len(orjson.loads(payload).get("Successful", [None]))
-            framing = {"content-length", "transfer-encoding"}
-            headers = {k: v for k, v in answer.headers.items() if k.lower() not in framing}
-            return web.Response(status=answer.status, body=payload, headers=headers)
-
-
-async def sqs_section() -> dict[str, object]:
-    """A burst of SQS_EVENTS through the daemon to a local SQS server: requests per message."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's access log
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    host, moto_port = server.get_host_and_port()
-    proxy = CountingProxy(f"http://{host}:{moto_port}")
-    endpoint = await proxy.start()
-    prefix = f"bench{os.getpid()}"
-    queue = f"{prefix}-messages-upsert.fifo"
-    sqs = {
-        "SQS_ENABLED": "true",
-        "SQS_ACCESS_KEY_ID": "bench",
-        "SQS_SECRET_ACCESS_KEY": "bench",
-        "SQS_ACCOUNT_ID": "123456789012",
-        "SQS_REGION": "us-east-1",
-        "SQS_ENDPOINT_URL": endpoint,
-        "SQS_GLOBAL_ENABLED": "true",
-        "SQS_GLOBAL_PREFIX_NAME": prefix,
-        "SQS_GLOBAL_MESSAGES_UPSERT": "true",
-        "ROUTER_QUEUE_CONCURRENCY": str(CONCURRENCY),
-    }
-    try:
-        async with daemon(**sqs) as (port, _), aiohttp.ClientSession() as session:
-            # The daemon checks SQS at start; count only what the burst costs.
-            before = dict(proxy.actions)
-            started = time.perf_counter()
-            await ingest_all(session, port, SQS_EVENTS, posters=1)
-            deadline = time.monotonic() + 600
-            while proxy.entries < SQS_EVENTS:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"only {proxy.entries} of {SQS_EVENTS} messages were sent")
-                await asyncio.sleep(0.05)
-            elapsed = time.perf_counter() - started
-        async with get_session().create_client(
-            "sqs",
-            region_name="us-east-1",
-            endpoint_url=f"http://{host}:{moto_port}",
-            aws_access_key_id="bench",
-            aws_secret_access_key="bench",
-        ) as client:
-            url = (await client.get_queue_url(QueueName=queue))["QueueUrl"]
-            depth = "ApproximateNumberOfMessages"
-            attributes = await client.get_queue_attributes(QueueUrl=url, AttributeNames=[depth])
-            stored = int(attributes["Attributes"][depth])
-    finally:
-        await proxy.stop()
-        server.stop()
-    burst = {
-        action: n - before.get(action, 0) for action, n in proxy.actions.items() if n > before.get(action, 0)
-    }
-    sends = burst.get("SendMessageBatch", 0) + burst.get("SendMessage", 0)
-    all_requests = sum(burst.values())
-    ratio = sends / SQS_EVENTS
-    print(f"\nsqs, a burst of {SQS_EVENTS} events of ~1 KB to one FIFO queue on a local SQS server (moto)")
-    print(f"{'messages stored in the queue':<40} {stored:>10}")
-    print(f"{'send requests (SendMessage[Batch])':<40} {sends:>10}")
-    print(f"{'all SQS requests during the burst':<40} {all_requests:>10}   {burst}")
-    print(f"{'send requests per message':<40} {ratio:>10.3f}   (target <= 0.15)")
-    print(f"{'all requests per message':<40} {all_requests / SQS_EVENTS:>10.3f}")
-    print(f"{'events/s (bounded by the local server)':<40} {SQS_EVENTS / elapsed:>10.0f}")
-    return {
-        "events": SQS_EVENTS,
-        "stored": stored,
-        "requests": burst,
-        "send_requests_per_message": ratio,
-        "all_requests_per_message": all_requests / SQS_EVENTS,
-        "events_per_s": SQS_EVENTS / elapsed,
-        "target": 0.15,
-    }
 
 
 WS_CLIENTS = int(os.environ.get("BENCH_WS_CLIENTS", "1000"))
@@ -1122,6 +735,7 @@ async def postgres_section() -> dict[str, object]:
 SECTIONS = {
     "webhook": webhook_section,
     "rabbitmq": rabbitmq_section,
+    "rabbitmq_instances": rabbitmq_instances_section,
     "sqs": sqs_section,
     "websocket": websocket_section,
     "pusher": pusher_section,
