@@ -158,6 +158,12 @@ def methods_sent(sent: bytes) -> list[tuple[int, int]]:
     """The (class, method) of each method frame in the bytes a client sent over its connections
     one after another (each opens with the protocol header): Queue.Declare is (50, 10),
     Queue.Bind (50, 20)."""
+    return [(class_id, method_id) for _, class_id, method_id in frames_sent(sent)]
+
+
+def frames_sent(sent: bytes) -> list[tuple[int, int, int]]:
+    """(channel, class, method) of each method frame in ``sent`` (see ``methods_sent``);
+    Basic.Publish is (60, 40)."""
     found, at = [], 0
     while at + 7 <= len(sent):
         if sent[at : at + 4] == b"AMQP":
@@ -165,9 +171,10 @@ def methods_sent(sent: bytes) -> list[tuple[int, int]]:
             continue
         kind, size = sent[at], int.from_bytes(sent[at + 3 : at + 7], "big")
         if kind == 1:
-            found.append(
-                (int.from_bytes(sent[at + 7 : at + 9], "big"), int.from_bytes(sent[at + 9 : at + 11], "big"))
+            channel, class_id, method_id = (
+                int.from_bytes(sent[start : start + 2], "big") for start in (at + 1, at + 7, at + 9)
             )
+            found.append((channel, class_id, method_id))
         at += 8 + size
     return found
 
@@ -285,3 +292,29 @@ async def test_a_queue_the_broker_is_slow_to_create_holds_up_no_other_queue(
     assert [orjson.loads(m.body)["data"]["n"] for m in got_new] == [0, 1, 2]
     assert orjson.loads(got_slow[0].body)["instance"] == slow
     assert methods_sent(bytes(proxy.sent)).count((50, 10)) == 3, "each queue declared once"
+
+
+async def test_new_queues_are_declared_several_at_once_on_channels_events_are_not_published_on(
+    broker,  # noqa: F811
+    make_settings,
+    tmp_path,
+):
+    """20 instances' first events at once: their 20 new queues are declared on at most 8
+    channels, more than one at a time, and no event is published on a declaring channel."""
+    instances = [f"{broker.instance}-{n}" for n in range(20)]
+    for name in instances:
+        write_instance(tmp_path / "instances", name, "rabbitmq: {enabled: true, events: [MESSAGES_UPSERT]}\n")
+    proxy = Proxy()
+    env = broker.env(RABBITMQ_URI=f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+    async with proxy, running(make_settings(**env)) as app:
+        events = [{"event": "messages.upsert", "instance": name, "data": {"n": 1}} for name in instances]
+        assert (await post_ingest(app, events))[0] == 202
+        await wait_idle(app)
+        got = [await broker.consume(f"{name}.messages.upsert", 1) for name in instances]
+    assert [len(one) for one in got] == [1] * 20
+    frames = frames_sent(bytes(proxy.sent))
+    declaring = {channel for channel, *method in frames if method == [50, 10]}
+    publishing = {channel for channel, *method in frames if method == [60, 40]}
+    assert sum(method == [50, 10] for _, *method in frames) == 20, "each queue declared once"
+    assert 1 < len(declaring) <= 8, declaring
+    assert not declaring & publishing
