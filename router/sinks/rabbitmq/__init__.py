@@ -14,7 +14,8 @@ Two topologies (``RABBITMQ_TOPOLOGY``), with the same queue names:
   (two targets), as upstream makes them.
 
 Before the first publish of an event, the queues that should receive it are declared (quorum,
-durable) and bound, so nothing published is lost while no consumer exists yet.
+durable) and bound, so nothing published is lost while no consumer exists yet; on channels kept
+for declaring (``declarations``), so that no publish waits behind a declaration.
 
 One connection, kept by one task: opened at start and again whenever it is lost, with the queue
 retry backoff (``ROUTER_QUEUE_RETRY_*``), for as long as it takes. While it is down the sink is
