@@ -352,15 +352,9 @@ async def scale_run(instances: int, base: str) -> dict[str, float]:
             listening_s = time.perf_counter() - started
             await session.post(f"{base}/reset")
             began = time.perf_counter()
-            url, headers = f"http://127.0.0.1:{port}/ingest", {"apikey": API_KEY}
-            for first in range(0, SCALE_EVENTS, BATCH):
-                now = time.time()
-                batch = [
-                    {**make_event(n, now), "instance": f"i{n % instances}"}
-                    for n in range(first, min(first + BATCH, SCALE_EVENTS))
-                ]
-                async with session.post(url, data=orjson.dumps(batch), headers=headers) as answer:
-                    assert answer.status == 202, await answer.text()
+            await ingest_all(
+                session, port, SCALE_EVENTS, posters=1, instance_of=lambda n: f"i{n % instances}"
+            )
             await wait_count(session, base, SCALE_EVENTS)
             elapsed = time.perf_counter() - began
             rss = rss_mib(pid)

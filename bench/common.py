@@ -139,16 +139,24 @@ async def ingest_all(
     count: int,
     posters: int = 4,
     chats: int = CHATS,
+    instance_of: Callable[[int], str] | None = None,
 ) -> None:
     """POST events 0..count-1 to the daemon in batches of BATCH, ``posters`` requests at a time
-    (to several daemons: batches round-robin over ``port``)."""
+    (to several daemons: batches round-robin over ``port``); event n is of instance
+    ``instance_of(n)`` when given."""
     batches = list(range(0, count, BATCH))
     ports = port if isinstance(port, list) else [port]
+
+    def event(n: int, now: float) -> dict[str, object]:
+        made = make_event(n, now, chats)
+        if instance_of is not None:
+            made["instance"] = instance_of(n)
+        return made
 
     async def post_batches(mine: list[int]) -> None:
         for start in mine:
             now = time.time()
-            batch = [make_event(n, now, chats) for n in range(start, min(start + BATCH, count))]
+            batch = [event(n, now) for n in range(start, min(start + BATCH, count))]
             async with session.post(
                 f"http://127.0.0.1:{ports[start // BATCH % len(ports)]}/ingest",
                 data=orjson.dumps(batch),

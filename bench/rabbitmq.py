@@ -17,14 +17,13 @@ from pamqp.commands import Basic
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import (
-    API_KEY,
-    BATCH,
     CONCURRENCY,
     N_EVENTS,
     ROUNDS,
     broker_section,
     cpu_s,
     daemon,
+    ingest_all,
     make_event,
     timed_burst,
 )
@@ -120,9 +119,13 @@ INSTANCES = int(os.environ.get("BENCH_RABBITMQ_INSTANCES", "200"))  # quorum que
 INSTANCE_EVENTS = int(os.environ.get("BENCH_RABBITMQ_INSTANCE_EVENTS", "10000"))
 
 
+def instance_names(tag: str, instances: int) -> list[str]:
+    return [f"b{tag}i{n}" for n in range(instances)]
+
+
 def instance_queues(tag: str, instances: int) -> list[str]:
     """The queue the router declares for each instance's messages.upsert (router topology)."""
-    return [f"b{tag}i{n}.messages.upsert" for n in range(instances)]
+    return [f"{name}.messages.upsert" for name in instance_names(tag, instances)]
 
 
 async def declared(tag: str, instances: int) -> tuple[aiormq.abc.AbstractChannel, str, list[str]]:
@@ -148,19 +151,18 @@ async def delete(channel: aiormq.abc.AbstractChannel, exchange: str, queues: lis
     await channel.connection.close()
 
 
-def spread(n: int, tag: str, instances: int) -> dict[str, object]:
-    return {**make_event(n, time.time()), "instance": f"b{tag}i{n % instances}"}
-
-
 async def bare_to_instances(tag: str, instances: int) -> dict[str, float]:
     """aiormq, confirms, CONCURRENCY in flight, each event to its instance's existing queue."""
     channel, exchange, queues = await declared(tag, instances)
+    names = instance_names(tag, instances)
     try:
         next_n = iter(range(INSTANCE_EVENTS))
 
         async def worker() -> None:
             for n in next_n:
-                body = orjson.dumps({**spread(n, tag, instances), "id": str(n)})
+                body = orjson.dumps(
+                    {**make_event(n, time.time()), "instance": names[n % instances], "id": str(n)}
+                )
                 await channel.basic_publish(
                     body,
                     exchange=exchange,
@@ -194,9 +196,11 @@ async def router_to_instances(tag: str, instances: int, existing: bool) -> dict[
         )
     try:
         with tempfile.TemporaryDirectory() as directory:
-            for n in range(instances):
-                subscribed = "rabbitmq: {enabled: true, events: [MESSAGES_UPSERT]}\n"
-                Path(directory, f"b{tag}i{n}.yaml").write_text(subscribed)
+            names = instance_names(tag, instances)
+            for name in names:
+                Path(directory, f"{name}.yaml").write_text(
+                    "rabbitmq: {enabled: true, events: [MESSAGES_UPSERT]}\n"
+                )
             env = {
                 "ROUTER_INSTANCES_DIR": directory,
                 "RABBITMQ_ENABLED": "true",
@@ -205,14 +209,10 @@ async def router_to_instances(tag: str, instances: int, existing: bool) -> dict[
                 "ROUTER_QUEUE_CONCURRENCY": str(CONCURRENCY),
             }
             async with daemon(**env) as (port, _), aiohttp.ClientSession() as session:
-                url, headers = f"http://127.0.0.1:{port}/ingest", {"apikey": API_KEY}
                 started = time.perf_counter()
-                for first in range(0, INSTANCE_EVENTS, BATCH):
-                    batch = [
-                        spread(n, tag, instances) for n in range(first, min(first + BATCH, INSTANCE_EVENTS))
-                    ]
-                    async with session.post(url, data=orjson.dumps(batch), headers=headers) as answer:
-                        assert answer.status == 202, await answer.text()
+                await ingest_all(
+                    session, port, INSTANCE_EVENTS, posters=1, instance_of=lambda n: names[n % instances]
+                )
                 while await delivered(session, port) < INSTANCE_EVENTS:
                     if time.perf_counter() - started > 300:
                         raise TimeoutError("the router did not deliver every event")

@@ -18,7 +18,7 @@ from aiobotocore.session import get_session
 from aiohttp import web
 from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 
-from bench.common import API_KEY, BATCH, CONCURRENCY, daemon, make_event
+from bench.common import CONCURRENCY, daemon, ingest_all
 from tests.conftest import free_port
 
 SQS_EVENTS = int(os.environ.get("BENCH_SQS_EVENTS", "600"))
@@ -109,14 +109,9 @@ async def sqs_burst(server: str, instances: int) -> dict[str, object]:
                 # The daemon checks SQS at start; count only what the burst costs.
                 before = dict(proxy.actions)
                 started = time.perf_counter()
-                url, headers = f"http://127.0.0.1:{port}/ingest", {"apikey": API_KEY}
-                for first in range(0, SQS_EVENTS, BATCH):
-                    now, last = time.time(), min(first + BATCH, SQS_EVENTS)
-                    batch = [
-                        {**make_event(n, now), "instance": names[n % len(names)]} for n in range(first, last)
-                    ]
-                    async with session.post(url, data=orjson.dumps(batch), headers=headers) as answer:
-                        assert answer.status == 202, await answer.text()
+                await ingest_all(
+                    session, port, SQS_EVENTS, posters=1, instance_of=lambda n: names[n % len(names)]
+                )
                 deadline = time.monotonic() + 600
                 while proxy.entries < SQS_EVENTS:
                     if time.monotonic() > deadline:

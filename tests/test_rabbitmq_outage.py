@@ -15,7 +15,7 @@ import orjson
 from router.app import database_path
 from tests.conftest import free_port, post_ingest, running, wait_idle, write_instance
 from tests.test_amqp_client import Proxy
-from tests.test_rabbitmq import broker, rabbitmqctl  # noqa: F401 - the fixture
+from tests.test_rabbitmq import broker, rabbitmqctl, upsert  # noqa: F401 - the fixture
 
 
 async def test_an_outage_costs_one_connection_attempt_at_a_time_and_no_attempts(
@@ -164,19 +164,30 @@ def methods_sent(sent: bytes) -> list[tuple[int, int]]:
 def frames_sent(sent: bytes) -> list[tuple[int, int, int]]:
     """(channel, class, method) of each method frame in ``sent`` (see ``methods_sent``);
     Basic.Publish is (60, 40)."""
-    found, at = [], 0
-    while at + 7 <= len(sent):
-        if sent[at : at + 4] == b"AMQP":
-            at += 8
-            continue
-        kind, size = sent[at], int.from_bytes(sent[at + 3 : at + 7], "big")
-        if kind == 1:
-            channel, class_id, method_id = (
-                int.from_bytes(sent[start : start + 2], "big") for start in (at + 1, at + 7, at + 9)
-            )
-            found.append((channel, class_id, method_id))
-        at += 8 + size
-    return found
+    pieces, _ = split_frames(sent)
+    return [
+        (int.from_bytes(p[1:3], "big"), int.from_bytes(p[7:9], "big"), int.from_bytes(p[9:11], "big"))
+        for p in pieces
+        if p[0] == 1
+    ]
+
+
+def split_frames(data: bytes) -> tuple[list[bytes], bytes]:
+    """The whole pieces at the start of bytes a client sent (the protocol header opening each
+    connection, then frames), and what is left: the start of a frame not all there yet."""
+    pieces, at = [], 0
+    while at < len(data):
+        if data[at : at + 4] == b"AMQP":
+            end = at + 8
+        elif len(data) - at < 7:
+            break
+        else:
+            end = at + 8 + int.from_bytes(data[at + 3 : at + 7], "big")
+        if end > len(data):
+            break
+        pieces.append(data[at:end])
+        at = end
+    return pieces, data[at:]
 
 
 async def test_a_queue_is_declared_once_however_many_attempts_want_it_first(
@@ -226,25 +237,17 @@ class HoldingProxy(Proxy):
     rest: bytes = b""  # the start of a frame not all received yet
 
     def forward(self, data: bytes, upstream: asyncio.StreamWriter) -> None:
-        data, self.rest, at, passing = self.rest + data, b"", 0, []
-        while at < len(data):
-            if data[at : at + 4] == b"AMQP":  # the protocol header opening the connection
-                passing.append(data[at : at + 8])
-                at += 8
-                continue
-            end = at + 8 + int.from_bytes(data[at + 3 : at + 7], "big")
-            if len(data) - at < 7 or end > len(data):
-                self.rest = data[at:]
-                break
-            frame, channel = data[at:end], int.from_bytes(data[at + 1 : at + 3], "big")
-            declares = frame[0] == 1 and frame[7:11] == b"\x00\x32\x00\x0a"  # Queue.Declare
-            if declares and frame[14 : 14 + frame[13]] == self.queue.encode():
+        pieces, self.rest = split_frames(self.rest + data)
+        passing = []
+        for piece in pieces:
+            channel = int.from_bytes(piece[1:3], "big")
+            declares = piece[0] == 1 and piece[7:11] == b"\x00\x32\x00\x0a"  # Queue.Declare
+            if declares and piece[14 : 14 + piece[13]] == self.queue.encode():
                 self.holding.add(channel)
-            if channel in self.holding:
-                self.held.append((upstream, frame))
+            if piece[0] != ord("A") and channel in self.holding:  # not the protocol header
+                self.held.append((upstream, piece))
             else:
-                passing.append(frame)
-            at = end
+                passing.append(piece)
         upstream.write(b"".join(passing))
 
     def release(self) -> None:
@@ -270,8 +273,8 @@ async def test_a_queue_the_broker_is_slow_to_create_holds_up_no_other_queue(
     proxy = HoldingProxy(queue=f"{slow}.messages.upsert")
     env = broker.env(RABBITMQ_URI=f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
 
-    def upserts(instance: str, numbers: range) -> list[dict[str, Any]]:
-        return [{"event": "messages.upsert", "instance": instance, "data": {"n": n}} for n in numbers]
+    def upserts(instance: str, numbers: range) -> list[dict[str, object]]:
+        return [upsert(instance, n) for n in numbers]
 
     async with proxy, running(make_settings(**env)) as app:
         assert (await post_ingest(app, upserts(broker.instance, range(1))))[0] == 202
@@ -280,9 +283,8 @@ async def test_a_queue_the_broker_is_slow_to_create_holds_up_no_other_queue(
         async with asyncio.timeout(10):
             while not proxy.held:
                 await asyncio.sleep(0.01)
-        assert (await post_ingest(app, upserts(broker.instance, range(1, 6)) + upserts(new, range(3))))[
-            0
-        ] == 202
+        more = upserts(broker.instance, range(1, 6)) + upserts(new, range(3))
+        assert (await post_ingest(app, more))[0] == 202
         got_ready = await broker.consume(ready, 5, timeout=10)
         got_new = await broker.consume(f"{new}.messages.upsert", 3, timeout=10)
         assert proxy.held, "the slow queue's declaration is still held"
@@ -307,8 +309,7 @@ async def test_new_queues_are_declared_several_at_once_on_channels_events_are_no
     proxy = Proxy()
     env = broker.env(RABBITMQ_URI=f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
     async with proxy, running(make_settings(**env)) as app:
-        events = [{"event": "messages.upsert", "instance": name, "data": {"n": 1}} for name in instances]
-        assert (await post_ingest(app, events))[0] == 202
+        assert (await post_ingest(app, [upsert(name, 1) for name in instances]))[0] == 202
         await wait_idle(app)
         got = [await broker.consume(f"{name}.messages.upsert", 1) for name in instances]
     assert [len(one) for one in got] == [1] * 20
