@@ -13,6 +13,7 @@ from collections.abc import Coroutine, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 from router import logs
+from router.attempt import Attempts
 from router.current import Current
 from router.lanes import LanePool
 from router.metrics import Metrics
@@ -47,6 +48,7 @@ class Dispatcher:
         self.workers: dict[str, TargetWorker] = {}
         self.counters: dict[tuple[str, str], int] = {}
         self.metrics = metrics
+        self.attempts = Attempts(store, self.target, self.count)  # how each attempt ends
         # Targets a reload removed: their workers deliver what is already stored for them, then stop.
         self.retired: dict[str, Target] = {}
         self._group: asyncio.TaskGroup | None = None

@@ -2,9 +2,9 @@
 
 A ``TargetWorker`` leases its target's due deliveries from the store and runs up to
 ``concurrency`` attempts at once, so a slow or dead target only ever occupies its own slots.
-Each attempt ends in exactly one of: ack (delivered), retry (rescheduled with backoff, or the
-receiver's ``Retry-After``), or kill (a dead letter with its last error). Deliveries that share
-an ordering key go one at a time (``router.keyqueue``).
+Each attempt (``router.attempt``) ends in exactly one of: ack (delivered), retry (rescheduled
+with backoff, or the receiver's ``Retry-After``), or kill (a dead letter with its last error).
+Deliveries that share an ordering key go one at a time (``router.keyqueue``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from router import logs
-from router.errors import PermanentError, RetryableError, Unavailable
+from router.attempt import track
+from router.errors import Unavailable
 from router.keyqueue import MAX_FOLLOWERS, KeyQueue
 from router.retry import RetryPolicy
 from router.sinks import BaseSink
@@ -153,7 +154,7 @@ class TargetWorker:
             self._give_back(given_back, until)
         if park:
             self.held_bytes -= _data_size(park)
-            self._track(self.dispatcher.store.park(park))
+            track(self.dispatcher.store.park(park))
             self.dispatcher.release(len(park))
             self._more_wanted()
         self._start_lanes()
@@ -161,7 +162,7 @@ class TargetWorker:
     def _give_back(self, leases: Sequence[Lease], until: float) -> None:
         """Leases not to attempt now: pending in the store again, due at ``until``."""
         self.held_bytes -= _data_size(leases)
-        self._track(self.dispatcher.store.hold(leases, until))
+        track(self.dispatcher.store.hold(leases, until))
         self.dispatcher.release(len(leases))
         self._more_wanted()
         self.wake()  # the leaser leases them when they fall due
@@ -374,102 +375,18 @@ class TargetWorker:
     async def _attempt(self, lease: Lease) -> bool:
         """Attempt ``lease``; False when the sink turned out to be unavailable (not an attempt)."""
         try:
-            await self._attempt_once(lease)
+            retry_at, written = await self.dispatcher.attempts.run(self.key, self.sink, self.policy, lease)
         except Unavailable:
             return False
         except Exception:  # a bug here must not stop the other attempts or the daemon
             log.exception("delivery.bug", target=self.key, event_id=lease.event.id)
-            self._done(lease, None, None)
-        return True
-
-    async def _attempt_once(self, lease: Lease) -> None:
-        store = self.dispatcher.store
-        target = self.dispatcher.target(self.key)
-        started = time.perf_counter()
-        status: int | None = None
-        outcome, error, retry_at = "delivered", "", None
-        written: asyncio.Future[Any] | None = None  # the store write that ends this delivery
-        try:
-            if target is None:
-                raise PermanentError(f"target {self.key} is no longer configured")
-            status = await self.sink.send(target, lease.event)
-        except Unavailable:
-            raise  # not the delivery's failure: nothing is recorded, the lane waits for the sink
-        except RetryableError as exc:
-            status, error = exc.status, logs.scrub(str(exc))
-            outcome, error, retry_at, written = self._retry_or_kill(lease, error, exc.retry_after_s)
-        except PermanentError as exc:
-            status, error, outcome = exc.status, logs.scrub(str(exc)), "dead"
-            written = self._track(store.kill(lease, error))
-        except Exception as exc:  # a bug in a sink must not kill the worker, nor retry forever
-            log.exception("delivery.bug", target=self.key, event_id=lease.event.id)
-            error = logs.scrub(f"internal error: {type(exc).__name__}: {exc}")
-            outcome, error, retry_at, written = self._retry_or_kill(lease, error, None)
-        else:
-            written = store.ack(lease)
-        elapsed = time.perf_counter() - started
-        elapsed_ms = round(elapsed * 1000, 1)
-        latency_s = time.time() - lease.accepted_at if outcome == "delivered" else None
-        self.dispatcher.count(self.sink.name, lease.event.event, outcome, elapsed, latency_s)
-        if logs.is_enabled("WEBHOOKS"):
-            log.info(
-                "delivery.attempt",
-                kind="WEBHOOKS",
-                **self._log_fields(lease),
-                **(self.sink.where(target, lease.event) if target else {}),
-                attempt=lease.attempts + 1,
-                status=status,
-                outcome=outcome,
-                elapsed_ms=elapsed_ms,
-                **({"error": error} if error else {}),
-            )
-        if outcome == "dead":
-            attempt = lease.attempts + 1
-            log.error("delivery.dead_letter", **self._log_fields(lease), attempt=attempt, error=error)
+            retry_at, written = None, None
+        if retry_at is not None:
+            self._due_at = 0.0
+            self._rouse()  # the leaser recomputes when the next delivery is due
+            self._run_leaser()
         self._done(lease, retry_at, written)
-
-    def _log_fields(self, lease: Lease) -> dict[str, Any]:
-        """What every log line about one delivery names."""
-        event = lease.event
-        return {
-            "instance": event.instance,
-            "_event": event.event,
-            "event_id": event.id,
-            "sink": self.sink.name,
-            "target": self.key,
-        }
-
-    def _retry_or_kill(
-        self, lease: Lease, error: str, retry_after_s: float | None
-    ) -> tuple[str, str, float | None, asyncio.Future[Any] | None]:
-        """A failed attempt counts, whatever failed: retried by the policy, or a dead letter.
-        Returns the outcome, the error as recorded, when the retry is due (None: dead) and the
-        dead letter's write."""
-        store = self.dispatcher.store
-        attempt = lease.attempts + 1
-        if attempt >= self.policy.max_attempts:
-            error = f"{error} (gave up after {attempt} attempts)"
-            return "dead", error, None, self._track(store.kill(lease, error))
-        delay = self.policy.delay_s(attempt)
-        if retry_after_s is not None:
-            delay = min(retry_after_s, self.policy.max_delay_s)
-        retry_at = time.time() + delay
-        self._track(store.retry(lease, retry_at, error))
-        self._due_at = 0.0
-        self._rouse()  # the leaser recomputes when the next delivery is due
-        self._run_leaser()
-        return f"retry in {delay:.2f}s", error, retry_at, None
-
-    @staticmethod
-    def _track(future: asyncio.Future[Any]) -> asyncio.Future[Any]:
-        """Store writes are not awaited (at-least-once tolerates a lost ack); failures are logged."""
-
-        def done(f: asyncio.Future[Any]) -> None:
-            if not f.cancelled() and f.exception() is not None:
-                log.error("store.write_failed", error=str(f.exception()))
-
-        future.add_done_callback(done)
-        return future
+        return True
 
 
 def _resolve(waiter: asyncio.Future[None] | None) -> None:

@@ -31,27 +31,21 @@ import asyncpg
 from router import logs
 from router.errors import StorageFull, StoreUnavailable
 from router.redact import redact_url
+from router.store import pg_sql as sql
 from router.store.base import (
     DEAD,
-    EVENT_COLUMNS,
-    LEASED,
-    PARKED,
     PENDING,
     Accepted,
     Lease,
     NewDelivery,
     Wake,
-    counts_of,
     event_from_row,
     event_row,
-    sink_state_of,
 )
 from router.store.pg_schema import DATABASE_ERRORS, migrate
 
 T = TypeVar("T")
 log = logs.get_logger("router.store")
-CHANNEL = "router_due"
-NOTIFY_MAX = 7900  # bytes of one NOTIFY payload (PostgreSQL allows 8000); more: "*" (every target)
 KEPT_RETRY_S = 1.0
 # The database cannot be used now (down, restarting, dropped, refusing): kept writes wait for it.
 UNAVAILABLE = (
@@ -63,39 +57,6 @@ UNAVAILABLE = (
     asyncpg.exceptions.ObjectNotInPrerequisiteStateError,  # "not currently accepting connections"
     asyncpg.exceptions.TooManyConnectionsError,
 )
-_E = ", ".join(f"e.{c}" for c in EVENT_COLUMNS.split(", "))
-
-# A delivery a router may lease now: due and waiting, or leased by a router that stopped renewing.
-_LEASABLE = "((d.state = 0 AND d.due_at <= $2) OR (d.state = 1 AND d.lease_until <= $2))"
-# ... and first of its key: nothing earlier of its target and key is waiting, leased or parked.
-_HEAD = (
-    "(d.okey IS NULL OR NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.target = d.target"
-    " AND p.okey = d.okey AND p.state IN (0, 1, 3) AND p.id < d.id))"
-)
-
-# ... and, for a target with one attempt at a time, no delivery of it is leased by anyone.
-_TARGET_FREE = (
-    " AND NOT EXISTS (SELECT 1 FROM deliveries q WHERE q.target = d.target AND q.state = 1"
-    " AND q.lease_until > $2)"
-)
-_LEASE = (
-    "WITH picked AS (SELECT d.id FROM deliveries d WHERE d.target = $1 AND "
-    + _LEASABLE
-    + " AND "
-    + _HEAD
-    + "{free} ORDER BY d.due_at, d.id LIMIT $3 FOR UPDATE SKIP LOCKED),"
-    " leased AS (UPDATE deliveries d SET state = 1, leased_by = $4, lease_until = $5"
-    " FROM picked WHERE d.id = picked.id RETURNING d.id, d.attempts, d.okey, d.event_id, d.due_at)"
-    f" SELECT l.id, l.attempts, e.accepted_at, l.okey, {_E} FROM leased l"
-    " JOIN events e ON e.id = l.event_id ORDER BY l.due_at, l.id"
-)
-
-
-def _notify_sql(targets: Sequence[str]) -> tuple[str, str] | None:
-    if not targets:
-        return None
-    payload = "\n".join(sorted(set(targets)))
-    return ("SELECT pg_notify($1, $2)", payload if len(payload.encode()) <= NOTIFY_MAX else "*")
 
 
 class PostgresStore:
@@ -182,12 +143,12 @@ class PostgresStore:
             return
         try:
             self._listener = await asyncpg.connect(self.url)
-            await self._listener.add_listener(CHANNEL, self._notified)
+            await self._listener.add_listener(sql.CHANNEL, self._notified)
         except DATABASE_ERRORS as exc:  # said, and tried again next round
             log.error("store.unreachable", database=self.where, error=str(exc))
             self._listener = None
             return
-        self._notified(None, 0, CHANNEL, "*")  # what was notified while nobody listened
+        self._notified(None, 0, sql.CHANNEL, "*")  # what was notified while nobody listened
 
     async def _renew(self) -> None:
         """Extend this router's leases; wake workers for other routers' leases that ran out."""
@@ -206,7 +167,7 @@ class PostgresStore:
             log.error("store.unreachable", database=self.where, error=str(exc))
             return
         for row in rows:
-            self._notified(None, 0, CHANNEL, row[0])
+            self._notified(None, 0, sql.CHANNEL, row[0])
 
     async def close(self) -> None:
         self._closing = True
@@ -273,16 +234,9 @@ class PostgresStore:
                 conn, [i.event.id for i in batch if i.event.id_from_source], now
             )
             fresh = [item for item in batch if item.event.id not in duplicates]
-            rows = [event_row(item.event, now) for item in fresh]
-            inserted = await conn.fetch(
-                f"INSERT INTO events ({EVENT_COLUMNS}, accepted_at) SELECT * FROM unnest("
-                "$1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::text[], $7::text[],"
-                " $8::text[], $9::text[], $10::float8[]) ON CONFLICT (id) DO NOTHING RETURNING id",
-                *([row[n] for row in rows] for n in range(10)),
-            )
+            inserted = await sql.insert_events(conn, [event_row(item.event, now) for item in fresh])
             if len(inserted) != len(fresh):
-                stored = {row[0] for row in inserted}
-                duplicates |= {item.event.id for item in fresh if item.event.id not in stored}
+                duplicates |= {item.event.id for item in fresh if item.event.id not in inserted}
             columns: tuple[list[Any], list[Any], list[Any]] = ([], [], [])
             for item in fresh:
                 if item.event.id in duplicates:
@@ -291,19 +245,10 @@ class PostgresStore:
                     columns[0].append(item.event.id)
                     columns[1].append(target)
                     columns[2].append(key)
-            await conn.execute(
-                "INSERT INTO deliveries (event_id, target, state, due_at, updated_at, okey)"
-                " SELECT e, t, 0, $4, $4, k FROM unnest($1::text[], $2::text[], $3::text[]) AS u(e, t, k)",
-                *columns,
-                now,
-            )
+            await sql.insert_deliveries(conn, *columns, now)
             if checkpoint is not None:
-                await conn.execute(
-                    "INSERT INTO checkpoints (source, position) VALUES ($1, $2)"
-                    " ON CONFLICT (source) DO UPDATE SET position = EXCLUDED.position",
-                    *checkpoint,
-                )
-            await self._notify(conn, columns[1])
+                await sql.save_checkpoint(conn, *checkpoint)
+            await sql.notify(conn, columns[1])
             return Accepted(duplicates, [])
 
         return await self._write(work)
@@ -316,20 +261,7 @@ class PostgresStore:
         if now - self._pruned_at > min(60.0, self.dedup_window_s):
             await conn.execute("DELETE FROM seen_ids WHERE at < $1", horizon)
             self._pruned_at = now
-        fresh = await conn.fetch(
-            "INSERT INTO seen_ids (id, at) SELECT unnest($1::text[]), $2 ON CONFLICT (id)"
-            " DO UPDATE SET at = EXCLUDED.at WHERE seen_ids.at < $3 RETURNING id",
-            ids,
-            now,
-            horizon,
-        )
-        return set(ids) - {row[0] for row in fresh}
-
-    @staticmethod
-    async def _notify(conn: asyncpg.Connection, targets: Sequence[str]) -> None:
-        sql = _notify_sql(targets)
-        if sql is not None:
-            await conn.execute(sql[0], CHANNEL, sql[1])
+        return set(ids) - await sql.remember_ids(conn, ids, now, horizon)
 
     async def lease(
         self, target: str, limit: int, now: float | None = None, exclusive: bool = False
@@ -339,15 +271,15 @@ class PostgresStore:
         target's: checked and taken under the target's advisory lock, so two routers cannot
         both find the target free."""
         due = time.time() if now is None else now
-        sql = _LEASE.format(free=_TARGET_FREE if exclusive else "")
+        query = sql.LEASE.format(free=sql.TARGET_FREE if exclusive else "")
         args = (target, due, 1 if exclusive else limit, self.node, due + self.lease_timeout_s)
         async with self._connection() as conn:
             if exclusive:
                 async with conn.transaction():
                     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", target)
-                    rows = await conn.fetch(sql, *args)
+                    rows = await conn.fetch(query, *args)
             else:
-                rows = await conn.fetch(sql, *args)
+                rows = await conn.fetch(query, *args)
         return [Lease(r[0], target, r[1], event_from_row(r[4:]), r[2], r[3]) for r in rows]
 
     def ack(self, lease: Lease) -> asyncio.Future[None]:
@@ -368,14 +300,8 @@ class PostgresStore:
 
             async def work(conn: asyncpg.Connection, ids: list[int] = ids, events: list[str] = event_ids,
                            keyed: list[str] = keyed) -> None:  # fmt: skip
-                await conn.execute("DELETE FROM deliveries WHERE id = ANY($1::bigint[])", ids)
-                await conn.execute("DELETE FROM attempt_errors WHERE delivery_id = ANY($1::bigint[])", ids)
-                await conn.execute(
-                    "DELETE FROM events WHERE id = ANY($1::text[])"
-                    " AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_id = events.id)",
-                    events,
-                )
-                await self._notify(conn, keyed)  # the next of each key may go now
+                await sql.delete_acked(conn, ids, events)
+                await sql.notify(conn, keyed)  # the next of each key may go now
 
             try:
                 await self._write(work, kept=True)
@@ -397,30 +323,11 @@ class PostgresStore:
         return self._kept(self._fail(lease, DEAD, time.time(), error))
 
     def _fail(self, lease: Lease, state: int, due_at: float, error: str) -> Callable[[Any], Awaitable[None]]:
-        attempts = lease.attempts + 1
-
         async def work(conn: asyncpg.Connection) -> None:
-            now = time.time()
-            await conn.execute(
-                "UPDATE deliveries SET state = $1, due_at = $2, attempts = $3, last_error = $4,"
-                " updated_at = $5, leased_by = NULL WHERE id = $6",
-                state,
-                due_at,
-                attempts,
-                error,
-                now,
-                lease.delivery_id,
-            )
-            await conn.execute(
-                "INSERT INTO attempt_errors (delivery_id, attempt, at, error) VALUES ($1, $2, $3, $4)",
-                lease.delivery_id,
-                attempts,
-                now,
-                error,
-            )
+            await sql.fail(conn, lease, state, due_at, error)
             # A dead letter lets its key's next go; a retry's due time is news to a worker that
             # read the store before this was written (writes here are not ordered as SQLite's).
-            await self._notify(conn, [lease.target])
+            await sql.notify(conn, [lease.target])
 
         return work
 
@@ -429,14 +336,8 @@ class PostgresStore:
         ids = [lease.delivery_id for lease in leases]
 
         async def work(conn: asyncpg.Connection) -> None:
-            await conn.execute(
-                "UPDATE deliveries SET state = 0, due_at = GREATEST(due_at, $2), leased_by = NULL"
-                " WHERE state = $3 AND id = ANY($1::bigint[])",
-                ids,
-                until,
-                LEASED,
-            )
-            await self._notify(conn, [lease.target for lease in leases])
+            await sql.hold(conn, ids, until)
+            await sql.notify(conn, [lease.target for lease in leases])
 
         return self._kept(work)
 
@@ -451,80 +352,35 @@ class PostgresStore:
         return future
 
     async def kill_target(self, target: str, error: str) -> int:
-        async def work(conn: asyncpg.Connection) -> int:
-            status = await conn.execute(
-                "UPDATE deliveries SET state = $1, last_error = $2, updated_at = $3"
-                " WHERE target = $4 AND state = 0",
-                DEAD,
-                error,
-                time.time(),
-                target,
-            )
-            return int(status.split()[-1])
+        return await self._write(lambda conn: sql.kill_target(conn, target, error))
 
-        return await self._write(work)
+    async def probe(self) -> None:
+        await self._write(sql.probe)
+
+    async def _read(self, query: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        async with self._connection() as conn:
+            return await query(conn)
 
     async def next_due(self, target: str) -> float | None:
-        """When the next delivery of ``target`` this router could lease falls due: the first of
-        a key waiting for its retry, or a lease another router holds running out."""
-        async with self._connection() as conn:
-            due = await conn.fetchval(
-                "SELECT MIN(CASE WHEN d.state = 0 THEN d.due_at ELSE d.lease_until END) FROM deliveries d"
-                f" WHERE d.target = $1 AND (d.state = 0 OR (d.state = 1 AND d.leased_by != $2)) AND {_HEAD}",
-                target,
-                self.node,
-            )
-        return None if due is None else float(due)
+        """When the next delivery of ``target`` this router could lease falls due."""
+        return await self._read(lambda conn: sql.next_due(conn, target, self.node))
 
     async def changed_elsewhere(self) -> bool:
         return False  # other writers notify (``subscribe``)
 
     async def pending_targets(self) -> set[str]:
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                "SELECT DISTINCT target FROM deliveries WHERE state = 0 OR (state = 1 AND lease_until <= $1)",
-                time.time(),
-            )
-        return {row[0] for row in rows}
+        return await self._read(sql.pending_targets)
 
     async def checkpoint(self, source: str) -> str | None:
-        async with self._connection() as conn:
-            value = await conn.fetchval("SELECT position FROM checkpoints WHERE source = $1", source)
-        return None if value is None else str(value)
-
-    async def probe(self) -> None:
-        async def work(conn: asyncpg.Connection) -> None:
-            await conn.execute(
-                "INSERT INTO probe (id, at) VALUES (1, $1) ON CONFLICT (id) DO UPDATE SET at = EXCLUDED.at",
-                time.time(),
-            )
-
-        await self._write(work)
+        return await self._read(lambda conn: sql.checkpoint(conn, source))
 
     async def sink_state(self) -> dict[str, tuple[int, int, float | None]]:
         """By sink, over the whole shared queue: (waiting or in flight, dead letters, oldest age)."""
-        now = time.time()
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                "SELECT split_part(d.target, ':', 1), d.state = $1, COUNT(*), MIN(e.accepted_at)"
-                " FROM deliveries d JOIN events e ON e.id = d.event_id GROUP BY 1, 2",
-                DEAD,
-            )
-        return sink_state_of(rows, now)
+        return await self._read(sql.sink_state)
 
     async def due_or_leased(self, now: float | None = None) -> int:
         due = time.time() if now is None else now
-        async with self._connection() as conn:
-            count = await conn.fetchval(
-                "SELECT COUNT(*) FROM deliveries WHERE state IN ($1, $2) OR (state = $3 AND due_at <= $4)",
-                LEASED,
-                PARKED,
-                PENDING,
-                due,
-            )
-        return int(count)
+        return await self._read(lambda conn: sql.due_or_leased(conn, due))
 
     async def counts(self) -> dict[str, int]:
-        async with self._connection() as conn:
-            rows = await conn.fetch("SELECT state, COUNT(*) FROM deliveries GROUP BY state")
-        return counts_of({row[0]: row[1] for row in rows})
+        return await self._read(sql.counts)

@@ -27,10 +27,11 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from router import logs
 from router.events import Event
+from router.store import sqlite_sql as sql
 from router.store.base import (
     DEAD,
     EVENT_COLUMNS,
@@ -41,61 +42,18 @@ from router.store.base import (
     Lease,
     NewDelivery,
     Wake,
-    counts_of,
     event_from_row,
     event_row,
-    sink_state_of,
 )
-from router.store.sqlite_schema import SCHEMA, SCHEMA_VERSION, migrate
-from router.store.sqlite_writer import Op, Queued, Writer
+from router.store.sqlite_schema import connect
+from router.store.sqlite_writer import Queued, Writer
 
 T = TypeVar("T")
 
 log = logs.get_logger("router.store")
 
 
-def _by_ids(conn: sqlite3.Connection, sql: str, params: Sequence[Any], ids: Sequence[int | str]) -> None:
-    """``sql`` (with ``{marks}`` for the ids) for ``ids``, as many statements as variables allow."""
-    for start in range(0, len(ids), MAX_VARIABLES):
-        chunk = ids[start : start + MAX_VARIABLES]
-        conn.execute(sql.format(marks=",".join("?" * len(chunk))), [*params, *chunk])
-
-
-ROWS_PER_INSERT = 100  # rows one INSERT statement writes (insert_rows)
-
-
-def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[Sequence[Any]]) -> None:
-    """``head`` (``INSERT ... (columns) VALUES``) for ``rows``, a hundred rows per statement.
-
-    Not ``executemany``: it gives the interpreter lock up and takes it back for every row, and
-    with the event loop busy each take waits for it; one statement per hundred rows does so once."""
-    if not rows:
-        return
-    width = len(rows[0])
-    one = "(" + ",".join("?" * width) + ")"
-    for start in range(0, len(rows), ROWS_PER_INSERT):
-        chunk = rows[start : start + ROWS_PER_INSERT]
-        conn.execute(f"{head} {','.join([one] * len(chunk))}", [value for row in chunk for value in row])
-
-
-# What a queue file writes, measured in system calls (events stored once, deleted once):
-WRITE_SETTINGS = (
-    # Each operation runs in a savepoint, whose journal (the pages it changes, as they were)
-    # is kept in memory; in a temporary file it was a write of every such page.
-    "temp_store=MEMORY",
-    # Builds with SQLITE_SECURE_DELETE (Debian's, Ubuntu's) zero every deleted row and write
-    # every page that a delete frees. FAST zeroes deleted rows in pages written anyway and
-    # leaves freed pages unwritten (the file gives them back: ``auto_vacuum``).
-    "secure_delete=FAST",
-    # A page is copied from the log into the file once per checkpoint, however often it was
-    # written in between; a queue rewrites the same pages all the time. 16 MiB of log.
-    "wal_autocheckpoint=4000",
-    # 16 MiB of pages in memory (2 by default): a burst's event rows are still there when
-    # their acks delete them, not read back.
-    "cache_size=-16000",
-)
 _EVENT_COLUMNS_OF_E = ", ".join(f"e.{column}" for column in EVENT_COLUMNS.split(", "))
-MAX_VARIABLES = 10_000  # per statement; SQLite allows 32766
 
 
 class SqliteStore:
@@ -132,17 +90,7 @@ class SqliteStore:
         return store
 
     def _connect(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'deliveries'").fetchone():
-            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # before the first table, or a VACUUM
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA foreign_keys=OFF")
-        for setting in WRITE_SETTINGS:
-            conn.execute(f"PRAGMA {setting}")
-        migrate(conn)
-        conn.executescript(SCHEMA)
+        conn = connect(self.path)
         # Attempts that were under way when the process died are pending again.
         conn.execute("UPDATE deliveries SET state = ? WHERE state IN (?, ?)", (PENDING, LEASED, PARKED))
         rows = conn.execute(
@@ -172,7 +120,7 @@ class SqliteStore:
         acks, self._acks = self._acks, []
         written, self._acks_written = self._acks_written, None
         assert written is not None
-        return Queued(self._ack_op(acks), written, kept=True, rides=True)
+        return Queued(sql.ack_op(acks), written, kept=True, rides=True)
 
     def _unblock_due(self) -> None:
         """(On the writer's thread.) Keys whose retry is due by now hold nothing back any more."""
@@ -214,7 +162,7 @@ class SqliteStore:
             duplicates = self._seen_before(conn, [i.event.id for i in batch if i.event.id_from_source], now)
             fresh = [item for item in batch if item.event.id not in duplicates] if duplicates else batch
             before = conn.total_changes
-            insert_rows(
+            sql.insert_rows(
                 conn,
                 f"INSERT OR IGNORE INTO events ({EVENT_COLUMNS}, accepted_at) VALUES",
                 [event_row(item.event, now) for item in fresh],
@@ -239,10 +187,10 @@ class SqliteStore:
                     else:
                         pending.append((item.event.id, target, now, key))
             insert = "INSERT INTO deliveries (event_id, target, state, due_at, updated_at, okey) VALUES"
-            insert_rows(conn, insert, [(e, t, PENDING, due, now, k) for e, t, due, k in pending])
+            sql.insert_rows(conn, insert, [(e, t, PENDING, due, now, k) for e, t, due, k in pending])
             leases: list[Lease] = []
             if leased:
-                insert_rows(conn, insert, [(e.id, t, LEASED, now, now, k) for e, t, k, _ in leased])
+                sql.insert_rows(conn, insert, [(e.id, t, LEASED, now, now, k) for e, t, k, _ in leased])
                 # Rowids inserted by one connection in one transaction are consecutive.
                 last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
                 first = last - len(leased) + 1
@@ -264,7 +212,7 @@ class SqliteStore:
             conn.execute("DELETE FROM seen_ids WHERE at < ?", (now - self.dedup_window_s,))
             self._pruned_at = now
         before = conn.total_changes
-        insert_rows(conn, "INSERT OR IGNORE INTO seen_ids (id, at) VALUES", [(i, now) for i in ids])
+        sql.insert_rows(conn, "INSERT OR IGNORE INTO seen_ids (id, at) VALUES", [(i, now) for i in ids])
         if conn.total_changes - before == len(ids):
             return set()
         rows = conn.execute(
@@ -318,15 +266,7 @@ class SqliteStore:
 
     async def next_due(self, target: str) -> float | None:
         """When the next pending delivery of ``target`` falls due (None: nothing pending)."""
-
-        def op(conn: sqlite3.Connection) -> float | None:
-            row = conn.execute(
-                "SELECT MIN(due_at) FROM deliveries WHERE target = ? AND state = ?",
-                (target, PENDING),
-            ).fetchone()
-            return None if row is None else row[0]
-
-        return await self._submit(op)
+        return await self._submit(lambda conn: sql.next_due(conn, target))
 
     def ack(self, lease: Lease) -> asyncio.Future[None]:
         """Delivered: delete the delivery, and the event once no delivery needs it.
@@ -339,29 +279,6 @@ class SqliteStore:
         if self._acks_written is None:
             self._acks_written = self._ack_future()
         return self._acks_written
-
-    @staticmethod
-    def _ack_op(acks: list[Lease]) -> Op:
-        def op(conn: sqlite3.Connection) -> None:
-            _by_ids(conn, "DELETE FROM deliveries WHERE id IN ({marks})", (), [a.delivery_id for a in acks])
-            # Handed over, never attempted, their event's only delivery (most, under a burst):
-            # the event goes with it, with nothing else to look for.
-            _by_ids(
-                conn, "DELETE FROM events WHERE id IN ({marks})", (), [a.event.id for a in acks if a.sole]
-            )
-            others = [a for a in acks if not a.sole]
-            # A replayed delivery starts its count again but keeps its errors: delete by id.
-            ids = [a.delivery_id for a in others]
-            _by_ids(conn, "DELETE FROM attempt_errors WHERE delivery_id IN ({marks})", (), ids)
-            _by_ids(
-                conn,
-                "DELETE FROM events WHERE id IN ({marks})"
-                " AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_id = events.id)",
-                (),
-                list({a.event.id for a in others}),
-            )
-
-        return op
 
     def _ack_future(self) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -378,18 +295,14 @@ class SqliteStore:
 
         The later deliveries of its ordering key wait with it: due no sooner than ``due_at``,
         and so are those its key gets until then (``accept``), so none overtakes it."""
-        fail = self._fail_op(lease, PENDING, due_at, error)
+        fail = sql.fail_op(lease, PENDING, due_at, error)
         if lease.okey is None:
             return self._submit(fail, kept=True)
         where = (lease.target, lease.okey)
 
         def op(conn: sqlite3.Connection) -> None:
             fail(conn)
-            conn.execute(
-                "UPDATE deliveries SET state = ?, due_at = ? WHERE target = ? AND okey = ? AND id > ?"
-                " AND state IN (?, ?, ?) AND (due_at < ? OR state != ?)",
-                (PENDING, due_at, *where, lease.delivery_id, PENDING, LEASED, PARKED, due_at, PENDING),
-            )
+            sql.hold_back_key(conn, lease, due_at)
             self._blocked[where] = max(due_at, self._blocked.get(where, 0.0))
 
         return self._submit(op, kept=True)
@@ -398,132 +311,45 @@ class SqliteStore:
         """Leased deliveries whose key has enough waiting in memory: out of the way of other
         keys' deliveries until ``unpark`` (or a restart) makes them pending again."""
         ids = [lease.delivery_id for lease in leases]
-
-        def op(conn: sqlite3.Connection) -> None:
-            sql = "UPDATE deliveries SET state = ? WHERE state = ? AND id IN ({marks})"
-            _by_ids(conn, sql, (PARKED, LEASED), ids)
-
-        return self._submit(op, kept=True)
+        return self._submit(lambda conn: sql.park(conn, ids), kept=True)
 
     def unpark(self, target: str, key: str, limit: int) -> asyncio.Future[int | None]:
         """The oldest ``limit`` parked deliveries of ``key`` pending again; returns the id of the
         oldest still parked (None: none is)."""
-
-        def op(conn: sqlite3.Connection) -> int | None:
-            rows = conn.execute(
-                "SELECT id FROM deliveries WHERE target = ? AND okey = ? AND state = ? ORDER BY id LIMIT ?",
-                (target, key, PARKED, limit + 1),
-            ).fetchall()
-            _by_ids(
-                conn,
-                "UPDATE deliveries SET state = ? WHERE id IN ({marks})",
-                (PENDING,),
-                [r[0] for r in rows[:limit]],
-            )
-            return rows[limit][0] if len(rows) > limit else None
-
-        return self._submit(op, kept=True)
+        return self._submit(lambda conn: sql.unpark(conn, target, key, limit), kept=True)
 
     def hold(self, leases: Sequence[Lease], until: float) -> asyncio.Future[None]:
         """Give back leased deliveries not attempted: pending again, due no sooner than ``until``."""
         ids = [lease.delivery_id for lease in leases]
-
-        def op(conn: sqlite3.Connection) -> None:
-            sql = (
-                "UPDATE deliveries SET state = ?, due_at = MAX(due_at, ?) WHERE state = ? AND id IN ({marks})"
-            )
-            _by_ids(conn, sql, (PENDING, until, LEASED), ids)
-
-        return self._submit(op, kept=True)
+        return self._submit(lambda conn: sql.hold(conn, ids, until), kept=True)
 
     def kill(self, lease: Lease, error: str) -> asyncio.Future[None]:
         """Failed for good: keep it as a dead letter with its last error."""
-        return self._submit(self._fail_op(lease, DEAD, time.time(), error), kept=True)
-
-    @staticmethod
-    def _fail_op(lease: Lease, state: int, due_at: float, error: str) -> Op:
-        attempts = lease.attempts + 1
-
-        def op(conn: sqlite3.Connection) -> None:
-            now = time.time()
-            conn.execute(
-                "UPDATE deliveries SET state = ?, due_at = ?, attempts = ?, last_error = ?,"
-                " updated_at = ? WHERE id = ?",
-                (state, due_at, attempts, error, now, lease.delivery_id),
-            )
-            conn.execute(
-                "INSERT INTO attempt_errors (delivery_id, attempt, at, error) VALUES (?, ?, ?, ?)",
-                (lease.delivery_id, attempts, now, error),
-            )
-
-        return op
+        return self._submit(sql.fail_op(lease, DEAD, time.time(), error), kept=True)
 
     async def kill_target(self, target: str, error: str) -> int:
         """Dead-letter every pending delivery of a target that no longer exists."""
-
-        def op(conn: sqlite3.Connection) -> int:
-            cursor = conn.execute(
-                "UPDATE deliveries SET state = ?, last_error = ?, updated_at = ?"
-                " WHERE target = ? AND state = ?",
-                (DEAD, error, time.time(), target, PENDING),
-            )
-            return cursor.rowcount
-
-        return await self._submit(op)
+        return await self._submit(lambda conn: sql.kill_target(conn, target, error))
 
     async def probe(self) -> None:
         """Write one row: raises if the database cannot take a write (disk full, read-only ...)."""
-
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)", (time.time(),))
-
-        await self._submit(op)
+        await self._submit(sql.probe)
 
     async def pending_targets(self) -> set[str]:
-        def op(conn: sqlite3.Connection) -> set[str]:
-            rows = conn.execute("SELECT DISTINCT target FROM deliveries WHERE state = ?", (PENDING,))
-            return {row[0] for row in rows}
-
-        return await self._submit(op)
+        return await self._submit(sql.pending_targets)
 
     async def checkpoint(self, source: str) -> str | None:
-        def op(conn: sqlite3.Connection) -> str | None:
-            row = conn.execute("SELECT position FROM checkpoints WHERE source = ?", (source,)).fetchone()
-            return None if row is None else str(row[0])
-
-        return await self._submit(op)
+        return await self._submit(lambda conn: sql.checkpoint(conn, source))
 
     async def sink_state(self) -> dict[str, tuple[int, int, float | None]]:
         """By sink: (deliveries waiting or in flight, dead letters, age of the oldest waiting)."""
-
-        def op(conn: sqlite3.Connection) -> dict[str, tuple[int, int, float | None]]:
-            now = time.time()
-            rows = conn.execute(
-                "SELECT substr(d.target, 1, instr(d.target, ':') - 1), d.state = ?, COUNT(*),"
-                " MIN(e.accepted_at) FROM deliveries d JOIN events e ON e.id = d.event_id GROUP BY 1, 2",
-                (DEAD,),
-            )
-            return sink_state_of(rows, now)
-
-        return await self._submit(op)
+        return await self._submit(sql.sink_state)
 
     async def due_or_leased(self, now: float | None = None) -> int:
         """Deliveries being attempted, or due and waiting for an attempt (not those due later)."""
         due = time.time() if now is None else now
-
-        def op(conn: sqlite3.Connection) -> int:
-            row = conn.execute(
-                "SELECT COUNT(*) FROM deliveries WHERE state IN (?, ?) OR (state = ? AND due_at <= ?)",
-                (LEASED, PARKED, PENDING, due),
-            ).fetchone()
-            return int(row[0])
-
-        return await self._submit(op)
+        return await self._submit(lambda conn: sql.due_or_leased(conn, due))
 
     async def counts(self) -> dict[str, int]:
         """Deliveries by state: ``pending`` (incl. in flight) and ``dead``."""
-
-        def op(conn: sqlite3.Connection) -> dict[str, int]:
-            return counts_of(dict(conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state")))
-
-        return await self._submit(op)
+        return await self._submit(sql.counts)
