@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator, Callable
 import orjson
 import pytest
 
-from router.sinks.webhook.http import HttpClient, ProtocolError
+from router.sinks.webhook.http import HttpClient
+from router.sinks.webhook.http_connection import ProtocolError
 from tests.conftest import post_ingest
 
 Answer = Callable[[bytes], bytes | None]  # request bytes -> raw answer (None: say nothing)

@@ -16,7 +16,8 @@ from router.redact import redact_url
 from router.signing import signature_headers
 from router.sinks import BaseSink, tcp_reachable
 from router.sinks.webhook.config import WebhookSettings, WebhookTarget
-from router.sinks.webhook.http import HttpClient, InvalidURL, ProtocolError, origin_of
+from router.sinks.webhook.http import HttpClient, InvalidURL, origin_of
+from router.sinks.webhook.http_connection import ProtocolError
 
 JWT_HEADER = "jwt_key"
 BASE_HEADERS = {"Content-Type": "application/json", "User-Agent": "evolution-router"}
