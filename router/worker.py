@@ -12,19 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine, Hashable, Sequence
+from typing import Any, Protocol
 
 from router import logs
-from router.attempt import track
+from router.attempt import Attempts, track
 from router.errors import Unavailable
 from router.keyqueue import MAX_FOLLOWERS, KeyQueue
+from router.lanes import LanePool
 from router.retry import RetryPolicy
 from router.sinks import BaseSink
-from router.store import Lease
-
-if TYPE_CHECKING:
-    from router.delivery import Dispatcher
+from router.store import Lease, QueueStore
 
 log = logs.get_logger("router.delivery")
 # A worker holds up to this many times its concurrency in memory, leased or handed over by
@@ -37,6 +35,38 @@ LEASE_BATCH = 2048  # deliveries one lease reads at most (a longer read would ho
 HOLD_BYTES = 64 * 1024 * 1024
 STORE_RETRY_S = 1.0  # a worker whose lease failed (disk full ...) leases again after this
 SINK_WAIT_S = 1.0  # lanes waiting for a sink that is down look at whether to stop this often
+
+
+class Host(Protocol):
+    """What a worker needs of the dispatcher that owns it (``router.delivery.Dispatcher``)."""
+
+    store: QueueStore
+    attempts: Attempts
+    buffered: int  # deliveries held in memory, all workers together (ROUTER_LEASE_BUFFER)
+
+    def reserve(self, wanted: int, floor: int = 0) -> int:
+        """Up to ``wanted`` places in the shared lease buffer (``floor`` of them whatever it holds)."""
+
+    def release(self, count: int) -> None:
+        """``count`` places in the shared lease buffer are free again."""
+
+    async def budget_freed(self, worker: TargetWorker) -> None:
+        """Until the shared lease buffer has room for ``worker``."""
+
+    def stop_waiting(self, worker: TargetWorker) -> None:
+        """``worker`` no longer waits for room in the buffer."""
+
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run a worker's leaser as one of the dispatcher's tasks."""
+
+    def pool_of(self, worker: TargetWorker) -> LanePool:
+        """The lanes of the place ``worker``'s target reaches."""
+
+    def is_retired(self, key: str) -> bool:
+        """Target ``key`` was removed from the configuration."""
+
+    def forget(self, worker: TargetWorker) -> None:
+        """``worker`` stopped for good."""
 
 
 class TargetWorker:
@@ -71,7 +101,7 @@ class TargetWorker:
     def __init__(
         self,
         key: str,
-        dispatcher: Dispatcher,
+        dispatcher: Host,
         sink: BaseSink,
         policy: RetryPolicy,
         concurrency: int,

@@ -29,8 +29,13 @@ from router.sections import Subscription
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from router.instances import InstanceConfig
-    from router.settings import Settings
+
+class Configured(Protocol):
+    """An instance's configuration as sinks read it (``router.instances.InstanceConfig``)."""
+
+    @property
+    def sections(self) -> Mapping[str, Subscription]:
+        """Each sink's section of the instance file, by sink name."""
 
 
 class Sink(Protocol):
@@ -148,7 +153,7 @@ class Placement:
     covers: str | None = None
 
 
-def subscribed(name: str, instances: Mapping[str, InstanceConfig]) -> Iterable[tuple[str, Any]]:
+def subscribed(name: str, instances: Mapping[str, Configured]) -> Iterable[tuple[str, Any]]:
     """(instance, its section) for every instance whose ``name`` section is enabled."""
     for instance, config in instances.items():
         section = config.sections.get(name)
@@ -179,7 +184,7 @@ class SinkKind:
         """The sink, not yet opened."""
         raise NotImplementedError
 
-    def place(self, settings: Any, instances: Mapping[str, InstanceConfig]) -> Iterable[Placement]:
+    def place(self, settings: Any, instances: Mapping[str, Configured]) -> Iterable[Placement]:
         """Its targets, global and per instance, for this configuration."""
         raise NotImplementedError
 
@@ -187,13 +192,13 @@ class SinkKind:
         """Where ``target`` delivers, for ``check``."""
         raise NotImplementedError
 
-    def policy(self, settings: Settings) -> RetryPolicy:
+    def policy(self, settings: Any) -> RetryPolicy:
         return RetryPolicy.for_queues(
             settings.router_queue_retry_initial_delay_s, settings.router_queue_retry_max_delay_s
         )
 
-    def concurrency(self, settings: Settings) -> int:
-        return settings.router_queue_concurrency
+    def concurrency(self, settings: Any) -> int:
+        return int(settings.router_queue_concurrency)
 
     def layout(self, settings: Any) -> str | None:
         """One line for ``check`` when the sink has more than one layout; None otherwise."""

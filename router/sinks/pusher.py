@@ -16,7 +16,7 @@ import hashlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import orjson
@@ -25,11 +25,8 @@ from pydantic import AliasChoices, BaseModel, Field, field_validator, model_vali
 from router.errors import PermanentError, RetryableError
 from router.events import Event, envelope, strip_message_base64
 from router.sections import Subscription
-from router.sinks import BaseSink, Placement, SinkKind, tcp_reachable
+from router.sinks import BaseSink, Configured, Placement, SinkKind, tcp_reachable
 from router.sinks.batching import Batcher, Item
-
-if TYPE_CHECKING:
-    from router.instances import InstanceConfig
 
 
 class PusherSettings(BaseModel):
@@ -237,7 +234,7 @@ class PusherKind(SinkKind):
     def open(self, settings: PusherSettings) -> PusherSink:
         return PusherSink(settings)
 
-    def place(self, settings: Any, instances: Mapping[str, InstanceConfig]) -> Iterable[Placement]:
+    def place(self, settings: Any, instances: Mapping[str, Configured]) -> Iterable[Placement]:
         if settings.pusher_global_enabled:
             yield Placement(
                 PusherTarget(

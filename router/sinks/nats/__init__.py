@@ -24,15 +24,12 @@ making or counting attempts.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from router.sections import Subscription
-from router.sinks import BaseSink, Placement, SinkKind, subscribed
+from router.sinks import BaseSink, Configured, Placement, SinkKind, subscribed
 from router.sinks.nats.config import NatsSettings, NatsTarget, subject
-
-if TYPE_CHECKING:
-    from router.instances import InstanceConfig
 
 __all__ = ["KIND", "NatsSettings", "NatsTarget", "subject"]
 
@@ -51,7 +48,7 @@ class NatsKind(SinkKind):
 
         return NatsSink(settings)
 
-    def place(self, settings: Any, instances: Mapping[str, InstanceConfig]) -> Iterable[Placement]:
+    def place(self, settings: Any, instances: Mapping[str, Configured]) -> Iterable[Placement]:
         if settings.nats_global_enabled:
             yield Placement(NatsTarget("nats:global", None, settings.events_enabled(self.name)))
         for name, own in subscribed(self.name, instances):

@@ -26,16 +26,13 @@ attempts, no error row per delivery); events wait in the store.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from router.sections import Subscription
-from router.sinks import Placement, SinkKind, subscribed
+from router.sinks import Configured, Placement, SinkKind, subscribed
 from router.sinks.rabbitmq.client import RabbitmqSink
 from router.sinks.rabbitmq.config import RabbitmqSettings, RabbitmqTarget, topic_safe
-
-if TYPE_CHECKING:
-    from router.instances import InstanceConfig
 
 __all__ = ["KIND", "RabbitmqSettings", "RabbitmqSink", "RabbitmqTarget", "topic_safe"]
 
@@ -60,7 +57,7 @@ class RabbitmqKind(SinkKind):
     def open(self, settings: Any) -> RabbitmqSink:
         return RabbitmqSink(settings)
 
-    def place(self, settings: Any, instances: Mapping[str, InstanceConfig]) -> Iterable[Placement]:
+    def place(self, settings: Any, instances: Mapping[str, Configured]) -> Iterable[Placement]:
         shared = settings.rabbitmq_topology == "router"
         everyone = frozenset[str]()
         if settings.rabbitmq_global_enabled:

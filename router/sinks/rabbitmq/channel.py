@@ -14,14 +14,11 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pamqp import commands, frame
 from pamqp.base import Frame
 from pamqp.common import Arguments
-
-if TYPE_CHECKING:
-    from router.sinks.rabbitmq.amqp import Connection
 
 FRAME = struct.Struct(">BHI")
 END = b"\xce"
@@ -72,10 +69,22 @@ def short(text: str, what: str) -> bytes:
     return bytes((len(encoded),)) + encoded
 
 
+class Link(Protocol):
+    """What a channel needs of its connection (``amqp.Connection``)."""
+
+    frame_max: int
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` (whole frames)."""
+
+    def forget(self, channel: Channel) -> None:
+        """``channel`` ended: its number may be used again."""
+
+
 class Channel:
     """One channel of ``connection``; ``publish`` needs no round trip, the rest are RPCs."""
 
-    def __init__(self, connection: Connection, number: int) -> None:
+    def __init__(self, connection: Link, number: int) -> None:
         self.connection = connection
         self.number = number
         self._loop = asyncio.get_running_loop()

@@ -25,15 +25,12 @@ entry is retried on its own by the delivery worker.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from router.sections import Subscription
-from router.sinks import BaseSink, Placement, SinkKind, subscribed
+from router.sinks import BaseSink, Configured, Placement, SinkKind, subscribed
 from router.sinks.sqs.config import SqsSettings, SqsTarget
 from router.sinks.sqs.naming import group_id, legal_queue_name, queue_name, upstream_queue_name
-
-if TYPE_CHECKING:
-    from router.instances import InstanceConfig
 
 __all__ = [
     "KIND",
@@ -61,7 +58,7 @@ class SqsKind(SinkKind):
 
         return SqsSink(settings)
 
-    def place(self, settings: Any, instances: Mapping[str, InstanceConfig]) -> Iterable[Placement]:
+    def place(self, settings: Any, instances: Mapping[str, Configured]) -> Iterable[Placement]:
         if settings.sqs_global_enabled:
             yield Placement(SqsTarget("sqs:global", None, settings.events_enabled(self.name)))
         for name, own in subscribed(self.name, instances):

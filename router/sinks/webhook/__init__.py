@@ -8,13 +8,13 @@ headers, events, signingSecret}``. Targets: the global webhook, and each instanc
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from router.redact import redact_url
 from router.retry import RetryPolicy
 from router.signing import parse_secrets
-from router.sinks import Placement, SinkKind
+from router.sinks import Configured, Placement, SinkKind
 from router.sinks.webhook.client import WebhookSink, bearer_token, parse_retry_after, request_headers
 from router.sinks.webhook.config import (
     WebhookConfig,
@@ -23,9 +23,6 @@ from router.sinks.webhook.config import (
     global_webhook_key,
     instance_webhook_key,
 )
-
-if TYPE_CHECKING:
-    from router.instances import InstanceConfig
 
 __all__ = [
     "KIND",
@@ -52,7 +49,7 @@ class WebhookKind(SinkKind):
     def open(self, settings: WebhookSettings) -> WebhookSink:
         return WebhookSink(settings)
 
-    def place(self, settings: Any, instances: Mapping[str, InstanceConfig]) -> Iterable[Placement]:
+    def place(self, settings: Any, instances: Mapping[str, Configured]) -> Iterable[Placement]:
         if settings.webhook_global_enabled and settings.webhook_global_url:
             yield Placement(
                 WebhookTarget(
