@@ -45,6 +45,7 @@ from bench.common import (
     ROUNDS,
     Paired,
     broker_section,
+    burst_rate,
     cpu_s,
     daemon,
     ingest_all,
@@ -52,8 +53,10 @@ from bench.common import (
     median_run,
     percentile,
     rate_and_latency,
+    router_burst,
     stats,
     timed_burst,
+    timed_publishers,
     wait_count,
     wait_http,
 )
@@ -82,11 +85,9 @@ async def bench_bare(base: str, receiver_pid: int) -> dict[str, float]:
                     ) as response:
                         await response.read()
 
-            cpu0, rcpu0 = cpu_s(), cpu_s(receiver_pid)
-            started = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-            elapsed = time.perf_counter() - started
-            cpu, rcpu = cpu_s() - cpu0, cpu_s(receiver_pid) - rcpu0
+            rcpu0 = cpu_s(receiver_pid)
+            elapsed, cpu = await timed_publishers(worker)
+            rcpu = cpu_s(receiver_pid) - rcpu0
         result = await stats(session, base)
     return {
         **rate_and_latency(N_EVENTS, elapsed, result),
@@ -159,16 +160,12 @@ async def bench_nats_bare(tag: str) -> dict[str, float]:
                 await client.publish(subject, body, headers={"Nats-Msg-Id": str(n)})
                 await client.flush()
 
-        cpu0 = cpu_s()
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        elapsed = time.perf_counter() - started
-        cpu = cpu_s() - cpu0
+        elapsed, cpu = await timed_publishers(worker)
         await asyncio.wait_for(done.wait(), 60)
     finally:
         await client.close()
         await counter.close()  # type: ignore[attr-defined]
-    return {"events_per_s": N_EVENTS / elapsed, "cpu_us_per_event": cpu / N_EVENTS * 1e6}
+    return burst_rate(elapsed, cpu)
 
 
 async def bench_nats_router(tag: str) -> dict[str, float]:
@@ -182,11 +179,9 @@ async def bench_nats_router(tag: str) -> dict[str, float]:
         "ROUTER_QUEUE_CONCURRENCY": str(CONCURRENCY),
     }
     try:
-        async with daemon(**env) as (port, pid), aiohttp.ClientSession() as session:
-            elapsed, cpu = await timed_burst(session, port, pid, N_EVENTS, done.wait())
+        return await router_burst(env, done.wait())
     finally:
         await counter.close()  # type: ignore[attr-defined]
-    return {"events_per_s": N_EVENTS / elapsed, "cpu_us_per_event": cpu / N_EVENTS * 1e6}
 
 
 async def nats_section() -> dict[str, object]:

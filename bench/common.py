@@ -178,6 +178,26 @@ async def timed_burst(
     return time.perf_counter() - started, cpu_s(pid) - cpu0
 
 
+def burst_rate(elapsed: float, cpu: float, count: int = N_EVENTS) -> dict[str, float]:
+    """events/s and CPU µs per event of ``count`` events that took ``elapsed`` and ``cpu`` seconds."""
+    return {"events_per_s": count / elapsed, "cpu_us_per_event": cpu / count * 1e6}
+
+
+async def router_burst(env: dict[str, str], arrived: Awaitable[object]) -> dict[str, float]:
+    """The daemon with ``env`` takes N_EVENTS through /ingest until ``arrived``: its rate and CPU."""
+    async with daemon(**env) as (port, pid), aiohttp.ClientSession() as session:
+        elapsed, cpu = await timed_burst(session, port, pid, N_EVENTS, arrived)
+    return burst_rate(elapsed, cpu)
+
+
+async def timed_publishers(publisher: Callable[[], Awaitable[None]]) -> tuple[float, float]:
+    """CONCURRENCY of ``publisher`` at once (a bare client's): (seconds, this process's CPU seconds)."""
+    cpu0 = cpu_s()
+    started = time.perf_counter()
+    await asyncio.gather(*(publisher() for _ in range(CONCURRENCY)))
+    return time.perf_counter() - started, cpu_s() - cpu0
+
+
 class Paired:
     """Bare and router runs of one section, alternated round by round.
 

@@ -21,11 +21,12 @@ from bench.common import (
     N_EVENTS,
     ROUNDS,
     broker_section,
-    cpu_s,
+    burst_rate,
     daemon,
     ingest_all,
     make_event,
-    timed_burst,
+    router_burst,
+    timed_publishers,
 )
 
 RABBIT_URI = os.environ.get("BENCH_RABBITMQ_URI", "amqp://guest:guest@127.0.0.1:5672/")
@@ -74,15 +75,11 @@ async def bench_rabbit_bare(tag: str) -> dict[str, float]:
                     ),
                 )
 
-        cpu0 = cpu_s()
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        elapsed = time.perf_counter() - started
-        cpu = cpu_s() - cpu0
+        elapsed, cpu = await timed_publishers(worker)
         await wait_depth(channel, queue, N_EVENTS)
     finally:
         await rabbit_cleanup(channel, exchange, queue)
-    return {"events_per_s": N_EVENTS / elapsed, "cpu_us_per_event": cpu / N_EVENTS * 1e6}
+    return burst_rate(elapsed, cpu)
 
 
 async def bench_rabbit_router(tag: str) -> dict[str, float]:
@@ -97,13 +94,9 @@ async def bench_rabbit_router(tag: str) -> dict[str, float]:
         "ROUTER_QUEUE_CONCURRENCY": str(CONCURRENCY),
     }
     try:
-        async with daemon(**rabbit) as (port, pid), aiohttp.ClientSession() as session:
-            elapsed, cpu = await timed_burst(
-                session, port, pid, N_EVENTS, wait_depth(channel, queue, N_EVENTS)
-            )
+        return await router_burst(rabbit, wait_depth(channel, queue, N_EVENTS))
     finally:
         await rabbit_cleanup(channel, exchange, queue)
-    return {"events_per_s": N_EVENTS / elapsed, "cpu_us_per_event": cpu / N_EVENTS * 1e6}
 
 
 async def rabbitmq_section() -> dict[str, object]:
@@ -172,9 +165,7 @@ async def bare_to_instances(tag: str, instances: int) -> dict[str, float]:
                     ),
                 )
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        elapsed = time.perf_counter() - started
+        elapsed, _ = await timed_publishers(worker)
         assert await depth(channel, queues) == INSTANCE_EVENTS
     finally:
         await delete(channel, exchange, queues)
